@@ -1,0 +1,173 @@
+"""The `deco-gguf` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import DecoError
+
+app = typer.Typer(
+    help="Convert, inspect and run DECO sparse mixture-of-experts models as GGUF.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly_errors(command):
+    """Turn DecoError into one red line on stderr and exit code 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DecoError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+class OutType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+class ExpertType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+    q5_0 = "q5_0"
+    q4_0 = "q4_0"
+
+
+@app.command()
+@friendly_errors
+def convert(
+    hf_dir: Annotated[Path, typer.Argument(help="Checkpoint directory in the released Hugging Face layout.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="GGUF file to write (replaced only when complete).")],
+    outtype: Annotated[OutType, typer.Option(help="Type of the non-expert matrices (attention, dense FFN, shared expert, embeddings).")] = OutType.f16,
+    expert_type: Annotated[Optional[ExpertType], typer.Option(help="Type of the routed expert matrices; default: same as --outtype.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Convert a DECO checkpoint (safetensors or pytorch_model.bin) to GGUF.
+
+    Routers, router scales, norms and the NormSiLU mean row always stay F32.
+    Disagreements between config.json and the tensors are reported as warnings;
+    the tensors win.
+    """
+    from ..converter import convert as run_convert
+
+    converter = run_convert(
+        hf_dir, output, outtype.value, expert_type.value if expert_type else None,
+        show_progress=not quiet, on_warning=warn,
+    )
+    size = output.stat().st_size
+    console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB, {len(list(converter.tensor_plans()))} tensors)")
+
+
+@app.command()
+@friendly_errors
+def info(
+    model: Annotated[Path, typer.Argument(help="A DECO GGUF file or an HF checkpoint directory.")],
+    activation_rate: Annotated[Optional[float], typer.Option(help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).", min=0.0, max=1.0)] = None,
+    context: Annotated[Optional[int], typer.Option(help="Context length for the attention term of the compute estimate; default: the model's.", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+) -> None:
+    """Architecture, tensor types and sizes, and resource accounting (N, N_a, r_a, R_c)."""
+    from ..info import read_model
+
+    found = read_model(model)
+    rate, source = (activation_rate, "given") if activation_rate is not None else (0.2, "assumed")
+    acct = found.accounting(rate, source, context)
+    c = found.config
+    summary = {
+        "path": str(found.path),
+        "kind": found.kind,
+        "config": {k: v for k, v in vars(c).items() if k != "warnings"},
+        "bytes_total": found.total_bytes,
+        "bytes_by_type": found.bytes_by_type(),
+        "accounting": acct.as_dict(),
+        "warnings": found.warnings,
+        "tensors": [vars(t) | {"shape": list(t.shape)} for t in found.tensors] if tensors else None,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    for message in found.warnings:
+        warn(message)
+    _print_info(found, acct, tensors)
+
+
+def _print_info(found, acct, list_tensors: bool) -> None:
+    c = found.config
+    moe = [i for i, m in enumerate(c.moe_layers) if m]
+    dense = [i for i, m in enumerate(c.moe_layers) if not m]
+    arch = Table(title=f"DECO model: {found.path} ({found.kind})", show_header=False, title_justify="left")
+    rows = [
+        ("layers", f"{c.num_layers} ({len(dense)} dense {dense}, {len(moe)} DECO)"),
+        ("hidden size d", str(c.hidden_size)),
+        ("attention", f"{c.num_heads} heads × {c.head_dim}, {c.num_kv_heads} KV groups, rope θ {c.rope_theta:g} (NeoX)"),
+        ("dense FFN", f"SwiGLU {c.dense_ffn_size}" if dense else "none"),
+        ("experts", f"E {c.num_experts} × De {c.expert_ffn_size}, {'gated' if c.expert_gated else 'non-gated'}, {c.expert_act}"),
+        ("shared expert", f"SwiGLU {c.shared_ffn_size}" if c.shared_ffn_size else "none"),
+        ("router", f"{c.router_act}, norm {c.router_norm}" + (f" (scale [{c.router_scale_size}])" if c.router_scale_size else "") + f", expert bias {c.expert_bias}"),
+        ("norm eps", f"{c.norm_eps:g}"),
+        ("mup scales", f"embedding ×{c.embedding_scale:g}, residual ×{c.residual_scale:g}, logits ÷{c.logit_scale:g}"),
+        ("vocab / context", f"{c.vocab_size} / {c.context_length}" + (" (tied embeddings)" if c.tied_embeddings else "")),
+    ]
+    for k, v in rows:
+        arch.add_row(k, v)
+    console.print(arch)
+
+    types = Table(title="Tensor bytes by type", title_justify="left")
+    types.add_column("type")
+    types.add_column("MiB", justify="right")
+    for t, n in sorted(found.bytes_by_type().items(), key=lambda kv: -kv[1]):
+        types.add_row(t, f"{n / 2**20:.2f}")
+    types.add_row("[bold]total", f"[bold]{found.total_bytes / 2**20:.2f}")
+    console.print(types)
+
+    if list_tensors:
+        table = Table(title="Tensors", title_justify="left")
+        for col in ("name", "type", "shape", "bytes"):
+            table.add_column(col, justify="right" if col == "bytes" else "left")
+        for t in found.tensors:
+            table.add_row(t.name, t.type, str(list(t.shape)), str(t.nbytes))
+        console.print(table)
+
+    a = acct
+    res = Table(title="Resource accounting (spec: N, N_a, r_a, R_c)", show_header=False, title_justify="left")
+    res.add_row("N (non-embedding params)", f"{a.non_embedding_params / 1e6:.2f} M")
+    res.add_row("  of which routed experts", f"{a.routed_expert_params / 1e6:.2f} M")
+    res.add_row("embedding + output params", f"{a.embedding_params / 1e6:.2f} M")
+    res.add_row("activation rate", f"{a.activation_rate:.1%} ({a.activation_source})")
+    res.add_row("N_a (active per token)", f"{a.active_params / 1e6:.2f} M")
+    res.add_row("r_a = N_a / N", f"{a.active_ratio:.1%}")
+    res.add_row(f"R_c vs equal-N dense (ctx {a.context})", f"{a.compute_ratio:.3f}")
+    console.print(res)
+
+
+if __name__ == "__main__":
+    app()
