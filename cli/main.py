@@ -141,7 +141,7 @@ def _print_info(found, acct, list_tensors: bool) -> None:
         arch.add_row(k, v)
     console.print(arch)
 
-    types = Table(title="Tensor bytes by type", title_justify="left")
+    types = Table(title="Tensor bytes by type", title_justify="left", min_width=40)
     types.add_column("type")
     types.add_column("MiB", justify="right")
     for t, n in sorted(found.bytes_by_type().items(), key=lambda kv: -kv[1]):
@@ -167,6 +167,36 @@ def _print_info(found, acct, list_tensors: bool) -> None:
     res.add_row("r_a = N_a / N", f"{a.active_ratio:.1%}")
     res.add_row(f"R_c vs equal-N dense (ctx {a.context})", f"{a.compute_ratio:.3f}")
     console.print(res)
+
+
+@app.command()
+@friendly_errors
+def fixture(
+    name: Annotated[Optional[str], typer.Argument(help="A variant (small, for tests) or a preset (deco-0.1b, deco-0.5b: released shapes).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Argument(help="Directory to write the checkpoint into.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+    list_all: Annotated[bool, typer.Option("--list", help="List the variants and presets.")] = False,
+) -> None:
+    """Write a random DECO checkpoint in the exact released Hugging Face layout.
+
+    The config carries the released inconsistencies (stale HF-style keys) and a
+    real SentencePiece tokenizer with the ChatML tokens; for tests and benchmarks.
+    """
+    from .. import fixtures
+
+    if list_all:
+        table = Table("name", "layers", "d", "experts", "De", "weights", "dtype", title="Fixtures", title_justify="left")
+        for spec in [*fixtures.VARIANTS.values(), *fixtures.PRESETS.values()]:
+            table.add_row(spec.name, str(spec.num_layers), str(spec.hidden_size), str(spec.num_experts), str(spec.expert_ffn), spec.weight_format, spec.dtype)
+        console.print(table)
+        return
+    if name is None or out_dir is None:
+        raise DecoError("give a fixture NAME and an OUT_DIR (see --list)")
+    if name not in fixtures.VARIANTS and name not in fixtures.PRESETS:
+        raise DecoError(f"unknown fixture {name!r}; see `deco-gguf fixture --list`")
+    with console.status(f"writing {name}"):
+        path = fixtures.write_fixture(out_dir, name, seed=seed)
+    console.print(f"wrote [bold]{path}[/]")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
+DEFAULT_CONTEXT = 4096  # DECO's training context
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -293,8 +294,17 @@ def resolve_config(raw: dict, ckpt: HFCheckpoint) -> DecoConfig:
         warnings.append("config.json has no norm_epsilon; using 1e-5 (rms_norm_eps is a template value and is not trusted)")
     elif raw.get("rms_norm_eps") not in (None, norm_eps):
         warnings.append(f"config.json rms_norm_eps={raw['rms_norm_eps']!r} ignored; using norm_epsilon={norm_eps!r}")
-    if raw.get("rope_scaling"):
-        warnings.append(f"config.json rope_scaling={raw['rope_scaling']!r} ignored: DECO was trained without rope scaling")
+    if rope_scaling := raw.get("rope_scaling"):
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type")) if isinstance(rope_scaling, dict) else rope_scaling
+        warnings.append(f"config.json rope_scaling ({kind}) ignored: DECO was trained without rope scaling")
+
+    # The authors' converter never writes seq_length; max_position_embeddings is the template's.
+    context_length = int(raw.get("seq_length") or DEFAULT_CONTEXT)
+    if "seq_length" not in raw and raw.get("max_position_embeddings") not in (None, DEFAULT_CONTEXT):
+        warnings.append(
+            f"config.json max_position_embeddings={raw['max_position_embeddings']!r} is a template value; "
+            f"using the training context {DEFAULT_CONTEXT}"
+        )
 
     embedding_scale = residual_scale = logit_scale = 1.0
     if raw.get("use_mup"):
@@ -326,7 +336,7 @@ def resolve_config(raw: dict, ckpt: HFCheckpoint) -> DecoConfig:
         expert_bias=expert_bias,
         norm_eps=float(norm_eps),
         rope_theta=float(raw.get("rotary_base") or raw.get("rope_theta") or 10000.0),
-        context_length=int(raw.get("seq_length") or raw.get("max_position_embeddings") or 4096),
+        context_length=context_length,
         tied_embeddings=not ckpt.has("lm_head.weight"),
         embedding_scale=embedding_scale,
         residual_scale=residual_scale,

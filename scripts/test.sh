@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the test suite; extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/pytest "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+    echo "error: pytest collected no tests: the suite is broken" >&2
+    exit 1
+fi
+exit "$status"

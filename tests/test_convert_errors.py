@@ -1,0 +1,141 @@
+"""Bad input: one clear error line, exit code 1, no traceback, and no output file left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from deco_gguf.cli.main import app
+from deco_gguf.fixtures import write_fixture
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pristine")
+    return {name: write_fixture(root / name, name) for name in ("base", "sharded", "bin")}
+
+
+def edit_config(d: Path, **changes) -> None:
+    config = json.loads((d / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(d: Path, change) -> None:
+    state = load_file(d / "model.safetensors")
+    change(state)
+    save_file(state, d / "model.safetensors")
+
+
+class Evil:
+    """Not a tensor: a pickle holding it is not plain weights."""
+
+
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# (name, fixture to start from, mutation of the copied checkpoint dir, fragment of the expected error)
+CASES = [
+    ("missing_dir", "base", lambda d: shutil.rmtree(d), "not a checkpoint directory"),
+    ("no_config", "base", lambda d: (d / "config.json").unlink(), "config.json: file not found"),
+    ("config_not_json", "base", lambda d: (d / "config.json").write_text("{ not json"), "not valid JSON"),
+    ("no_weights", "base", lambda d: (d / "model.safetensors").unlink(), "no weights found"),
+    ("truncated_safetensors", "base", lambda d: _truncate(d / "model.safetensors", 0.5), "corrupt or truncated safetensors"),
+    ("garbage_safetensors", "base", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "corrupt or truncated safetensors"),
+    ("missing_shard", "sharded", lambda d: next(d.glob("model-00002-*.safetensors")).unlink(), "weight file not found"),
+    (
+        "index_lists_absent_tensor",
+        "sharded",
+        lambda d: (d / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] | {"model.layers.9.mlp.ghost": next(d.glob("model-00001-*")).name}})
+        ),
+        "listed in the index is missing",
+    ),
+    ("missing_tensor", "base", lambda d: edit_tensors(d, lambda s: s.pop("model.layers.1.mlp.expert_down_proj.weight")), "missing tensor model.layers.1.mlp.expert_down_proj.weight"),
+    (
+        "wrong_shape",
+        "base",
+        lambda d: edit_tensors(d, lambda s: s.update({"model.layers.2.mlp.expert_down_proj.weight": torch.zeros(64, 13 * 32 - 1)})),
+        "model.layers.2.mlp.expert_down_proj.weight has shape [64, 415], expected [64, 416]",
+    ),
+    (
+        "experts_not_divisible",
+        "base",
+        lambda d: edit_tensors(d, lambda s: s.update({"model.layers.1.mlp.expert_up_proj.weight": torch.zeros(13 * 32 + 1, 64)})),
+        "not a multiple of 13 experts",
+    ),
+    ("unknown_expert_act", "base", lambda d: edit_config(d, expert_act_func="swish_norm"), "unknown expert activation 'swish_norm'"),
+    ("dense_router_act", "base", lambda d: edit_config(d, router_act_func="gelu"), "router activation 'gelu' is not sparse"),
+    ("unknown_router_norm", "base", lambda d: edit_config(d, router_norm_type="layernorm"), "unknown router norm type 'layernorm'"),
+    ("no_heads", "base", lambda d: edit_config(d, num_attention_heads=None), "num_attention_heads is missing"),
+    ("heads_not_dividing", "base", lambda d: edit_config(d, num_attention_heads=3), "not divisible by num_attention_heads=3"),
+    ("mup_without_scales", "base", lambda d: edit_config(d, use_mup=True, scale_depth=None), "use_mup is true but scale_depth is missing"),
+    ("not_blockffn", "base", lambda d: edit_config(d, use_blockffn=False), "not a DECO (BlockFFN) checkpoint"),
+    (
+        "pickle_not_weights",
+        "bin",
+        lambda d: torch.save({"model.embed_tokens.weight": Evil()}, d / "pytorch_model.bin"),
+        "not a plain weights file",
+    ),
+    ("truncated_bin", "bin", lambda d: _truncate(d / "pytorch_model.bin", 0.6), "corrupt or truncated PyTorch file"),
+    ("no_tokenizer", "base", lambda d: (d / "tokenizer.model").unlink(), "no tokenizer"),
+    ("corrupt_tokenizer", "base", lambda d: (d / "tokenizer.model").write_bytes(b"junk" * 10), "cannot load the SentencePiece model"),
+]
+
+
+def run_convert(args: list[str]):
+    return CliRunner().invoke(app, ["convert", *args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("name,start,mutate,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_checkpoint(name, start, mutate, fragment, pristine, tmp_path):
+    hf_dir = tmp_path / "ckpt"
+    shutil.copytree(pristine[start], hf_dir)
+    mutate(hf_dir)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run_convert([str(hf_dir), "-o", str(out_dir / "model.gguf"), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.output and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert list(out_dir.iterdir()) == []  # no output, no temporary file
+
+
+def test_failed_conversion_keeps_existing_output(pristine, tmp_path):
+    hf_dir = tmp_path / "ckpt"
+    shutil.copytree(pristine["base"], hf_dir)
+    edit_config(hf_dir, router_act_func="sigmoid")
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"previous contents")
+    result = run_convert([str(hf_dir), "-o", str(out), "--quiet"])
+    assert result.exit_code == 1
+    assert out.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "model.gguf"]
+
+
+@pytest.mark.parametrize(
+    "output,fragment",
+    [("is_a_dir", "is a directory"), ("missing_dir/model.gguf", "output directory does not exist")],
+)
+def test_bad_output_path(output, fragment, pristine, tmp_path):
+    (tmp_path / "is_a_dir").mkdir()
+    result = run_convert([str(pristine["base"]), "-o", str(tmp_path / output), "--quiet"])
+    assert result.exit_code == 1 and fragment in result.output
+
+
+def test_unknown_type_is_a_usage_error(pristine, tmp_path):
+    result = run_convert([str(pristine["base"]), "-o", str(tmp_path / "m.gguf"), "--expert-type", "q3_k"])
+    assert result.exit_code == 2 and "q3_k" in result.output
+    assert not (tmp_path / "m.gguf").exists()
