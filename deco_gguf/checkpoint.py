@@ -50,6 +50,7 @@ def read_json(path: Path) -> dict:
 
 class _SafetensorsFile:
     def __init__(self, path: Path):
+        self._path = path
         try:
             self._file = safe_open(str(path), framework="pt")
         except FileNotFoundError:
@@ -64,7 +65,9 @@ class _SafetensorsFile:
         return tuple(self._file.get_slice(name).get_shape())
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._file.get_tensor(name)
+        # A mapping of its own, dropped after the copy: pages read stay out of our resident set.
+        with safe_open(str(self._path), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 class _TorchBinFile:

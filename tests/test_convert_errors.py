@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from deco_gguf.cli.main import app
-from deco_gguf.fixtures import write_fixture
+from deco_gguf.fixtures import VARIANTS, write_fixture
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,37 @@ def test_unknown_type_is_a_usage_error(pristine, tmp_path):
     result = run_convert([str(pristine["base"]), "-o", str(tmp_path / "m.gguf"), "--expert-type", "q3_k"])
     assert result.exit_code == 2 and "q3_k" in result.output
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path):
+    """Ctrl-C while tensors are being written: exit 130, no output, no temporary file."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = dataclasses.replace(
+        VARIANTS["base"], name="mid", num_layers=8, hidden_size=256, num_experts=64, expert_ffn=64,
+        moe_layer_freq=[0] + [1] * 7,
+    )
+    hf_dir = write_fixture(tmp_path / "mid", spec)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cli = Path(sys.executable).with_name("deco-gguf")
+    proc = subprocess.Popen(
+        [str(cli), "convert", str(hf_dir), "-o", str(out_dir / "m.gguf"), "--outtype", "q8_0", "--expert-type", "q4_0", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        parts = list(out_dir.glob("*.part"))
+        if parts and parts[0].stat().st_size > 1 << 20:  # tensor data is being written
+            os.kill(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.01)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and "Traceback" not in output
+    assert list(out_dir.iterdir()) == []
