@@ -92,14 +92,28 @@ def info(
     model: Annotated[Path, typer.Argument(help="A DECO GGUF file or an HF checkpoint directory.")],
     activation_rate: Annotated[Optional[float], typer.Option(help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).", min=0.0, max=1.0)] = None,
     context: Annotated[Optional[int], typer.Option(help="Context length for the attention term of the compute estimate; default: the model's.", min=1)] = None,
+    measure: Annotated[Optional[Path], typer.Option(help="Measure the per-layer activation rate on this text file (HF checkpoints, with the reference model) and use it for N_a.", exists=True, dir_okay=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
 ) -> None:
     """Architecture, tensor types and sizes, and resource accounting (N, N_a, r_a, R_c)."""
-    from ..info import read_model
+    from ..info import measure_activation_hf, read_model
 
     found = read_model(model)
     rate, source = (activation_rate, "given") if activation_rate is not None else (0.2, "assumed")
+    measured = None
+    if measure is not None:
+        if found.kind != "hf":
+            raise DecoError("--measure needs an HF checkpoint directory (it runs the reference model)")
+        if activation_rate is not None:
+            raise DecoError("give either --activation-rate or --measure, not both")
+        text = measure.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise DecoError(f"{measure}: empty text")
+        with console.status("measuring activation with the reference model"):
+            measured = measure_activation_hf(found.path, text)
+        moe_rates = [r for r in measured if r is not None]
+        rate, source = sum(moe_rates) / len(moe_rates), "measured"
     acct = found.accounting(rate, source, context)
     c = found.config
     summary = {
@@ -109,6 +123,7 @@ def info(
         "bytes_total": found.total_bytes,
         "bytes_by_type": found.bytes_by_type(),
         "accounting": acct.as_dict(),
+        "measured_layer_rates": measured,
         "warnings": found.warnings,
         "tensors": [vars(t) | {"shape": list(t.shape)} for t in found.tensors] if tensors else None,
     }
@@ -118,6 +133,9 @@ def info(
     for message in found.warnings:
         warn(message)
     _print_info(found, acct, tensors)
+    if measured is not None:
+        layers = ", ".join(f"{i}: {r:.1%}" for i, r in enumerate(measured) if r is not None)
+        console.print(f"measured activation per DECO layer: {layers}")
 
 
 def _print_info(found, acct, list_tensors: bool) -> None:
@@ -175,6 +193,7 @@ def fixture(
     name: Annotated[Optional[str], typer.Argument(help="A variant (small, for tests) or a preset (deco-0.1b, deco-0.5b: released shapes).")] = None,
     out_dir: Annotated[Optional[Path], typer.Argument(help="Directory to write the checkpoint into.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+    calibrate: Annotated[Optional[float], typer.Option(help="Calibrate the routers so that about this fraction of experts is active on ordinary text (e.g. 0.2), and report the measured rates.", min=0.01, max=0.99)] = None,
     list_all: Annotated[bool, typer.Option("--list", help="List the variants and presets.")] = False,
 ) -> None:
     """Write a random DECO checkpoint in the exact released Hugging Face layout.
@@ -197,6 +216,12 @@ def fixture(
     with console.status(f"writing {name}"):
         path = fixtures.write_fixture(out_dir, name, seed=seed)
     console.print(f"wrote [bold]{path}[/]")
+    if calibrate is not None:
+        from ..calibrate import calibrate_routers
+
+        with console.status(f"calibrating routers to {calibrate:.0%} activation"):
+            report = calibrate_routers(path, calibrate)
+        console.print(report.summary())
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ class DecoConverter:
             raise DecoError(f"unknown --expert-type {expert_type!r} (choose from {', '.join(EXPERT_TYPES)})")
         self.ckpt = ckpt
         self.config: DecoConfig = ckpt.config
+        if self.config.router_norm == "normal":
+            # Subtracting the mean score gives inactive experts a non-zero score that the
+            # authors' forward uses: such a layer is dense and has no exact sparse evaluation.
+            raise DecoError("router_norm_type 'normal' gives inactive experts non-zero scores: the model is not sparse and cannot be converted")
         self.outtype = OUT_TYPES[outtype]
         self.expert_type = EXPERT_TYPES[expert_type]
         self.vocab: Vocab = load_vocab(ckpt.path, ckpt.raw_config)

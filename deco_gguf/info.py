@@ -124,3 +124,13 @@ def read_model(path: str | Path) -> ModelInfo:
     if not path.exists():
         raise DecoError(f"{path}: no such file or directory")
     return read_gguf(path)
+
+
+def measure_activation_hf(path: Path, text: str, num_tokens: int = 1024, seq_len: int = 256) -> list[float | None]:
+    """Per layer: fraction of experts active on `text`, with the reference model (None for dense layers)."""
+    from .calibrate import calibration_tokens
+    from .reference import DecoModel
+
+    model = DecoModel.from_pretrained(path)
+    ids, _ = calibration_tokens(text, model.config.vocab_size, num_tokens, seq_len, Path(path), heldout_tokens=0)
+    return model(ids).activation_rate

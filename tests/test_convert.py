@@ -89,7 +89,10 @@ def fixture_dirs(tmp_path_factory) -> dict[str, Path]:
     return {name: write_fixture(root / name, name) for name in VARIANTS}
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+SPARSE_VARIANTS = sorted(v for v in VARIANTS if VARIANTS[v].router_norm_type != "normal")
+
+
+@pytest.mark.parametrize("variant", SPARSE_VARIANTS)
 def test_f32_conversion_is_exact_and_complete(variant, fixture_dirs, tmp_path):
     spec, hf_dir = VARIANTS[variant], fixture_dirs[variant]
     out = tmp_path / "model.gguf"
@@ -116,7 +119,7 @@ def test_f32_conversion_is_exact_and_complete(variant, fixture_dirs, tmp_path):
         a + "expert_gated": spec.expert_gated,
         a + "expert_activation": spec.expert_act,
         a + "router_activation": spec.router_act,
-        a + "router_norm": "none" if spec.router_norm_type == "null" else spec.router_norm_type,
+        a + "router_norm": {"null": "none"}.get(spec.router_norm_type, spec.router_norm_type),
         a + "expert_bias": spec.expert_bias or "none",
         "tokenizer.ggml.model": "llama",
     }

@@ -82,6 +82,7 @@ CASES = [
     ("no_heads", "base", lambda d: edit_config(d, num_attention_heads=None), "num_attention_heads is missing"),
     ("heads_not_dividing", "base", lambda d: edit_config(d, num_attention_heads=3), "not divisible by num_attention_heads=3"),
     ("mup_without_scales", "base", lambda d: edit_config(d, use_mup=True, scale_depth=None), "use_mup is true but scale_depth is missing"),
+    ("router_norm_normal", "base", lambda d: edit_config(d, router_norm_type="normal"), "router_norm_type 'normal' gives inactive experts non-zero scores"),
     ("not_blockffn", "base", lambda d: edit_config(d, use_blockffn=False), "not a DECO (BlockFFN) checkpoint"),
     (
         "pickle_not_weights",

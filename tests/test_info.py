@@ -94,3 +94,27 @@ def test_info_errors(tmp_path):
     for path, fragment in ((other, "not a DECO GGUF (architecture 'llama')"), (tmp_path / "junk.gguf", "not a readable GGUF"), (tmp_path / "absent", "no such file")):
         result = CliRunner().invoke(app, ["info", str(path)])
         assert result.exit_code == 1 and fragment in result.output, result.output
+
+
+def test_measured_activation_feeds_the_accounting(base, tmp_path):
+    from deco_gguf.calibrate import calibrate_routers
+    from deco_gguf.fixtures import fixture_corpus
+
+    hf = write_fixture(tmp_path / "calibrated", "base")
+    calibrate_routers(hf, 0.2)
+    text = tmp_path / "text.txt"
+    text.write_text(fixture_corpus()[-20000:])
+    report = info_json(hf, "--measure", text)
+    rates = report["measured_layer_rates"]
+    assert rates[0] is None and all(0.1 < r < 0.35 for r in rates[1:])  # layer 0 is dense
+    acct = report["accounting"]
+    assert acct["activation_source"] == "measured"
+    assert acct["activation_rate"] == pytest.approx(sum(rates[1:]) / 2)
+    n, experts, _ = hand_count(VARIANTS["base"])
+    assert acct["active_params"] == round(n - (1 - acct["activation_rate"]) * experts)
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    for args, fragment in (([base[1], "--measure", text], "needs an HF checkpoint"), ([hf, "--measure", empty], "empty text")):
+        result = CliRunner().invoke(app, ["info", *map(str, args)])
+        assert result.exit_code == 1 and fragment in result.output, result.output
