@@ -360,7 +360,7 @@ def fixture_corpus() -> str:
 
 SP_VOCAB_SIZE = 1024
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-_SP_TRAIN_ARGS = dict(
+SP_TRAIN_ARGS = dict(
     model_type="bpe",  # Llama-2 style; llama.cpp's SPM tokenizer is exact for BPE scores
     vocab_size=SP_VOCAB_SIZE,
     character_coverage=0.9995,
@@ -390,15 +390,16 @@ def tokenizer_model_bytes() -> bytes:
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus_paragraphs()), model_writer=buf, **_SP_TRAIN_ARGS
+        sentence_iterator=iter(_corpus_paragraphs()), model_writer=buf, **SP_TRAIN_ARGS
     )
     return buf.getvalue()
 
 
-def _sp_processor():
+def sp_processor(model_bytes: bytes | None = None):
+    """The fixtures' SentencePiece model, or the serialized one given."""
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_proto=tokenizer_model_bytes())
+    return spm.SentencePieceProcessor(model_proto=model_bytes or tokenizer_model_bytes())
 
 
 def _added_token(content: str, special: bool = True) -> dict:
@@ -412,9 +413,9 @@ def _added_token(content: str, special: bool = True) -> dict:
     }
 
 
-def tokenizer_json() -> dict:
+def tokenizer_json(model_bytes: bytes | None = None) -> dict:
     """An HF `tokenizer.json` (BPE with byte fallback, as for Llama-2) built from the SP model."""
-    sp = _sp_processor()
+    sp = sp_processor(model_bytes)
     n = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
     normal = {
@@ -495,12 +496,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def _write_tokenizer(out: Path, fmt: str) -> None:
-    sp = _sp_processor()
+def _write_tokenizer(out: Path, fmt: str, model_bytes: bytes | None = None) -> None:
+    model_bytes = model_bytes or tokenizer_model_bytes()
+    sp = sp_processor(model_bytes)
     if fmt in ("model", "both"):
-        (out / "tokenizer.model").write_bytes(tokenizer_model_bytes())
+        (out / "tokenizer.model").write_bytes(model_bytes)
     if fmt in ("json", "both"):
-        _dump_json(out / "tokenizer.json", tokenizer_json(), indent=2)
+        _dump_json(out / "tokenizer.json", tokenizer_json(model_bytes), indent=2)
     unk, bos, eos = (sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id()))
     decoder = {}
     for i in range(sp.get_piece_size()):
@@ -797,7 +799,7 @@ def make_state_dict(
 
 
 def _vocab_rows(spec: FixtureSpec) -> int:
-    return spec.vocab_size or _sp_processor().get_piece_size()
+    return spec.vocab_size or sp_processor().get_piece_size()
 
 
 # --------------------------------------------------------------------------
@@ -844,6 +846,7 @@ def write_fixture(
     router_hook: RouterHook | None = None,
     state_dict_hook: StateDictHook | None = None,
     max_shard_bytes: int | None = None,
+    tokenizer_model: bytes | None = None,
 ) -> Path:
     """Write an HF checkpoint directory for `spec` (a FixtureSpec or a VARIANTS/PRESETS name).
 
@@ -909,5 +912,5 @@ def write_fixture(
         },
         indent=2,
     )
-    _write_tokenizer(out, spec.tokenizer_format)
+    _write_tokenizer(out, spec.tokenizer_format, tokenizer_model)
     return out

@@ -15,4 +15,11 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "==> installing Python dependencies"
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[test]"
+# The bundled model's corpus (public-domain KJV from Debian): its held-out split is what perplexity
+# is measured on. apt-get download needs the package lists; fill them once if they are empty.
+echo "==> fetching the bundled model's corpus"
+if ! .venv/bin/python -m deco_gguf.corpus >/dev/null 2>&1; then
+    apt-get update -qq || echo "warning: apt-get update failed" >&2
+    .venv/bin/python -m deco_gguf.corpus >/dev/null
+fi
 echo "==> ready: .venv/bin/deco-gguf"

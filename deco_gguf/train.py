@@ -1,0 +1,552 @@
+"""Train the bundled DECO model (models/deco-tiny) from scratch on the CPU.
+
+    python -m deco_gguf.train --out models/deco-tiny --minutes 36
+
+retrains the shipped checkpoint: fixed seed, data order and schedule (the
+defaults are the shipped run), equal up to the non-deterministic reduction
+order of multi-threaded CPU kernels, so a re-run lands close to, not exactly
+on, the shipped weights (docs/bundled-model.md). The corpus comes from Debian
+(corpus.py); the log goes to /tmp/deco-tiny-train/ unless --log-dir.
+
+What is trained is DECO as published (spec: docs/spec deco.md, "Layer stack"
+and "DECO FFN"): layer 0 a dense SwiGLU, every other layer a DECO FFN with a
+ReLU router, the learned expert-wise router scale (`simple` router norm),
+non-gated NormSiLU experts and an unscaled SwiGLU shared expert; GQA, NeoX
+RoPE, untied embeddings. The forward pass IS the project's reference model
+(`deco_gguf.reference.DecoModel`): `TrainableDeco` only hands it
+`nn.Parameter`s as its weight dict and runs its layer functions with autograd
+on (DecoModel.__call__ itself is no_grad). The reference computes every
+expert densely and multiplies by its score s_e, which is exactly 0 for an
+inactive expert, so the router weights and the router scale get gradients
+through s_e (checked in tests/test_train.py).
+
+Sparsity regulariser (the DECO recipe, thunlp/DECO
+megatron/core/transformer/blockffn/router_entropy.py and training.py, re-written
+here): on each DECO layer, the entropy of the normalised post-ReLU router
+scores p = r / (sum_e r_e + 1e-5),  H = -sum_e p_e log(p_e + 1e-5), averaged
+over tokens, is added to the loss as coef * H / L. Lower entropy concentrates
+the mass on fewer experts, pushing the weak ones below zero, where the ReLU
+switches them off. After every step the coefficient is multiplied by
+`multiplier` if the measured activation rate is above the target (20%) and
+divided by it otherwise, never going below its initial value. As in DECO,
+one coefficient serves the whole model and follows the mean activation over
+all DECO layers (DECO: 1e-8, x1.002 per step over 15k steps; a ~1.5k-step run
+needs a larger floor and multiplier: 1e-4, x1.03). `--coef-scope layer` gives
+each layer its own coefficient driven by its own rate. Either way the
+regulariser only pushes activation down: a layer that the language-model loss
+alone makes sparser than the target stays sparser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fixtures
+from .checkpoint import expected_shapes
+from .config import DecoConfig
+from .reference import DecoModel
+
+# --------------------------------------------------------------------------
+# Model shape
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Shape:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4  # layer 0 dense, the rest DECO
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    dense_ffn: int = 704
+    num_experts: int = 16
+    expert_ffn: int = 64  # De
+    shared_ffn: int = 128  # Ds
+    router_scale_init: float = 0.1  # DECO's --router-norm-init-var
+
+    def config(self) -> DecoConfig:
+        return DecoConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dense_ffn_size=self.dense_ffn,
+            moe_layers=[False] + [True] * (self.num_layers - 1),
+            num_experts=self.num_experts,
+            expert_ffn_size=self.expert_ffn,
+            shared_ffn_size=self.shared_ffn,
+            expert_act="norm_silu",
+            router_act="relu",
+            router_norm="simple",
+            router_scale_size=self.num_experts,
+        )
+
+    def fixture_spec(self, dtype: str) -> fixtures.FixtureSpec:
+        """The same model as a FixtureSpec, so fixtures.py writes config.json exactly as released."""
+        return fixtures.FixtureSpec(
+            name="deco-tiny",
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dense_ffn=self.dense_ffn,
+            num_experts=self.num_experts,
+            expert_ffn=self.expert_ffn,
+            shared_ffn=self.shared_ffn,
+            moe_layer_freq=[0] + [1] * (self.num_layers - 1),
+            router_norm_init_var=self.router_scale_init,
+            weight_format="safetensors",
+            tokenizer_format="both",
+            dtype=dtype,
+            vocab_size=self.vocab_size,
+        )
+
+
+def init_state(config: DecoConfig, seed: int, std: float = 0.02, router_scale_init: float = 0.1) -> dict[str, torch.Tensor]:
+    """fp32 initial weights under their HF names.
+
+    Matrices ~ N(0, std); the matrices that write into the residual stream
+    (o_proj, down projections) get std / sqrt(2 L) (Megatron's scaled init);
+    RMSNorm weights 1; the router scale router_scale_init (DECO's
+    --router-norm-init-var 0.1). The router is N(0, std) like any matrix, so
+    about half the experts fire at the start and the regulariser brings that
+    down to the target.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out_std = std / math.sqrt(2 * config.num_layers)
+    state = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("router_norm.weight"):
+            t = torch.full(shape, router_scale_init)
+        elif name.endswith("norm.weight"):
+            t = torch.ones(shape)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            t = torch.randn(shape, generator=g) * out_std
+        else:
+            t = torch.randn(shape, generator=g) * std
+        state[name] = t
+    return state
+
+
+# --------------------------------------------------------------------------
+# The reference model with gradients
+# --------------------------------------------------------------------------
+
+
+class TrainableDeco(nn.Module):
+    """nn.Parameters under HF names, run through the reference model's layer functions."""
+
+    def __init__(self, config: DecoConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.names = list(expected_shapes(config))
+        self.weights = nn.ParameterList([nn.Parameter(state[n].detach().clone().to(dtype)) for n in self.names])
+        self.ref = DecoModel(config, dict(zip(self.names, self.weights)), dtype)
+        for n, p in zip(self.names, self.weights):  # the reference must use the parameters themselves
+            assert self.ref.w[n] is p, n
+
+    def named_weights(self) -> dict[str, nn.Parameter]:
+        return dict(zip(self.names, self.weights))
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits [B, T, V] and, per DECO layer, (post-ReLU router scores r [B, T, E], active mask).
+
+        Follows DecoModel.__call__ step by step; r is recomputed from the FFN
+        input for the regulariser (the reference returns the scores after the
+        router scale, the regulariser reads them before it, as DECO does).
+        """
+        ref, c = self.ref, self.config
+        x = ref.embed(ids)
+        routers = []
+        for i in range(c.num_layers):
+            x = ref.attn_block(i, x)
+            h = ref.ffn_input(i, x)
+            y, active = ref.ffn(i, h)
+            if active is not None:
+                r = F.relu(F.linear(h, ref.w[f"model.layers.{i}.mlp.moe_router.weight"]))
+                routers.append((r, active))
+            x = x + y * c.residual_scale
+        return ref.logits(x), routers
+
+    def state_dict_hf(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """HF-named tensors for export: `dtype`, except the router (fp32, as released)."""
+        out = {}
+        for n, p in self.named_weights().items():
+            keep_fp32 = n.endswith("moe_router.weight")
+            out[n] = p.detach().to(torch.float32 if keep_fp32 else dtype).contiguous()
+        return out
+
+
+def router_entropy(r: torch.Tensor) -> torch.Tensor:
+    """DECO's sparsity regulariser on post-ReLU scores r [.., E]: mean over tokens of H(r / sum r)."""
+    p = r / (r.sum(-1, keepdim=True) + 1e-5)
+    return (-p * torch.log(p + 1e-5)).sum(-1).mean()
+
+
+class AdaptiveCoef:
+    """The regulariser's coefficient(s), stepped toward a target activation rate (DECO's step_reg_coef)."""
+
+    def __init__(self, n_layers: int, init: float, multiplier: float, target: float, scope: str = "layer"):
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        self.init, self.multiplier, self.target, self.scope = init, multiplier, target, scope
+        self.values = [init] * n_layers
+
+    def step(self, rates: list[float]) -> None:
+        """rates: the activation rate of each DECO layer on this step's batch."""
+        measured = rates if self.scope == "layer" else [sum(rates) / len(rates)] * len(rates)
+        for k, rate in enumerate(measured):
+            if rate > self.target:
+                self.values[k] *= self.multiplier
+            else:
+                self.values[k] = max(self.values[k] / self.multiplier, self.init)
+
+
+def loss_terms(model: TrainableDeco, ids: torch.Tensor, coef: AdaptiveCoef) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+    """(total loss, LM loss, per-layer activation rates, per-layer entropies) on ids [B, T+1]."""
+    logits, routers = model(ids[:, :-1])
+    lm = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    total = lm
+    rates, entropies = [], []
+    L = model.config.num_layers
+    for k, (r, active) in enumerate(routers):
+        ent = router_entropy(r)
+        total = total + coef.values[k] * ent / L  # DECO divides by the layer count
+        rates.append(active.float().mean().item())
+        entropies.append(ent.item())
+    return total, lm, rates, entropies
+
+
+# --------------------------------------------------------------------------
+# Tokenizer and data
+# --------------------------------------------------------------------------
+
+
+def train_tokenizer(sentences: list[str], vocab_size: int) -> bytes:
+    """SentencePiece BPE with the fixtures' settings (byte fallback, unk 0 / bos 1 / eos 2, ChatML symbols)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    args = dict(fixtures.SP_TRAIN_ARGS)
+    args.update(vocab_size=vocab_size, num_threads=1)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, **args)
+    return buf.getvalue()
+
+
+def token_stream(sp, documents: list[str]) -> torch.Tensor:
+    """bos + tokens + eos for every document, concatenated (int64)."""
+    ids: list[int] = []
+    for doc in documents:
+        ids.append(sp.bos_id())
+        ids.extend(sp.encode(doc))
+        ids.append(sp.eos_id())
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_batch(stream: torch.Tensor, batch: int, seq: int, g: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
+    return torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
+
+
+# --------------------------------------------------------------------------
+# Evaluation (with the plain reference model, as loaded from the HF directory)
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_eval(model: DecoModel, stream: torch.Tensor, ctx: int = 256, max_windows: int | None = None) -> dict:
+    """Token-level perplexity and per-layer activation over non-overlapping windows of ctx tokens.
+
+    The held-out stream is cut into consecutive windows of `ctx` tokens; in
+    each window every token but the first is predicted from the tokens before
+    it in that window (so contexts range from 1 to ctx-1 tokens), and
+    ppl = exp(total NLL / number of predicted tokens).
+    """
+    n_windows = len(stream) // ctx
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    nll, count = 0.0, 0
+    act_sum: list[float] | None = None
+    for w in range(n_windows):
+        ids = stream[w * ctx : (w + 1) * ctx]
+        out = model(ids[None])
+        logp = torch.log_softmax(out.logits[0, :-1].double(), -1)
+        nll -= logp.gather(-1, ids[1:, None]).sum().item()
+        count += ctx - 1
+        rates = [r for r in out.activation_rate if r is not None]
+        act_sum = rates if act_sum is None else [a + b for a, b in zip(act_sum, rates)]
+    rates = [a / n_windows for a in act_sum] if act_sum else []
+    return {
+        "tokens_predicted": count,
+        "context": ctx,
+        "nll": nll / count,
+        "ppl": math.exp(nll / count),
+        "activation_per_layer": rates,
+        "activation_mean": sum(rates) / len(rates) if rates else None,
+    }
+
+
+def unigram_ppl(train: torch.Tensor, heldout: torch.Tensor, vocab: int) -> float:
+    """Perplexity of the add-one unigram model of the training tokens on the held-out tokens."""
+    counts = torch.bincount(train, minlength=vocab).double() + 1
+    logp = torch.log(counts / counts.sum())
+    return math.exp(-logp[heldout[1:]].mean().item())
+
+
+@torch.no_grad()
+def generate(model: DecoModel, sp, prompt: str, n: int, temperature: float = 0.0, seed: int = 0, top_k: int = 40) -> str:
+    """Greedy (temperature 0) or top-k temperature sampling from the reference model; returns the continuation."""
+    ids = [sp.bos_id()] + sp.encode(prompt)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        logits = model(ids[-256:]).logits[0, -1]
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            v, i = logits.topk(top_k)
+            nxt = int(i[torch.multinomial(torch.softmax(v / temperature, -1), 1, generator=g)])
+        if nxt == sp.eos_id():
+            break
+        ids.append(nxt)
+    return sp.decode(ids[1:]).removeprefix(prompt)
+
+
+# --------------------------------------------------------------------------
+# Export in the released layout
+# --------------------------------------------------------------------------
+
+
+def export(model: TrainableDeco, shape: Shape, tokenizer: bytes, out: Path, dtype: str = "bfloat16") -> Path:
+    """Write model.safetensors, config.json (Megatron + template keys), tokenizer files: the released layout."""
+    spec = shape.fixture_spec(dtype)
+    sd = model.state_dict_hf(fixtures.DTYPES[dtype])
+    fixtures.write_fixture(out, spec, state_dict_hook=lambda _spec, _sd: sd, tokenizer_model=tokenizer)
+    make_hf_keys_consistent(out, shape, dtype)
+    return out
+
+
+def make_hf_keys_consistent(out: Path, shape: Shape, dtype: str) -> None:
+    """Give config.json's HF-style keys this model's values.
+
+    fixtures.hf_config reproduces the released files, whose HF-style keys are
+    stale MiniCPM template values (spec: "Config pitfalls"); the converter
+    then warns about each one. The bundled model keeps both key families but
+    makes them agree, so converting it prints no warnings. eos ids: </s> and
+    <|im_end|>, as the released [2, 73440] are.
+    """
+    sp = fixtures.sp_processor((out / "tokenizer.model").read_bytes())
+    eos = [sp.eos_id(), sp.piece_to_id(fixtures.CHATML_TOKENS[1])]
+    path = out / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg.update(
+        num_hidden_layers=shape.num_layers,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.dense_ffn,
+        vocab_size=sp.get_piece_size(),
+        rms_norm_eps=cfg["norm_epsilon"],
+        rope_scaling=None,
+        max_position_embeddings=4096,
+        eos_token_id=eos,
+        torch_dtype=dtype,
+    )
+    fixtures._dump_json(path, cfg, indent=4)
+    gen_path = out / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8"))
+    gen["eos_token_id"] = eos
+    fixtures._dump_json(gen_path, gen, indent=2)
+
+
+# --------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------
+
+
+def lr_at(progress: float, step: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warmup over `warmup` steps, then cosine from peak to floor * peak as progress goes 0 -> 1."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: TrainableDeco, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.named_weights().values():
+        (decay if p.dim() == 2 else no_decay).append(p)  # no decay on norms and the router scale
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="HF checkpoint directory to write")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (the cosine schedule spans them)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock budget. With --steps the schedule still follows the steps and this is only a "
+                         "hard stop; with --steps 0 the schedule follows the clock (not reproducible step for step)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--target", type=float, default=0.2, help="target activation rate of the routed experts")
+    ap.add_argument("--coef-init", type=float, default=1e-4, help="initial (and minimum) regulariser coefficient")
+    ap.add_argument("--coef-mult", type=float, default=1.03, help="per-step multiplier of the coefficient")
+    ap.add_argument("--coef-scope", choices=("layer", "global"), default="global",
+                    help="one coefficient driven by the mean activation (DECO), or one per layer")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="stored dtype of everything but the router (fp32)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true",
+                    help="run the reference forward eagerly (torch.compile fuses its element-wise ops: ~2x faster here)")
+    ap.add_argument("--corpus-cache", type=Path, default=None)
+    ap.add_argument("--log-dir", type=Path, default=Path("/tmp/deco-tiny-train"),
+                    help="training log (CSV), resumable state, summary JSON")
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--resume", action="store_true", help="continue from <log-dir>/state.pt")
+    ap.add_argument("--eval-windows", type=int, default=None, help="limit the held-out evaluation (default: all)")
+    for f in Shape.__dataclass_fields__.values():
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = ap.parse_args(argv)
+
+    from .corpus import load_corpus
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    shape = Shape(**{k: getattr(args, k) for k in Shape.__dataclass_fields__})
+    log_dir: Path = args.log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    corpus = load_corpus(args.corpus_cache)
+    print(f"corpus: {corpus.source['train_chars']} train chars, {corpus.source['heldout_chars']} held-out chars, "
+          f"sha256 {corpus.source['sha256'][:12]} (bundled: {corpus.source['matches_bundled_model']})", flush=True)
+    tok = train_tokenizer(corpus.train_verses, shape.vocab_size)
+    sp = fixtures.sp_processor(tok)
+    train_ids, held_ids = token_stream(sp, corpus.train), token_stream(sp, corpus.heldout)
+    print(f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids)} train / {len(held_ids)} held-out tokens "
+          f"({time.time() - t0:.0f}s)", flush=True)
+
+    config = shape.config()
+    model = TrainableDeco(config, init_state(config, args.seed, router_scale_init=shape.router_scale_init))
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    n_moe = config.num_moe_layers
+    coef = AdaptiveCoef(n_moe, args.coef_init, args.coef_mult, args.target, args.coef_scope)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    step, elapsed_before = 0, 0.0
+    state_path = log_dir / "state.pt"
+    if args.resume and state_path.is_file():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        coef.values = st["coef"]
+        g.set_state(st["gen"])
+        step, elapsed_before = st["step"], st["elapsed"]
+        print(f"resumed at step {step}", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    if not args.no_compile:  # same math, fused; the first step pays ~1 min of compilation
+        model.forward = torch.compile(model.forward)
+    print(f"model: {n_params / 1e6:.2f}M parameters, {asdict(shape)}", flush=True)
+
+    log_path = log_dir / "train_log.csv"
+    new_log = not (args.resume and log_path.is_file())
+    with open(log_path, "w" if new_log else "a", newline="") as log_f:
+        log = csv.writer(log_f)
+        if new_log:
+            log.writerow(["step", "elapsed_s", "lr", "loss", "lm_loss"]
+                         + [f"act{k}" for k in range(n_moe)] + [f"coef{k}" for k in range(n_moe)]
+                         + [f"entropy{k}" for k in range(n_moe)])
+
+        budget = args.minutes * 60 if args.minutes else None
+        t_start = time.time() - elapsed_before
+        ema_loss = None
+        model.train()
+        max_steps = args.steps if args.steps > 0 else 10**9
+        if args.steps <= 0 and budget is None:
+            ap.error("--steps 0 needs --minutes")
+        while step < max_steps:
+            elapsed = time.time() - t_start
+            if budget is not None and elapsed >= budget:
+                print(f"time budget reached at step {step}", flush=True)
+                break
+            progress = step / args.steps if args.steps > 0 else elapsed / budget
+            lr = lr_at(progress, step, args.lr, args.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ids = sample_batch(train_ids, args.batch, args.seq, g)
+            loss, lm, rates, ents = loss_terms(model, ids, coef)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            coefs_used = list(coef.values)
+            coef.step(rates)
+            step += 1
+            ema_loss = lm.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * lm.item()
+            log.writerow([step, f"{time.time() - t_start:.1f}", f"{lr:.3g}", f"{loss.item():.4f}", f"{lm.item():.4f}"]
+                         + [f"{r:.4f}" for r in rates] + [f"{c:.4g}" for c in coefs_used] + [f"{e:.4f}" for e in ents])
+            if step % 10 == 0 or step == 1:
+                log_f.flush()
+                print(f"step {step:5d}  {time.time() - t_start:7.0f}s  lr {lr:.2e}  lm {lm.item():.3f} (ema {ema_loss:.3f})  "
+                      f"act {' '.join(f'{r:.2f}' for r in rates)}  coef {' '.join(f'{c:.2g}' for c in coef.values)}", flush=True)
+            if step % args.save_every == 0:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "coef": coef.values,
+                            "gen": g.get_state(), "step": step, "elapsed": time.time() - t_start}, state_path)
+                export(model, shape, tok, args.out, args.dtype)  # a usable checkpoint at every save
+    train_seconds = time.time() - t_start
+    export(model, shape, tok, args.out, args.dtype)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "coef": coef.values,
+                "gen": g.get_state(), "step": step, "elapsed": train_seconds}, state_path)
+    print(f"trained {step} steps in {train_seconds / 60:.1f} min; evaluating {args.out}", flush=True)
+
+    # Evaluate what was shipped: the HF directory, through the plain reference model.
+    ref = DecoModel.from_pretrained(args.out)
+    ev = heldout_eval(ref, held_ids, ctx=args.seq, max_windows=args.eval_windows)
+    summary = {
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_seen": step * args.batch * args.seq,
+        "final_train_lm_loss_ema": round(ema_loss, 4) if ema_loss is not None else None,
+        "heldout": ev,
+        "unigram_ppl": unigram_ppl(train_ids, held_ids, shape.vocab_size),
+        "final_coef": coef.values,
+        "corpus": {k: v for k, v in corpus.source.items() if not k.startswith("_") and k != "heldout_refs"},
+        "train_tokens": len(train_ids),
+        "heldout_tokens": len(held_ids),
+        "parameters": n_params,
+        "shape": asdict(shape),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    prompts = ["In the beginning", "And the LORD said unto Moses,", "Blessed are the"]
+    summary["samples"] = [
+        {"prompt": p, "greedy": generate(ref, sp, p, 40), "t0.8": generate(ref, sp, p, 40, temperature=0.8, seed=k)}
+        for k, p in enumerate(prompts)
+    ]
+    (log_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("steps", "train_seconds", "final_train_lm_loss_ema", "heldout", "unigram_ppl")}, indent=2))
+    for s in summary["samples"]:
+        print(f"\n{s['prompt']!r}\n  greedy: {s['greedy']}\n  t=0.8:  {s['t0.8']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
