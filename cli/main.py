@@ -88,6 +88,32 @@ def convert(
 
 @app.command()
 @friendly_errors
+def quantize(
+    src: Annotated[Path, typer.Argument(help="A DECO GGUF (typically F16 or F32 from `convert`).")],
+    dst: Annotated[Path, typer.Argument(help="GGUF file to write (replaced only when complete).")],
+    preset: Annotated[str, typer.Argument(help="Q4_0, Q5_0, Q8_0, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, F16 or BF16.")],
+    threads: Annotated[Optional[int], typer.Option(help="Threads; default: all cores.", min=1)] = None,
+) -> None:
+    """Quantize a DECO GGUF with llama.cpp's presets (through the patched libllama).
+
+    Routers, router scales, norms and the NormSiLU mean row stay F32. Tensors
+    whose rows do not fit the preset's blocks (64-wide expert down projections
+    under 256-wide K-quants) fall back to a fitting type; each one is listed.
+    """
+    from ..runtime import quantize as run_quantize
+
+    with console.status(f"quantizing to {preset.upper()}"):
+        fallbacks = run_quantize(src, dst, preset, threads)
+    if fallbacks:
+        table = Table("tensor", "row", "wanted", "written as", title=f"{len(fallbacks)} tensor(s) fell back: rows do not fit the blocks", title_justify="left")
+        for f in fallbacks:
+            table.add_row(f.tensor, str(f.row), f.wanted, f.got)
+        console.print(table)
+    console.print(f"wrote [bold]{dst}[/] ({dst.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+@friendly_errors
 def info(
     model: Annotated[Path, typer.Argument(help="A DECO GGUF file or an HF checkpoint directory.")],
     activation_rate: Annotated[Optional[float], typer.Option(help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).", min=0.0, max=1.0)] = None,

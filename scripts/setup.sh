@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up deco-gguf in ./.venv: Python dependencies (CPU torch) and the package itself.
+# Set up deco-gguf in ./.venv: Python dependencies (CPU torch), the package, the patched llama.cpp runtime.
 # Safe to rerun: finished steps are skipped by pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,11 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "==> installing Python dependencies"
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[test]"
+
+# The patched llama.cpp (ggml_patches/) and llama-cpp-python on top of it; incremental on reruns.
+echo "==> building the patched llama.cpp runtime (first time: about 11 minutes on 2 cores)"
+bash scripts/build-runtime.sh
+
 # The bundled model's corpus (public-domain KJV from Debian): its held-out split is what perplexity
 # is measured on. apt-get download needs the package lists; fill them once if they are empty.
 echo "==> fetching the bundled model's corpus"

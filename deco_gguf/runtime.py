@@ -1,0 +1,242 @@
+"""Running DECO GGUF files with the patched llama.cpp (through llama-cpp-python).
+
+`scripts/build-runtime.sh` builds llama.cpp with `ggml_patches/` and installs
+llama-cpp-python on top of those libraries. This module is the layer the CLI
+uses: open a model (threads, context, sparse/dense evaluation), read the
+per-layer active-expert counters, and quantize with libllama's presets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .errors import DecoError
+from .info import read_gguf
+
+# How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the
+# active experts only, `dense` every expert with the same op, `ops` plain ggml ops (a dense reference).
+MODES = {"sparse": 0, "dense": 1, "ops": 2}
+
+GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
+_errors: deque[str] = deque(maxlen=8)  # llama.cpp's recent error lines, for one-line messages
+
+
+def _library():
+    """libllama as loaded by llama_cpp, with the DECO entry points typed; DecoError if it is stock."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise DecoError("llama-cpp-python is not installed: run scripts/build-runtime.sh") from None
+    lib = llama_cpp.llama_cpp._lib
+    if not hasattr(lib, "llama_deco_stats_get"):
+        raise DecoError("the installed llama-cpp-python is not the patched DECO build: run scripts/build-runtime.sh")
+    if not getattr(lib, "_deco_typed", False):
+        lib.llama_deco_stats_get.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
+        lib.llama_deco_stats_get.restype = ctypes.c_bool
+        lib.llama_deco_stats_n_layers.restype = ctypes.c_int32
+        lib.llama_deco_stats_reset.restype = None
+        lib.llama_deco_ffn_mode_set.argtypes = [ctypes.c_int32]
+        lib.llama_deco_ffn_mode_set.restype = None
+        lib.llama_deco_ffn_mode_get.restype = ctypes.c_int32
+        _route_logs(llama_cpp)
+        lib._deco_typed = True
+    return lib
+
+
+def _route_logs(llama_cpp) -> None:
+    """Keep llama.cpp quiet; remember its errors so a failure can be told in one line."""
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):  # noqa: ARG001
+        line = text.decode("utf-8", "replace").strip()
+        if level == GGML_LOG_LEVEL_ERROR and line:
+            _errors.append(line)
+        if os.environ.get("DECO_VERBOSE"):
+            os.write(2, text)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _route_logs.callback = callback  # keep the ctypes callback alive
+
+
+def _last_error(default: str) -> str:
+    return _errors[-1] if _errors else default
+
+
+@dataclass
+class LayerActivity:
+    layer: int
+    tokens: int  # tokens routed through this layer
+    active: int  # active experts summed over those tokens
+    min_active: int  # fewest active experts of one token
+    max_active: int  # most active experts of one token
+    num_experts: int
+
+    @property
+    def rate(self) -> float:
+        return self.active / (self.tokens * self.num_experts) if self.tokens else 0.0
+
+
+class DecoRuntime:
+    """A DECO GGUF loaded by the patched llama.cpp: a `llama_cpp.Llama` plus the DECO switches.
+
+    `mode` (sparse, dense, ops) is fixed per instance: llama.cpp reads it when it builds a graph.
+    `exact=True` keeps the KV cache in F32 and flash attention off, for logits comparisons.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        mode: str = "sparse",
+        exact: bool = False,
+        seed: int = 0,
+    ):
+        from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
+
+        if mode not in MODES:
+            raise DecoError(f"unknown evaluation mode {mode!r} (choose from {', '.join(MODES)})")
+        self.path = Path(path)
+        self.info = read_gguf(self.path)  # DecoError for a missing or non-DECO file
+        self.lib = _library()
+        self.mode = mode
+        self.lib.llama_deco_ffn_mode_set(MODES[mode])
+        threads = n_threads or os.cpu_count() or 1
+        _errors.clear()
+        try:
+            self.llm = Llama(
+                model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
+                flash_attn=not exact, type_k=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
+                type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise DecoError(f"{self.path}: llama.cpp cannot load it: {_last_error(str(e))}") from None
+
+    @property
+    def config(self):
+        return self.info.config
+
+    def eval_logits(self, tokens: list[int]) -> np.ndarray:
+        """Evaluate `tokens` after what the context holds; the logits of the last position."""
+        import llama_cpp
+
+        self.llm.eval(tokens)
+        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()
+
+    def activity(self) -> list[LayerActivity | None]:
+        """Per layer, what the DECO op counted since the last reset (None for dense layers).
+
+        llama.cpp evaluates the last layer only for positions whose logits are requested.
+        """
+        out = (ctypes.c_int64 * 4)()
+        result: list[LayerActivity | None] = []
+        for layer, is_moe in enumerate(self.config.moe_layers):
+            if not is_moe or not self.lib.llama_deco_stats_get(layer, out):
+                result.append(None)
+                continue
+            result.append(LayerActivity(layer, out[0], out[1], out[2], out[3], self.config.num_experts))
+        return result
+
+    def reset_activity(self) -> None:
+        self.lib.llama_deco_stats_reset()
+
+    def mean_activation(self) -> float | None:
+        rates = [a.rate for a in self.activity() if a is not None and a.tokens]
+        return sum(rates) / len(rates) if rates else None
+
+    def close(self) -> None:
+        self.llm.close()
+        self.lib.llama_deco_ffn_mode_set(-1)
+
+    def __enter__(self) -> "DecoRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- quantization -------------------------------------------------------------------------------
+
+# libllama's presets by name (llama_ftype); routers, norms, scales and the mean row stay F32
+# (1-D tensors and ffn_gate_inp are never quantized), and tensors whose rows do not fit the
+# preset's block size fall back to a fitting type.
+PRESETS = {
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+}
+
+
+KEPT_F32 = ("ffn_gate_inp.weight",)  # the router: 2-D, never quantized by libllama
+
+
+@dataclass
+class Fallback:
+    tensor: str
+    row: int  # row length
+    wanted: str  # the preset's block type that does not fit
+    got: str
+
+
+def _preset_block_type(preset: str) -> gguf.GGMLQuantizationType:
+    name = preset.split("_K")[0] + "_K" if "_K" in preset else preset
+    return gguf.GGMLQuantizationType[name]
+
+
+def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | None = None) -> list[Fallback]:
+    """Quantize a DECO GGUF with a libllama preset; the output appears only when complete.
+
+    Returns the tensors that fell back to another type because their rows do not fit the preset's
+    blocks (e.g. 64-wide expert down projections under 256-wide K-quants).
+    """
+    import llama_cpp
+
+    src, dst = Path(src), Path(dst)
+    preset = preset.upper()
+    if preset not in PRESETS:
+        raise DecoError(f"unknown quantization type {preset!r} (choose from {', '.join(PRESETS)})")
+    read_gguf(src)  # a DECO GGUF, or a one-line error
+    if not dst.parent.is_dir():
+        raise DecoError(f"{dst.parent}: output directory does not exist")
+    _library()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, PRESETS[preset])
+    params.nthread = n_threads or os.cpu_count() or 1
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _errors.clear()
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise DecoError(f"{src}: quantization failed: {_last_error('see DECO_VERBOSE=1 output')}")
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    wanted = _preset_block_type(preset)
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    return [
+        Fallback(t.name, int(t.shape[0]), wanted.name, t.tensor_type.name)
+        for t in gguf.GGUFReader(dst).tensors
+        if len(t.shape) > 1 and int(t.shape[0]) % block and t.tensor_type != wanted and not t.name.endswith(KEPT_F32)
+    ]

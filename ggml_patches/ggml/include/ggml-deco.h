@@ -1,0 +1,126 @@
+#pragma once
+
+// DECO sparse expert evaluation (ReLU-routed MoE with a variable number of active experts).
+//
+// ggml_deco_moe() computes, for every token t (column of x):
+//
+//   raw    = logits[:, t]                                   (router output, F32, [E])
+//   r      = relu(raw)            (or relu(raw)^2 for GGML_DECO_ROUTER_SQRELU)
+//   active = raw > 0              (or raw + b*k > 0 with an expert bias, k = 1 | sqrt(mean(raw^2)))
+//   s      = norm(r) masked by active   (norm: none | simple (r*w) | rms | normal, see below)
+//   for e with active_e and s_e != 0:
+//       a_e = W_a[e] . x_t                   (W_a = gate if gated, else up; De rows)
+//       z_e = act(a_e)                       (norm_silu: silu(rmsnorm(a_e - mean_t) * nw), ...)
+//       v_e = z_e (* (W_up[e] . x_t) if gated)
+//   y_t    = sum_e s_e * W_down[e] . v_e
+//
+// Only the active experts are read and computed (exact: inactive experts contribute 0).
+// mean_t = w_mean . x_t, with w_mean the precomputed mean of all E*De rows of W_a.
+//
+// Shapes (ggml ne order):
+//   up, gate : [d, De, E]   (any type with CPU vec_dot; d % block size == 0)
+//   down     : [De, d, E]   (De % block size == 0)
+//   x        : [d, T]       F32
+//   logits   : [E, T]       F32
+//   mean     : [d]          F32 (required for the mean-subtracting activations)
+//   norm     : [De]         F32 (required for norm_silu, norm_silu_nomean)
+//   scale    : [E] or [1]   F32 (required for simple/rms/normal router norms)
+//   bias     : [E]          F32 (required when bias mode != none)
+//   result   : [d, T]       F32
+
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum ggml_deco_act {
+    GGML_DECO_ACT_NORM_SILU        = 0, // mean-subtract, block RMSNorm * weight, SiLU
+    GGML_DECO_ACT_NORM_SILU_NOMEAN = 1, // block RMSNorm * weight, SiLU
+    GGML_DECO_ACT_NORM_SILU_NORMS  = 2, // mean-subtract, SiLU
+    GGML_DECO_ACT_SILU             = 3,
+    GGML_DECO_ACT_RELU             = 4,
+    GGML_DECO_ACT_COUNT,
+};
+
+enum ggml_deco_router_act {
+    GGML_DECO_ROUTER_RELU   = 0,
+    GGML_DECO_ROUTER_SQRELU = 1,
+    GGML_DECO_ROUTER_COUNT,
+};
+
+enum ggml_deco_router_norm {
+    GGML_DECO_RNORM_NONE   = 0, // s = r
+    GGML_DECO_RNORM_SIMPLE = 1, // s = r * w          (w: [E] or [1])
+    GGML_DECO_RNORM_RMS    = 2, // s = r / sqrt(mean_E(r^2) + eps) * w
+    GGML_DECO_RNORM_NORMAL = 3, // s = (r - mean_E(r)) / sqrt(mean_E((r - mean)^2) + eps) * w
+    GGML_DECO_RNORM_COUNT,
+};
+
+enum ggml_deco_bias_mode {
+    GGML_DECO_BIAS_NONE = 0,
+    GGML_DECO_BIAS_BASE = 1,    // active <=> raw + b > 0
+    GGML_DECO_BIAS_RMS  = 2,    // active <=> raw + b * sqrt(mean_E(raw^2)) > 0
+    GGML_DECO_BIAS_COUNT,
+};
+
+enum ggml_deco_flags {
+    GGML_DECO_FLAG_DENSE = 1,   // evaluate every expert (inactive ones with weight 0): same result, dense cost
+};
+
+struct ggml_deco_moe_params {
+    enum ggml_deco_act         act;
+    enum ggml_deco_router_act  router_act;
+    enum ggml_deco_router_norm router_norm;
+    enum ggml_deco_bias_mode   bias_mode;
+    float                      eps;     // block RMSNorm eps and rms/normal router-norm eps
+    int32_t                    flags;   // enum ggml_deco_flags
+    int32_t                    layer;   // layer index for the activity counters, -1: do not count
+};
+
+// op params layout (int32 slots): 0 act, 1 router_act, 2 router_norm, 3 bias_mode, 4 eps (f32), 5 flags, 6 layer
+// src layout: 0 up, 1 down, 2 gate, 3 x, 4 logits, 5 mean, 6 norm, 7 scale, 8 bias
+GGML_API struct ggml_tensor * ggml_deco_moe(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * x,
+        struct ggml_tensor  * logits,
+        struct ggml_tensor  * up,
+        struct ggml_tensor  * gate,     // NULL unless gated
+        struct ggml_tensor  * down,
+        struct ggml_tensor  * mean,     // NULL unless the activation subtracts the mean
+        struct ggml_tensor  * norm,     // NULL unless the activation has a block RMSNorm
+        struct ggml_tensor  * scale,    // NULL for GGML_DECO_RNORM_NONE
+        struct ggml_tensor  * bias,     // NULL for GGML_DECO_BIAS_NONE
+        struct ggml_deco_moe_params params);
+
+// returns NULL if the arguments are valid for ggml_deco_moe, else a static description of the problem
+GGML_API const char * ggml_deco_moe_check(
+        const struct ggml_tensor * x,
+        const struct ggml_tensor * logits,
+        const struct ggml_tensor * up,
+        const struct ggml_tensor * gate,
+        const struct ggml_tensor * down,
+        const struct ggml_tensor * mean,
+        const struct ggml_tensor * norm,
+        const struct ggml_tensor * scale,
+        const struct ggml_tensor * bias,
+        struct ggml_deco_moe_params params);
+
+GGML_API struct ggml_deco_moe_params ggml_deco_moe_get_params(const struct ggml_tensor * op);
+
+//
+// activity counters: every evaluation of a GGML_OP_DECO_MOE node with layer >= 0 adds its token count and
+// the number of active experts (router decision, also in dense mode) for that layer. Process-wide, thread-safe.
+//
+#define GGML_DECO_STATS_MAX_LAYERS 1024
+
+GGML_API void    ggml_deco_stats_add(int32_t layer, int64_t n_tokens, int64_t n_active, int64_t n_active_min, int64_t n_active_max);
+// fills out[0..3] = { n_tokens, n_active (sum over tokens), min per token, max per token }; returns false if layer is out of range
+GGML_API bool    ggml_deco_stats_get(int32_t layer, int64_t * out);
+// number of layers that have been counted so far (highest layer index + 1)
+GGML_API int32_t ggml_deco_stats_n_layers(void);
+GGML_API void    ggml_deco_stats_reset(void);
+
+#ifdef __cplusplus
+}
+#endif

