@@ -1,0 +1,455 @@
+"""Chatting with a DECO model: the layer under `deco-gguf chat`.
+
+The prompt is the GGUF's own chat template (`tokenizer.chat_template`, rendered by llama-cpp-python's
+`Jinja2ChatFormatter`; ChatML when the file has none), tokenized as llama.cpp does (the vocabulary's
+BOS in front, a BOS the template writes itself is not doubled), and the reply is streamed by
+`Llama.create_chat_completion` with llama.cpp's sampler chain (top-k, top-p, min-p, temperature,
+repeat penalty). Generation ends on an end-of-generation token (EOS, `<|im_end|>`), at
+`max_tokens`, or when the context is full. Before every turn the oldest turns are dropped (the system
+prompt is kept) until the prompt leaves room for a reply.
+
+`resolve_model` also accepts an HF checkpoint directory: it is converted once (F16) into a cache
+keyed by the directory's files (names, sizes, mtimes) and the converter's source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DecoError
+
+STOP_STRINGS = ["<|im_end|>"]  # besides the end-of-generation token ids llama.cpp knows
+
+
+# -- models: a GGUF, or an HF directory converted on the fly --------------------------------------
+
+
+def cache_root() -> Path:
+    """`DECO_GGUF_CACHE`, else `$XDG_CACHE_HOME/deco-gguf` (default ~/.cache/deco-gguf)."""
+    env = os.environ.get("DECO_GGUF_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deco-gguf"
+
+
+def _converter_fingerprint() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("deco_gguf.converter")  # located, not imported (that would load torch)
+    h = hashlib.sha256()
+    for source in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
+        h.update(source.name.encode())
+        h.update(source.read_bytes())
+    return h.hexdigest()
+
+
+def dir_fingerprint(hf_dir: Path, outtype: str = "f16") -> str:
+    """A key for the conversion of `hf_dir`: every file's relative path, size and mtime, the outtype
+    and the converter's source (a changed converter converts again)."""
+    h = hashlib.sha256(f"deco-gguf-converted/v1/{outtype}/".encode())
+    h.update(_converter_fingerprint().encode())
+    for path in sorted(p for p in hf_dir.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(hf_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def resolve_model(path: str | Path, on_status: Callable[[str], None] | None = None) -> Path:
+    """A GGUF file as is; an HF directory converted to F16 into the cache (reused when unchanged)."""
+    path = Path(path)
+    if not path.exists():
+        raise DecoError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        return path
+    out_dir = cache_root() / "converted"
+    out = out_dir / f"{path.resolve().name}-{dir_fingerprint(path)}.gguf"
+    if out.is_file():
+        if on_status:
+            on_status(f"using the cached conversion {out}")
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if on_status:
+        on_status(f"converting {path} to {out} (F16, once)")
+    from .converter import convert  # imports torch: only when converting
+
+    convert(path, out, "f16", None, show_progress=False)
+    return out
+
+
+# -- templates -------------------------------------------------------------------------------------
+
+
+class ChatFormat:
+    """The model's chat template as a llama-cpp-python chat formatter, with llama.cpp's BOS rule."""
+
+    def __init__(self, template: str | None, bos: str, eos: str, add_bos: bool):
+        from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
+
+        self.source = "gguf" if template else "chatml (the GGUF has no tokenizer.chat_template)"
+        try:
+            self.jinja = Jinja2ChatFormatter(template=template or CHATML_CHAT_TEMPLATE, eos_token=eos, bos_token=bos)
+        except Exception as e:  # jinja2.TemplateSyntaxError and friends
+            raise DecoError(f"the model's chat template does not compile: {e}") from None
+        self.bos, self.add_bos = bos, add_bos
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            prompt = self.jinja(messages=messages).prompt
+        except Exception as e:  # the template's raise_exception, undefined names
+            raise DecoError(f"the model's chat template refuses these messages: {e}") from None
+        if self.add_bos and self.bos and prompt.startswith(self.bos):
+            prompt = prompt[len(self.bos):]  # the tokenizer adds it (llama.cpp strips it the same way)
+        return prompt
+
+    def __call__(self, *, messages, **kwargs):  # llama_cpp's ChatFormatter protocol
+        from llama_cpp.llama_chat_format import ChatFormatterResponse
+
+        return ChatFormatterResponse(prompt=self.render(messages), stop=list(STOP_STRINGS), added_special=False)
+
+    def tokens(self, llm, messages: list[dict]) -> list[int]:
+        """Exactly what the chat handler tokenizes (vocabulary BOS added, special tokens parsed)."""
+        return llm.tokenize(self.render(messages).encode("utf-8"), add_bos=True, special=True)
+
+
+# -- sessions --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sampling:
+    """llama.cpp's defaults (llama-cli): temperature 0 is greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None  # None: a random seed
+    max_tokens: int = 512  # <= 0: until end of generation or a full context
+
+
+@dataclass
+class LayerRate:
+    layer: int
+    tokens: int
+    active: int
+    num_experts: int
+
+    @property
+    def rate(self) -> float:
+        return self.active / (self.tokens * self.num_experts) if self.tokens else 0.0
+
+
+@dataclass
+class ReplyStats:
+    prompt_tokens: int = 0  # the whole prompt (history included)
+    prompt_evaluated: int = 0  # the part not already in the KV cache
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0  # sampled, the end-of-generation token included
+    decoded_tokens: int = 0  # decoded one at a time (every sampled token but the last)
+    decode_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    finish_reason: str = ""  # stop, length, interrupted
+    trimmed_turns: int = 0
+    context_used: int = 0
+    n_ctx: int = 0
+    prompt_activity: list[LayerRate] = field(default_factory=list)
+    reply_activity: list[LayerRate] = field(default_factory=list)
+
+    @property
+    def prompt_tps(self) -> float | None:
+        return self.prompt_evaluated / self.prompt_seconds if self.prompt_seconds > 0 else None
+
+    @property
+    def decode_tps(self) -> float | None:
+        return self.decoded_tokens / self.decode_seconds if self.decode_seconds > 0 else None
+
+    @staticmethod
+    def mean_rate(rates: list[LayerRate]) -> float | None:
+        used = [r.rate for r in rates if r.tokens]
+        return sum(used) / len(used) if used else None
+
+
+def _counters(rt) -> dict[int, tuple[int, int]]:
+    return {a.layer: (a.tokens, a.active) for a in rt.activity() if a is not None}
+
+
+def _rates(after: dict, before: dict, num_experts: int) -> list[LayerRate]:
+    return [
+        LayerRate(layer, t - before.get(layer, (0, 0))[0], a - before.get(layer, (0, 0))[1], num_experts)
+        for layer, (t, a) in sorted(after.items())
+    ]
+
+
+class ChatSession:
+    """A multi-turn conversation with one model; `reply()` streams the answer to one user turn."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        system: str | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        mode: str = "sparse",
+        sampling: Sampling | None = None,
+    ):
+        import llama_cpp
+        from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
+
+        from .runtime import DecoRuntime
+
+        self.sampling = sampling or Sampling()
+        if self.sampling.temperature < 0:
+            raise DecoError("--temperature must be >= 0")
+        self.rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(512, n_ctx), mode=mode)
+        llm = self.llm = self.rt.llm
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        bos_id, eos_id = llm.token_bos(), llm.token_eos()
+        bos = llm._model.token_get_text(bos_id) if bos_id >= 0 else ""
+        eos = llm._model.token_get_text(eos_id) if eos_id >= 0 else ""
+        self.format = ChatFormat(
+            llm.metadata.get("tokenizer.chat_template"), bos, eos, bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        )
+        llm.chat_handler = chat_formatter_to_chat_completion_handler(self.format)
+        self.system = system
+        self.turns: list[tuple[str, str]] = []  # (user, assistant)
+        self._rng = random.Random(self.sampling.seed if self.sampling.seed is not None else secrets.randbits(64))
+        self.last: ReplyStats | None = None
+
+    @property
+    def n_ctx(self) -> int:
+        # llama.cpp pads the context (to 256); llama-cpp-python's token buffer has the requested size
+        return min(self.llm.n_ctx(), len(self.llm.input_ids))
+
+    def messages(self, turns: list[tuple[str, str]], user: str | None = None) -> list[dict]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for u, a in turns:
+            out += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        if user is not None:
+            out.append({"role": "user", "content": user})
+        return out
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays); the next reply is a fresh session's."""
+        self.turns.clear()
+        self.llm.reset()
+        self.last = None
+
+    def _reserve(self) -> int:
+        """Room kept for the reply when trimming history."""
+        m = self.sampling.max_tokens
+        return min(m, self.n_ctx // 2) if m > 0 else self.n_ctx // 4
+
+    def _fit(self, user: str) -> tuple[list[dict], list[int], int]:
+        """The messages and prompt tokens for this turn, dropping the oldest turns until they fit."""
+        dropped = 0
+        while True:
+            messages = self.messages(self.turns[dropped:], user)
+            tokens = self.format.tokens(self.llm, messages)
+            if len(tokens) + self._reserve() <= self.n_ctx or dropped == len(self.turns):
+                break
+            dropped += 1
+        if len(tokens) >= self.n_ctx:
+            raise DecoError(
+                f"the prompt is {len(tokens)} tokens and the context holds {self.n_ctx}: "
+                f"shorten the message{' or the system prompt' if self.system else ''}, or raise --ctx-size"
+            )
+        return messages, tokens, dropped
+
+    def reply(self, user: str) -> Iterator[str]:
+        """Stream the reply to `user`; the turn is recorded even when the stream is closed early
+        (Ctrl-C): the partial reply joins the history, `last` says `interrupted`."""
+        import llama_cpp
+
+        messages, prompt, dropped = self._fit(user)
+        if dropped:
+            del self.turns[:dropped]
+        s = self.sampling
+        room = self.n_ctx - len(prompt)  # _fit leaves at least one token
+        stats = ReplyStats(prompt_tokens=len(prompt), trimmed_turns=dropped, n_ctx=self.n_ctx)
+        ctx, e = self.llm.ctx, self.rt.config.num_experts
+        llama_cpp.llama_perf_context_reset(ctx)
+        self.rt.reset_activity()
+        start, before_reply = time.perf_counter(), None
+        pieces: list[str] = []
+        stream = self.llm.create_chat_completion(
+            messages=messages, stream=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            min_p=s.min_p, repeat_penalty=s.repeat_penalty, seed=self._rng.randrange(2**32),
+            max_tokens=min(s.max_tokens, room) if s.max_tokens > 0 else room,
+        )
+        stats.finish_reason = "interrupted"
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                if before_reply is None:
+                    before_reply = _counters(self.rt)  # the prompt is evaluated, the first token sampled
+                text = choice["delta"].get("content")
+                if text:
+                    pieces.append(text)
+                    yield text
+                if choice["finish_reason"]:
+                    stats.finish_reason = choice["finish_reason"]
+        except ValueError as err:  # llama-cpp-python's "Requested tokens exceed context window"
+            raise DecoError(str(err)) from None
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+            reply = "".join(pieces)
+            self.turns.append((user, reply))
+            perf = llama_cpp.llama_perf_context(ctx)
+            stats.wall_seconds = time.perf_counter() - start
+            stats.context_used = self.llm.n_tokens
+            evaluated = max(0, self.llm.n_tokens - len(prompt))
+            stats.generated_tokens = evaluated + (1 if before_reply is not None else 0)
+            # perf counts a batch of one as a decode: attribute by what this turn evaluated
+            stats.decoded_tokens = min(perf.n_eval, evaluated) if evaluated else 0
+            stats.decode_seconds = perf.t_eval_ms / 1e3 if stats.decoded_tokens else 0.0
+            stats.prompt_evaluated = perf.n_p_eval if perf.t_p_eval_ms > 0 else 0
+            stats.prompt_seconds = perf.t_p_eval_ms / 1e3
+            after = _counters(self.rt)
+            zero = {k: (0, 0) for k in after}
+            stats.prompt_activity = _rates(before_reply if before_reply is not None else after, zero, e)
+            stats.reply_activity = _rates(after, before_reply if before_reply is not None else after, e)
+            self.last = stats
+
+    def close(self) -> None:
+        self.rt.close()
+
+    def __enter__(self) -> "ChatSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- the conversation loop (interactive, piped stdin, or one --prompt) ------------------------------
+
+HELP = """commands:
+  /reset   forget the conversation (the system prompt stays)
+  /stats   last reply: tokens, tokens/s, context, expert activation
+  /help    this list
+  /exit    quit (also /quit, Ctrl-D); Ctrl-C stops a reply or drops a line"""
+
+
+def stats_table(stats: ReplyStats | None):
+    """The `/stats` table (rich)."""
+    from rich.table import Table
+
+    table = Table(title="last reply", show_header=False, title_justify="left")
+    if stats is None:
+        table.add_row("no reply yet", "")
+        return table
+
+    def tps(v: float | None) -> str:
+        return f"{v:,.1f} tokens/s" if v is not None else "-"
+
+    table.add_row("prompt", f"{stats.prompt_tokens} tokens, {stats.prompt_evaluated} evaluated (rest cached): {tps(stats.prompt_tps)}")
+    table.add_row("reply", f"{stats.generated_tokens} tokens ({stats.finish_reason}): {tps(stats.decode_tps)} decode")
+    table.add_row("wall time", f"{stats.wall_seconds:.2f} s")
+    table.add_row("context", f"{stats.context_used} / {stats.n_ctx} tokens" + (f", {stats.trimmed_turns} oldest turn(s) dropped" if stats.trimmed_turns else ""))
+    for label, rates in (("activation (prompt)", stats.prompt_activity), ("activation (reply)", stats.reply_activity)):
+        mean = ReplyStats.mean_rate(rates)
+        most = max((r.tokens for r in rates), default=0)
+        # llama.cpp runs the last layer only on positions whose logits are needed: say how few
+        layers = ", ".join(f"L{r.layer} {r.rate:.1%}" + (f" of {r.tokens} token(s)" if r.tokens < most else "") for r in rates if r.tokens)
+        table.add_row(label, f"mean {mean:.1%} ({layers})" if mean is not None else "-")
+    return table
+
+
+def _stream(session: ChatSession, user: str, write: Callable[[str], None]) -> None:
+    gen = session.reply(user)
+    try:
+        for piece in gen:
+            write(piece)
+    finally:
+        gen.close()
+
+
+def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, interactive: bool = False, lines=None) -> None:
+    """Drive `session`: one `prompt`, or the `lines` of a pipe (each a user turn), or a terminal.
+
+    `out` and `err` are rich Consoles: replies stream raw to `out`, everything else is rich.
+    """
+    def write(text: str) -> None:
+        out.file.write(text)
+        out.file.flush()
+
+    def notice(message: str) -> None:
+        err.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+
+    def turn(user: str) -> None:
+        try:
+            _stream(session, user, write)
+        finally:
+            write("\n")
+            last = session.last
+            if last is not None and last.trimmed_turns:
+                notice(f"(context full: dropped the {last.trimmed_turns} oldest turn(s))")
+
+    def command(line: str) -> bool:
+        """Run a /command; False when it asks to quit."""
+        name = line.split()[0].lower()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            session.reset()
+            notice("(history cleared)")
+        elif name == "/stats":
+            out.print(stats_table(session.last))
+        elif name in ("/help", "/?"):
+            out.print(HELP, highlight=False, markup=False)
+        else:
+            err.print(f"[yellow]unknown command {name}[/] (try /help)", highlight=False)
+        return True
+
+    if prompt is not None:
+        turn(prompt)
+        return
+
+    if not interactive:
+        for raw in lines:
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not command(line):
+                    return
+                continue
+            turn(line)
+        return
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    color = out.is_terminal and not out.no_color
+    ps = "\001\033[1;32m\002> \001\033[0m\002" if color else "> "
+    notice("type a message; /help for commands, /exit or Ctrl-D to quit, Ctrl-C stops a reply")
+    while True:
+        try:
+            line = input(ps)
+        except EOFError:
+            write("\n")
+            return
+        except KeyboardInterrupt:  # as in Python's REPL: drop the line, stay
+            write("\n")
+            notice("(Ctrl-D or /exit quits)")
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not command(line):
+                return
+            continue
+        try:
+            turn(line)
+        except KeyboardInterrupt:
+            notice("(reply stopped)")
+        except DecoError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)

@@ -1,0 +1,191 @@
+"""Perplexity of a DECO GGUF on a text file, computed the way `llama-perplexity` computes it.
+
+The method of llama.cpp's tools/perplexity (its default mode, no stride), re-implemented:
+
+- the whole file is read as bytes, one trailing newline dropped (`-f`), and tokenized in one go with
+  the vocabulary's special tokens added (a BOS in front when the model adds one) and special-token
+  text left as plain text;
+- fewer than 2 × n_ctx tokens is an error; otherwise the tokens are cut into floor(n / n_ctx)
+  non-overlapping chunks of n_ctx tokens (the tail is dropped), each evaluated from an empty KV cache;
+- when the model adds a BOS, the first token of every chunk is replaced by BOS for the evaluation;
+- only the second half of each chunk is scored: the logits at positions n_ctx/2 … n_ctx-2 predict
+  the tokens at n_ctx/2+1 … n_ctx-1 (n_ctx - 1 - n_ctx/2 tokens per chunk), so every scored token
+  has at least n_ctx/2 tokens of context;
+- PPL = exp(mean NLL); the ± is llama.cpp's: sqrt((mean(NLL²) - mean(NLL)²) / (count - 1)) × PPL.
+
+The KV cache and flash attention are llama.cpp's defaults (F16 cache), as in `llama-perplexity`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DecoError
+
+DEFAULT_BATCH = 512  # llama-perplexity's micro-batch
+
+
+@dataclass
+class PerplexityResult:
+    model: str
+    text: str
+    ctx_size: int
+    mode: str
+    threads: int
+    tokens: int  # the whole text, BOS included
+    chunks: int
+    scored_tokens: int
+    add_bos: bool
+    ppl: float
+    ppl_error: float  # llama.cpp's "+/-"
+    mean_nll: float
+    seconds: float
+    chunk_ppl: list[float] = field(default_factory=list)  # running PPL after each chunk ([i] in llama.cpp's log)
+    activation: list[dict] = field(default_factory=list)  # per DECO layer: layer, tokens, rate
+    mean_activation: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.chunks * self.ctx_size / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"tokens_per_second": self.tokens_per_second}
+
+
+def read_text(path: str | Path) -> bytes:
+    """The file as `llama-perplexity -f` reads it: bytes, one trailing newline dropped."""
+    path = Path(path)
+    if path.is_dir():
+        raise DecoError(f"{path}: is a directory, expected a text file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DecoError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DecoError(f"{path}: cannot read it ({e.strerror})") from None
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not data.strip():
+        raise DecoError(f"{path}: empty text")
+    return data
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
+    return lse - x[np.arange(len(targets)), targets]
+
+
+def perplexity(
+    model: str | Path,
+    text_path: str | Path,
+    *,
+    ctx_size: int = 512,
+    n_threads: int | None = None,
+    mode: str = "sparse",
+    n_batch: int = DEFAULT_BATCH,
+    on_start: Callable[[int, int], None] | None = None,
+    on_chunk: Callable[[int, float], None] | None = None,
+) -> PerplexityResult:
+    """llama-perplexity's number for `model` on `text_path` with chunks of `ctx_size` tokens.
+
+    `on_start(chunks, tokens)` is called once the text is tokenized, `on_chunk(i, running_ppl)`
+    after each chunk.
+    """
+    import llama_cpp
+
+    from .info import read_gguf
+    from .runtime import DecoRuntime
+
+    if ctx_size < 4:
+        raise DecoError(f"--ctx-size {ctx_size} is too small: at least 4 (half of each chunk is scored)")
+    read_gguf(Path(model))  # a missing file or a non-DECO GGUF fails here, before the text is read
+    text = read_text(text_path)
+    n_batch = min(n_batch, ctx_size)
+    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=n_batch, mode=mode)
+    try:
+        llm, ctx = rt.llm, rt.llm.ctx
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        if llama_cpp.llama_vocab_get_add_eos(vocab):
+            raise DecoError(f"{model}: the vocabulary adds an EOS to every text; llama-perplexity refuses such models")
+        bos = llama_cpp.llama_vocab_bos(vocab)
+        tokens = np.asarray(llm.tokenize(text, add_bos=True, special=False), dtype=np.int32)
+        if len(tokens) < 2 * ctx_size:
+            raise DecoError(
+                f"{text_path}: not enough tokens: the text is {len(tokens)} tokens and a context of "
+                f"{ctx_size} needs at least {2 * ctx_size} (context too large for this text: lower --ctx-size)"
+            )
+        n_chunks = len(tokens) // ctx_size
+        first = ctx_size // 2
+        n_vocab = llm.n_vocab()
+        if on_start:
+            on_start(n_chunks, len(tokens))
+
+        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        memory = llama_cpp.llama_get_memory(ctx)
+        nll_sum = nll2_sum = 0.0
+        count = 0
+        chunk_ppl: list[float] = []
+        rt.reset_activity()
+        start = time.perf_counter()
+        try:
+            for i in range(n_chunks):
+                chunk = tokens[i * ctx_size:(i + 1) * ctx_size].copy()
+                if add_bos:
+                    chunk[0] = bos
+                llama_cpp.llama_memory_clear(memory, True)
+                rows: list[np.ndarray] = []
+                for j in range(0, ctx_size, n_batch):
+                    size = min(n_batch, ctx_size - j)
+                    n_out = 0
+                    for k in range(size):
+                        pos = j + k
+                        batch.token[k] = int(chunk[pos])
+                        batch.pos[k] = pos
+                        batch.n_seq_id[k] = 1
+                        batch.seq_id[k][0] = 0
+                        batch.logits[k] = pos >= first
+                        n_out += pos >= first
+                    batch.n_tokens = size
+                    rc = llama_cpp.llama_decode(ctx, batch)
+                    if rc != 0:
+                        raise DecoError(f"{model}: llama_decode failed ({rc}) on chunk {i + 1}")
+                    if n_out:
+                        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n_out * n_vocab,))
+                        rows.append(out.reshape(n_out, n_vocab).copy())
+                logits = np.concatenate(rows)[: ctx_size - 1 - first]  # positions first .. n_ctx-2
+                nll = _nll(logits, chunk[first + 1:].astype(np.int64))  # the original tokens, never the BOS
+                nll_sum += float(nll.sum())
+                nll2_sum += float((nll * nll).sum())
+                count += len(nll)
+                chunk_ppl.append(math.exp(nll_sum / count))
+                if on_chunk:
+                    on_chunk(i, chunk_ppl[-1])
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        seconds = time.perf_counter() - start
+
+        mean = nll_sum / count
+        var = nll2_sum / count - mean * mean
+        ppl = math.exp(mean)
+        err = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else float("nan")
+        layers = [
+            {"layer": a.layer, "tokens": a.tokens, "rate": a.rate} for a in rt.activity() if a is not None and a.tokens
+        ]
+        return PerplexityResult(
+            model=str(model), text=str(text_path), ctx_size=ctx_size, mode=mode,
+            threads=int(llm.context_params.n_threads), tokens=len(tokens), chunks=n_chunks,
+            scored_tokens=count, add_bos=add_bos, ppl=ppl, ppl_error=err, mean_nll=mean, seconds=seconds,
+            chunk_ppl=chunk_ppl, activation=layers, mean_activation=rt.mean_activation(),
+        )
+    finally:
+        rt.close()

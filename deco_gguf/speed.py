@@ -1,0 +1,584 @@
+"""Throughput of a DECO GGUF: prompt processing and decoding, sparse against dense, with the bytes bound.
+
+Method (llama-bench's, through the same libllama): `pp` decodes a prompt of `pp` tokens from an
+empty KV cache (batches of up to 512, logits of the last token only); `tg` decodes `tg` tokens one at
+a time from an empty cache. Tokens are real text (a built-in English paragraph or `--text`), the same
+for every configuration, so routing, and hence the sparse work, is that of text rather than of random
+token ids. Each (model, mode, threads) configuration gets `warmup` untimed runs, then `repetitions`
+timed runs **interleaved** with the other configurations (rep 1 of all, rep 2 of all, ...) so a slow
+moment of a shared machine hits all of them; reported: median, min and max tokens/s.
+
+The activation rate is the DECO op's own counters during the sparse `tg` runs. The weight-bytes
+bound: decoding reads every non-expert weight once per token (the token-embedding row only, unless the
+embeddings are tied to the output head) plus the active experts' rows, so
+
+    bytes/token (sparse) = non-expert bytes + Σ_layers rate_l × expert bytes_l
+    bytes/token (dense)  = non-expert bytes + all expert bytes
+    decode ratio bound   = dense bytes / sparse bytes
+
+which is the sparse/dense decode speed-up when decoding is limited by weight bandwidth alone; where
+compute and per-expert overheads weigh too (small models, few threads), the measured ratio departs
+from it, usually upwards, since skipped experts save those as well.
+
+`vs_dense=True` also measures `dense_eq`: a Llama GGUF with random weights, the same d, layers,
+heads, KV groups, head size and vocabulary, and a dense SwiGLU width chosen so that its non-embedding
+parameter count N equals the DECO model's (spec, "Resource accounting"), written with the DECO
+model's tensor types (attention as its attention, FFN as its routed experts, embeddings and head as
+its own: F32/F16/BF16/Q8_0/Q5_x/Q4_x by the gguf package's quantizers, K-quants by libggml's);
+built once into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DecoError
+
+# Ordinary English prose (written for this benchmark), repeated as needed.
+DEFAULT_TEXT = (
+    "The river rose slowly through the night, and by morning the low fields on the eastern bank "
+    "were under water. The farmers who lived along the road had moved their animals to the hill the "
+    "day before, and now they stood together near the old stone bridge, watching the brown current "
+    "carry branches, fence posts and once a small wooden boat past the village. Nobody spoke much. "
+    "An old woman said that she had seen the river this high only once before, when she was a girl, "
+    "and that it had gone down again within three days. Her grandson asked what they had done then, "
+    "and she told him that they had waited, repaired what could be repaired, and planted again in "
+    "the spring. In the afternoon the rain stopped, the clouds broke apart over the western hills, "
+    "and the light came back across the wet roofs and the flooded meadows. "
+)
+
+MAX_BATCH = 512
+DENSE_EQ_VERSION = 2
+
+
+# -- weight bytes --------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightBytes:
+    non_expert: int  # read once per decoded token (embedding: one row unless tied)
+    expert_by_layer: dict[int, int]  # routed-expert tensors per DECO layer
+    embedding_row_only: bool
+
+    @property
+    def expert(self) -> int:
+        return sum(self.expert_by_layer.values())
+
+    def sparse(self, rates: dict[int, float]) -> float:
+        return self.non_expert + sum(rates.get(layer, 1.0) * b for layer, b in self.expert_by_layer.items())
+
+    @property
+    def dense(self) -> int:
+        return self.non_expert + self.expert
+
+
+def weight_bytes(tensors) -> WeightBytes:
+    """Bytes per decoded token by role, from the GGUF tensor table (deco_gguf.info.TensorInfo)."""
+    from .accounting import EXPERT_TENSORS
+
+    names = {t.name for t in tensors}
+    tied = "output.weight" not in names
+    non_expert, experts = 0, {}
+    for t in tensors:
+        parts = t.name.split(".")
+        if parts[-2] in EXPERT_TENSORS:
+            layer = int(parts[1])
+            experts[layer] = experts.get(layer, 0) + t.nbytes
+        elif t.name == "token_embd.weight" and not tied:
+            non_expert += t.nbytes // t.shape[0]  # get_rows: one row per token
+        else:
+            non_expert += t.nbytes
+    return WeightBytes(non_expert, experts, not tied)
+
+
+# -- the dense model with equal N -----------------------------------------------------------------
+
+# Types written with the gguf package's numpy quantizers; any other type (K-quants, ...) is written by
+# libggml's own quantizer (ggml_quantize_chunk) unless it needs an importance matrix, and a type that
+# cannot be written (or whose blocks do not fit the rows) is replaced by the legacy type of about the
+# same bits per weight, and reported.
+GGUF_WRITES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+SUBSTITUTE = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"} | {
+    t: "Q4_0" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS")
+}
+
+
+def _ggml_base():
+    """libggml-base as installed with llama-cpp-python, with ggml_quantize_chunk typed."""
+    import ctypes
+
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    found = sorted(lib_dir.glob("libggml-base.*")) or sorted(lib_dir.glob("ggml-base.*"))
+    if not found:
+        return None
+    lib = ctypes.CDLL(str(found[0]))
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    return lib
+
+
+def _ggml_can_write(type_name: str) -> bool:
+    import gguf
+
+    if type_name not in gguf.GGMLQuantizationType.__members__:
+        return False
+    lib = _ggml_base()
+    return lib is not None and not lib.ggml_quantize_requires_imatrix(gguf.GGMLQuantizationType[type_name].value)
+
+
+def _quantize(x: np.ndarray, type_name: str) -> np.ndarray:
+    """`x` (F32, rows last) in `type_name`, as the bytes GGUF stores."""
+    import ctypes
+
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[type_name]
+    if type_name == "F32":
+        return x
+    if type_name == "F16":
+        return x.astype(np.float16)
+    if type_name in GGUF_WRITES:
+        return gguf.quants.quantize(x, qt)
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    rows, n = int(np.prod(x.shape[:-1])), x.shape[-1]
+    out = np.empty((rows, n // block * size), dtype=np.uint8)
+    src = np.ascontiguousarray(x, dtype=np.float32)
+    written = _ggml_base().ggml_quantize_chunk(qt.value, src.ctypes.data_as(ctypes.c_void_p),
+                                               out.ctypes.data_as(ctypes.c_void_p), 0, rows, n, None)
+    if written != out.nbytes:
+        raise DecoError(f"internal: ggml_quantize_chunk wrote {written} bytes of {type_name}, expected {out.nbytes}")
+    return out.reshape(*x.shape[:-1], n // block * size)
+
+
+@dataclass
+class DenseEq:
+    path: Path
+    ffn_width: int
+    params: int  # its N (non-embedding)
+    deco_params: int  # the DECO model's N
+    types: dict[str, str]  # role -> type written
+    substituted: dict[str, str]  # role -> the DECO type that could not be written
+    built: bool  # False when taken from the cache
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"path": str(self.path)}
+
+
+def _writable(type_name: str, row: int) -> str:
+    """`type_name` if it can be written for rows of length `row`, else its stand-in."""
+    import gguf
+
+    def fits(t: str) -> bool:
+        return row % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0
+
+    if (type_name in GGUF_WRITES or _ggml_can_write(type_name)) and fits(type_name):
+        return type_name
+    stand_in = SUBSTITUTE.get(type_name, "Q8_0")
+    return stand_in if fits(stand_in) else "F16"
+
+
+def dense_eq_plan(info) -> tuple[int, int, int, dict[str, str], dict[str, str]]:
+    """(ffn width, its N, the DECO N, types by role, substitutions) for the DECO ModelInfo `info`."""
+    import gguf
+
+    from .accounting import account
+
+    c = info.config
+    d, layers = c.hidden_size, c.num_layers
+    deco_n = account({t.name: t.shape for t in info.tensors}, d, layers, c.context_length, 0.2, "assumed").non_embedding_params
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    attn = d * q + 2 * d * kv + q * d
+    fixed = layers * (attn + 2 * d) + d  # attention, two norms per layer, output norm
+    by_name = {t.name: t.type for t in info.tensors}
+    first = lambda suffix: next(t.type for t in info.tensors if t.name.endswith(suffix))  # noqa: E731
+    wanted = {
+        "token_embd": by_name["token_embd.weight"],
+        "output": by_name.get("output.weight", by_name["token_embd.weight"]),
+        "attn_q": first("attn_q.weight"), "attn_k": first("attn_k.weight"),
+        "attn_v": first("attn_v.weight"), "attn_output": first("attn_output.weight"),
+        "ffn": first("ffn_up_exps.weight"),
+    }
+    row = {"attn_output": q}  # the others read rows of length d; ffn_down's rows (ff) are chosen to fit
+    types = {role: _writable(t, row.get(role, d)) for role, t in wanted.items()}
+    substituted = {role: wanted[role] for role in wanted if types[role] != wanted[role]}
+    step = max(32, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[types["ffn"]]][0])
+    ff = max(step, round((deco_n - fixed) / (3 * d * layers) / step) * step)
+    return ff, fixed + 3 * d * ff * layers, deco_n, types, substituted
+
+
+def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[str], None] | None = None) -> DenseEq:
+    """The dense_eq GGUF for the DECO GGUF `deco_path` (cached by its shapes and types)."""
+    import gguf
+
+    c = info.config
+    ff, n, deco_n, types, substituted = dense_eq_plan(info)
+    key = json.dumps([DENSE_EQ_VERSION, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
+                      c.vocab_size, ff, types, c.norm_eps, c.rope_theta, c.context_length,
+                      "output.weight" in {t.name for t in info.tensors}, deco_path.stat().st_size])
+    out = cache_dir / f"dense-eq-{hashlib.sha256(key.encode()).hexdigest()[:20]}.gguf"
+    result = DenseEq(out, ff, n, deco_n, types, substituted, built=False)
+    if out.is_file():
+        return result
+    if on_status:
+        on_status(f"building dense_eq (d {c.hidden_size}, {c.num_layers} layers, FFN {ff}, random weights) into {out}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(deco_path)
+    d, hd = c.hidden_size, c.head_dim
+    tied = "output.weight" not in {t.name for t in info.tensors}
+    plan: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (c.vocab_size, d), types["token_embd"])]
+    for i in range(c.num_layers):
+        plan += [
+            (f"blk.{i}.attn_norm.weight", (d,), "F32"),
+            (f"blk.{i}.attn_q.weight", (c.num_heads * hd, d), types["attn_q"]),
+            (f"blk.{i}.attn_k.weight", (c.num_kv_heads * hd, d), types["attn_k"]),
+            (f"blk.{i}.attn_v.weight", (c.num_kv_heads * hd, d), types["attn_v"]),
+            (f"blk.{i}.attn_output.weight", (d, c.num_heads * hd), types["attn_output"]),
+            (f"blk.{i}.ffn_norm.weight", (d,), "F32"),
+            (f"blk.{i}.ffn_gate.weight", (ff, d), types["ffn"]),
+            (f"blk.{i}.ffn_up.weight", (ff, d), types["ffn"]),
+            (f"blk.{i}.ffn_down.weight", (d, ff), types["ffn"]),
+        ]
+    plan.append(("output_norm.weight", (d,), "F32"))
+    if not tied:
+        plan.append(("output.weight", (c.vocab_size, d), types["output"]))
+
+    tmp = out.with_name(f".{out.name}.part")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(f"dense_eq of {reader.fields['general.name'].contents() if 'general.name' in reader.fields else deco_path.stem}")
+    writer.add_context_length(c.context_length)
+    writer.add_embedding_length(d)
+    writer.add_block_count(c.num_layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_rope_dimension_count(hd)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    for name, fld in reader.fields.items():
+        if name.startswith("tokenizer."):
+            sub = fld.types[1] if len(fld.types) > 1 else None
+            writer.add_key_value(name, fld.contents(), fld.types[0], sub)
+    rng = np.random.default_rng(0)
+
+    def encode(shape, type_name) -> np.ndarray:
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)  # norms
+        return _quantize(rng.standard_normal(shape, dtype=np.float32) * 0.02, type_name)
+
+    for name, shape, type_name in plan:
+        qt = gguf.GGMLQuantizationType[type_name]
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        nbytes = int(np.prod(shape)) // block * size
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, shape, type_name in plan:
+            writer.write_tensor_data(encode(shape, type_name))
+        writer.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    result.built = True
+    return result
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    model: str  # "deco" or "dense_eq"
+    mode: str  # sparse, dense (dense_eq: dense)
+    threads: int
+    test: str  # pp or tg
+    tokens: int
+    samples: list[float] = field(default_factory=list)  # tokens/s, one per repetition
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model, "mode": self.mode, "threads": self.threads, "test": self.test,
+            "tokens": self.tokens, "samples": self.samples,
+            "tokens_per_second": {"median": self.median, "min": min(self.samples), "max": max(self.samples)},
+        }
+
+
+@dataclass
+class SpeedReport:
+    model: str
+    pp: int
+    tg: int
+    repetitions: int
+    warmup: int
+    threads: list[int]
+    series: list[Series]
+    layer_rates: dict[int, float]  # measured during sparse tg
+    bytes: WeightBytes
+    dense_eq: DenseEq | None = None
+    dense_eq_bytes: int | None = None
+    text_tokens: int = 0
+
+    def find(self, model: str, mode: str, threads: int, test: str) -> Series | None:
+        return next((s for s in self.series if (s.model, s.mode, s.threads, s.test) == (model, mode, threads, test)), None)
+
+    def noisy(self, spread: float = 1.5) -> list[Series]:
+        """Configurations whose fastest run beat their slowest by more than `spread`x."""
+        return [s for s in self.series if max(s.samples) > spread * min(s.samples)]
+
+    @property
+    def mean_rate(self) -> float | None:
+        return sum(self.layer_rates.values()) / len(self.layer_rates) if self.layer_rates else None
+
+    @property
+    def sparse_bytes(self) -> float:
+        return self.bytes.sparse(self.layer_rates)
+
+    def ratios(self) -> list[dict]:
+        """Per threads: measured decode (and prompt) speed-ups beside the bytes bound."""
+        out = []
+        for t in self.threads:
+            row: dict = {"threads": t}
+            for test in ("tg", "pp"):
+                s, d = self.find("deco", "sparse", t, test), self.find("deco", "dense", t, test)
+                row[f"sparse_over_dense_{test}"] = s.median / d.median if s and d else None
+                e = self.find("dense_eq", "dense", t, test)
+                row[f"sparse_over_dense_eq_{test}"] = s.median / e.median if s and e else None
+            row["bound"] = self.bytes.dense / self.sparse_bytes
+            row["bound_vs_dense_eq"] = self.dense_eq_bytes / self.sparse_bytes if self.dense_eq_bytes else None
+            out.append(row)
+        return out
+
+    def as_dict(self) -> dict:
+        b = self.bytes
+        return {
+            "model": self.model,
+            "settings": {"pp": self.pp, "tg": self.tg, "repetitions": self.repetitions, "warmup": self.warmup, "threads": self.threads},
+            "results": [s.as_dict() for s in self.series],
+            "activation": {
+                "layers": [{"layer": k, "rate": v} for k, v in sorted(self.layer_rates.items())],
+                "mean": self.mean_rate, "source": "sparse tg runs (the DECO op's counters)",
+            },
+            "bytes_per_token": {
+                "non_expert": b.non_expert, "expert_total": b.expert,
+                "expert_by_layer": {str(k): v for k, v in sorted(b.expert_by_layer.items())},
+                "embedding_row_only": b.embedding_row_only,
+                "sparse": self.sparse_bytes, "dense": b.dense, "dense_eq": self.dense_eq_bytes,
+            },
+            "ratios": self.ratios(),
+            "dense_eq": self.dense_eq.as_dict() if self.dense_eq else None,
+        }
+
+
+def _tokens(llm, text: str, n: int) -> list[int]:
+    base = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    body = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    if not body:
+        raise DecoError("the benchmark text tokenizes to nothing")
+    tokens = list(base)
+    while len(tokens) < n:
+        tokens += body
+    return tokens[:n]
+
+
+class _Bench:
+    """One loaded model (a DECO runtime in one mode, or the dense_eq Llama) and its timed runs."""
+
+    def __init__(self, label: str, mode: str, llm, runtime=None):
+        import llama_cpp
+
+        self.label, self.mode, self.llm, self.rt = label, mode, llm, runtime
+        self.ctx, self.api = llm.ctx, llama_cpp
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+
+    def _prepare(self, threads: int) -> None:
+        if self.rt is not None:  # llama.cpp reads the (process-wide) DECO mode when it builds a graph
+            from .runtime import MODES
+
+            self.rt.lib.llama_deco_ffn_mode_set(MODES[self.mode])
+        self.api.llama_set_n_threads(self.ctx, threads, threads)
+        self.api.llama_memory_clear(self.memory, True)
+
+    def _decode(self, tokens: list[int]) -> None:
+        arr = (self.api.llama_token * len(tokens))(*tokens)
+        if self.api.llama_decode(self.ctx, self.api.llama_batch_get_one(arr, len(tokens))) != 0:
+            raise DecoError(f"llama_decode failed ({self.label}, {self.mode})")
+
+    def pp(self, tokens: list[int], threads: int) -> float:
+        self._prepare(threads)
+        start = time.perf_counter()
+        for i in range(0, len(tokens), MAX_BATCH):
+            self._decode(tokens[i:i + MAX_BATCH])
+        self.api.llama_synchronize(self.ctx)
+        return len(tokens) / (time.perf_counter() - start)
+
+    def tg(self, tokens: list[int], threads: int) -> float:
+        self._prepare(threads)
+        arrays = [(self.api.llama_token * 1)(t) for t in tokens]
+        start = time.perf_counter()
+        for arr in arrays:
+            if self.api.llama_decode(self.ctx, self.api.llama_batch_get_one(arr, 1)) != 0:
+                raise DecoError(f"llama_decode failed ({self.label}, {self.mode})")
+            self.api.llama_synchronize(self.ctx)
+        return len(tokens) / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        (self.rt or self.llm).close()
+
+
+def measure(
+    model: str | Path,
+    *,
+    pp: int = 128,
+    tg: int = 64,
+    repetitions: int = 3,
+    warmup: int = 1,
+    threads: list[int] | None = None,
+    modes: tuple[str, ...] = ("sparse", "dense"),
+    vs_dense: bool = False,
+    text: str | None = None,
+    on_status: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> SpeedReport:
+    """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
+    import os
+
+    from .chat import cache_root
+    from .runtime import DecoRuntime
+
+    if pp < 1 or tg < 1 or repetitions < 1 or warmup < 0:
+        raise DecoError("--pp, --tg and --repetitions must be at least 1, --warmup at least 0")
+    threads = threads or [os.cpu_count() or 1]
+    if any(t < 1 for t in threads):
+        raise DecoError("--threads: every count must be at least 1")
+    if "sparse" not in modes:
+        raise DecoError("the sparse mode is needed (its counters give the activation rate)")
+    model = Path(model)
+    n_ctx = pp + tg + 16
+    benches: list[_Bench] = []
+    try:
+        for mode in modes:
+            rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), mode=mode)
+            benches.append(_Bench("deco", mode, rt.llm, rt))
+        info = benches[0].rt.info
+        tokens = _tokens(benches[0].llm, text or DEFAULT_TEXT, max(pp, tg))
+        eq = eq_bytes = None
+        if vs_dense:
+            from llama_cpp import GGML_TYPE_F16, Llama
+
+            from .info import TensorInfo
+
+            eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
+            try:
+                llm = Llama(model_path=str(eq.path), n_ctx=n_ctx, n_batch=min(pp, MAX_BATCH), n_ubatch=min(pp, MAX_BATCH),
+                            n_threads=threads[0], n_threads_batch=threads[0], seed=0, verbose=False,
+                            flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16)
+            except (ValueError, RuntimeError) as e:
+                raise DecoError(f"{eq.path}: llama.cpp cannot load the dense_eq model: {e}") from None
+            benches.append(_Bench("dense_eq", "dense", llm))
+            import gguf
+
+            eq_bytes = weight_bytes([
+                TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes))
+                for t in gguf.GGUFReader(eq.path).tensors
+            ]).dense
+
+        series = {
+            (b.label, b.mode, t, test): Series(b.label, b.mode, t, test, pp if test == "pp" else tg)
+            for t in threads for b in benches for test in ("pp", "tg")
+        }
+        total, done = len(threads) * len(benches) * 2 * (warmup + repetitions), 0
+        sparse = benches[0]
+        counted: dict[int, list[int]] = {}
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if on_step:
+                on_step(done, total)
+
+        for t in threads:
+            for b in benches:
+                for _ in range(warmup):
+                    b.pp(tokens[:pp], t)
+                    step()
+                    b.tg(tokens[:tg], t)
+                    step()
+            for _ in range(repetitions):
+                for b in benches:
+                    series[(b.label, b.mode, t, "pp")].samples.append(b.pp(tokens[:pp], t))
+                    step()
+                    if b is sparse:
+                        sparse.rt.reset_activity()
+                    series[(b.label, b.mode, t, "tg")].samples.append(b.tg(tokens[:tg], t))
+                    step()
+                    if b is sparse:
+                        for a in sparse.rt.activity():
+                            if a is not None:
+                                acc = counted.setdefault(a.layer, [0, 0])
+                                acc[0] += a.tokens
+                                acc[1] += a.active
+        e = info.config.num_experts
+        rates = {layer: active / (n * e) for layer, (n, active) in counted.items() if n}
+        return SpeedReport(
+            model=str(model), pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=list(threads),
+            series=list(series.values()), layer_rates=rates, bytes=weight_bytes(info.tensors),
+            dense_eq=eq, dense_eq_bytes=eq_bytes, text_tokens=len(tokens),
+        )
+    finally:
+        for b in reversed(benches):
+            b.close()
+
+
+def plot(report: SpeedReport, path: str | Path) -> None:
+    """tokens/s by threads, pp and tg side by side, one line per model/mode (median, min-max bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    labels = sorted({(s.model, s.mode) for s in report.series}, key=lambda x: (x[0] != "deco", x[1] != "sparse"))
+    for ax, test, title in ((axes[0], "pp", f"prompt processing (pp{report.pp})"), (axes[1], "tg", f"generation (tg{report.tg})")):
+        for k, (model, mode) in enumerate(labels):
+            rows = [report.find(model, mode, t, test) for t in report.threads]
+            xs = [t + 0.04 * (k - (len(labels) - 1) / 2) for t in report.threads]  # keep the bars apart
+            med = [r.median for r in rows]
+            lo = [r.median - min(r.samples) for r in rows]
+            hi = [max(r.samples) - r.median for r in rows]
+            name = f"DECO {mode}" if model == "deco" else "dense_eq (equal N)"
+            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("threads")
+        ax.set_ylabel("tokens/s")
+        ax.set_xticks(report.threads)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    rate = report.mean_rate
+    fig.suptitle(f"{Path(report.model).name}: {rate:.1%} experts active" if rate is not None else Path(report.model).name)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise DecoError(f"{path}: cannot write the plot ({e.strerror})") from None
+    finally:
+        plt.close(fig)
