@@ -152,7 +152,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path):
     import time
 
     spec = dataclasses.replace(
-        VARIANTS["base"], name="mid", num_layers=8, hidden_size=256, num_experts=64, expert_ffn=64,
+        VARIANTS["base"], name="mid", num_layers=8, hidden_size=512, num_experts=64, expert_ffn=64,
         moe_layer_freq=[0] + [1] * 7,
     )
     hf_dir = write_fixture(tmp_path / "mid", spec)
@@ -166,7 +166,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         parts = list(out_dir.glob("*.part"))
-        if parts and parts[0].stat().st_size > 1 << 20:  # tensor data is being written
+        if parts and parts[0].stat().st_size > 0:  # the writer has started
             os.kill(proc.pid, signal.SIGINT)
             break
         time.sleep(0.01)
