@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import signal
 import select
 import subprocess
 import sys
@@ -163,6 +164,7 @@ class Terminal:
         def setup():
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a runner started in the background ignores it
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deco_gguf.cli.main", "chat", *args], stdin=slave, stdout=slave, stderr=slave,

@@ -162,6 +162,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path):
     proc = subprocess.Popen(
         [str(cli), "convert", str(hf_dir), "-o", str(out_dir / "m.gguf"), "--outtype", "q8_0", "--expert-type", "q4_0", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a runner in the background ignores it
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
