@@ -94,8 +94,7 @@ def mutate_int(m: Model, rng: random.Random) -> str:
     key = rng.choice(_scalar_keys(m, (V.UINT32, V.INT32, V.UINT64)))
     old = m.fields[key].value
     new = rng.choice(EVIL_INTS + [old + 1, max(old - 1, 0), old * 2])
-    if m.fields[key].type == V.INT32:
-        new = min(new, 2**31 - 1)
+    new = min(new, 2**31 - 1 if m.fields[key].type == V.INT32 else 2**32 - 1)
     m.fields[key].value = new
     return f"{key}: {old} -> {new}"
 

@@ -196,7 +196,10 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
                 hparams.f_embedding_scale, hparams.f_residual_scale, hparams.f_logit_scale));
     }
 
-    uint32_t n_vocab_kv = 0;
+    if (hparams.n_ctx_train == 0) {
+        deco_fail("context_length is 0");
+    }
+    n_vocab_kv = 0;
     if (ml.get_key(LLM_KV_VOCAB_SIZE, n_vocab_kv, false) && n_vocab_kv == 0) {
         deco_fail("vocab_size is 0");
     }
@@ -247,6 +250,9 @@ void llama_model_deco::load_arch_tensors(llama_model_loader & ml_) {
     const int64_t n_ff_shexp_ = n_ff_shexp;
     const int64_t n_embd_q = n_embd_head_k * n_head;
 
+    if (n_vocab_kv != 0 && (int64_t) n_vocab_kv != n_vocab) {
+        deco_fail(format("vocab_size %u does not match the tokenizer's %lld tokens", n_vocab_kv, (long long) n_vocab));
+    }
     tok_embd = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, 0);
 
     output_norm = create_tensor(tn(LLM_TENSOR_OUTPUT_NORM, "weight"), {n_embd}, 0);

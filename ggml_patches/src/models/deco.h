@@ -25,6 +25,7 @@ struct llama_model_deco : public llama_model_base {
     std::array<int32_t, LLAMA_MAX_LAYERS> moe_layer = {}; // 1 = DECO FFN layer, 0 = dense SwiGLU
     uint32_t n_ff_exp    = 0;   // De
     uint32_t n_ff_shexp  = 0;   // Ds (0 = no shared expert)
+    uint32_t n_vocab_kv  = 0;   // deco.vocab_size (0 = absent); must equal the tokenizer's token count
     bool     expert_gated = false;
     ggml_deco_act         expert_act  = GGML_DECO_ACT_NORM_SILU;
     ggml_deco_router_act  router_act  = GGML_DECO_ROUTER_RELU;
