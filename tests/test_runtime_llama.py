@@ -1,61 +1,36 @@
 """The patched llama.cpp runtime (ggml_patches/, built by scripts/build-runtime.sh) against the reference.
 
-Skipped when the runtime is not built (no `llama_cpp` with the DECO symbols in the venv). Every check
-uses F32 GGUFs, an F32 KV cache and flash attention off (the CPU flash-attention path rounds to F16),
-so the patched llama.cpp must match deco_gguf.reference to 1e-4 relative (max|d| / max|logit|).
+Every check uses F32 GGUFs, an F32 KV cache and flash attention off (the CPU flash-attention path rounds
+to F16), so the patched llama.cpp must match deco_gguf.reference to 1e-4 relative (max|d| / max|logit|).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import subprocess
 import time
 import urllib.request
-import json
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 
+from deco_gguf.converter.convert import convert
+from deco_gguf.fixtures import VARIANTS as FIXTURES
+from deco_gguf.fixtures import write_fixture
+from deco_gguf.reference import DecoModel
+from deco_gguf.runtime import MODES, _library
+
 REPO = Path(__file__).resolve().parents[1]
 BUILD_BIN = REPO / ".deps" / "build" / "bin"
-
-llama_cpp = pytest.importorskip("llama_cpp")
-_lib = llama_cpp.llama_cpp._lib
-if not hasattr(_lib, "llama_deco_stats_get"):
-    pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
-
-torch = pytest.importorskip("torch")
-from deco_gguf.converter.convert import convert  # noqa: E402
-from deco_gguf.fixtures import write_fixture  # noqa: E402
-from deco_gguf.reference import DecoModel  # noqa: E402
-
-_lib.llama_deco_stats_get.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
-_lib.llama_deco_stats_get.restype = ctypes.c_bool
-_lib.llama_deco_stats_n_layers.restype = ctypes.c_int32
-_lib.llama_deco_stats_reset.restype = None
-_lib.llama_deco_ffn_mode_set.argtypes = [ctypes.c_int32]
-_lib.llama_deco_ffn_mode_set.restype = None
-_lib.llama_deco_ffn_mode_get.restype = ctypes.c_int32
-
-MODES = {"sparse": 0, "dense": 1, "ops": 2}
+_lib = _library()  # the patched libllama with its DECO entry points typed; llama.cpp's logs kept quiet
 TOL = 1e-4
 
 llama_cpp.llama_backend_init()
-
-
-def _silence_logs():
-    @llama_cpp.llama_log_callback
-    def _cb(level, text, user_data):  # noqa: ARG001
-        pass
-
-    llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
-    return _cb
-
-
-_LOG_CB = _silence_logs()
 
 
 class Runtime:
@@ -135,9 +110,8 @@ def _ids(ref: DecoModel, n: int, seed: int = 0) -> list[int]:
     return [int(x) for x in np.random.default_rng(seed).integers(3, ref.config.vocab_size, size=n)]
 
 
-VARIANTS = ["base", "de64", "gated", "act_relu", "act_norm_silu_norms", "router_rms", "router_null",
-            "router_scalar", "router_sqrelu", "expert_bias_base", "expert_bias_rms", "mup", "tied", "e180",
-            "no_shared", "head_dim_wide"]
+# Every fixture the converter accepts (the dense `normal` router norm it refuses).
+VARIANTS = sorted(name for name, spec in FIXTURES.items() if spec.router_norm_type != "normal")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -247,7 +221,14 @@ def test_malformed_files_fail_cleanly(models, tmp_path):
             Runtime(p)
 
 
-@pytest.mark.skipif(not (BUILD_BIN / "test-deco-ffn").exists(), reason="test-deco-ffn not built")
+def test_backend_ops_deco_cases_on_cpu():
+    """test-backend-ops' DECO_MOE cases (types, odd shapes, all-inactive/all-active rows) run on the CPU."""
+    r = subprocess.run([str(BUILD_BIN / "test-backend-ops"), "-b", "CPU", "-o", "DECO_MOE"], capture_output=True,
+                       text=True, timeout=900, env={**os.environ, "LD_LIBRARY_PATH": str(BUILD_BIN)})
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "172/172 tests passed" in r.stdout
+
+
 def test_op_against_naive_reference():
     r = subprocess.run([str(BUILD_BIN / "test-deco-ffn"), "2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -260,7 +241,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not (BUILD_BIN / "llama-server").exists(), reason="llama-server not built")
 def test_llama_server_completion(models):
     """llama-server serves a DECO GGUF on loopback: greedy completion = the reference's greedy tokens."""
     path, ref = models("base")
