@@ -118,3 +118,22 @@ def test_measured_activation_feeds_the_accounting(base, tmp_path):
     for args, fragment in (([base[1], "--measure", text], "needs an HF checkpoint"), ([hf, "--measure", empty], "empty text")):
         result = CliRunner().invoke(app, ["info", *map(str, args)])
         assert result.exit_code == 1 and fragment in result.output, result.output
+
+
+def test_info_on_the_bundled_model():
+    """The shipped model: N is every stored tensor but the embeddings and the head, counted with safetensors."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    bundled = Path(__file__).resolve().parents[1] / "models" / "deco-tiny"
+    with safe_open(str(bundled / "model.safetensors"), framework="pt") as f:
+        sizes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    embedding = sum(np.prod(s) for n, s in sizes.items() if n in ("model.embed_tokens.weight", "lm_head.weight"))
+    experts = sum(np.prod(s) for n, s in sizes.items() if "expert_" in n and "proj" in n)
+    report = info_json(bundled)
+    acct = report["accounting"]
+    assert acct["embedding_params"] == embedding
+    assert acct["non_embedding_params"] == sum(np.prod(s) for s in sizes.values()) - embedding
+    assert acct["routed_expert_params"] == experts
+    assert report["config"]["moe_layers"] == [False, True, True, True] and report["warnings"] == []
