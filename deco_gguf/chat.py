@@ -410,20 +410,23 @@ def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, inter
             err.print(f"[yellow]unknown command {name}[/] (try /help)", highlight=False)
         return True
 
+    def handle(line: str) -> bool:
+        """One input line: a command or a user turn. False once the session should end."""
+        if not line.strip():
+            return True
+        if line.startswith("/"):
+            return command(line)
+        turn(line)
+        return True
+
     if prompt is not None:
         turn(prompt)
         return
 
     if not interactive:
         for raw in lines:
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if line.startswith("/"):
-                if not command(line):
-                    return
-                continue
-            turn(line)
+            if not handle(raw.rstrip("\r\n")):
+                return
         return
 
     with contextlib.suppress(ImportError):
@@ -441,14 +444,9 @@ def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, inter
             write("\n")
             notice("(Ctrl-D or /exit quits)")
             continue
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not command(line):
-                return
-            continue
         try:
-            turn(line)
+            if not handle(line):
+                return
         except KeyboardInterrupt:
             notice("(reply stopped)")
         except DecoError as e:
