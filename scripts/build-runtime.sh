@@ -3,6 +3,7 @@
 #
 #   scripts/build-runtime.sh            # fetch (hash-checked), patch, build, install into .venv
 #   scripts/build-runtime.sh --no-patch # build the pristine upstream tree (for comparisons)
+#   scripts/build-runtime.sh --source-only  # steps 1-3 only: the patched tree, nothing compiled
 #
 # What it does (every step is skipped when already up to date, so reruns are incremental):
 #   1. fetch llama-cpp-python 0.3.36 sdist from the package index pip uses, verify its sha256
@@ -46,9 +47,11 @@ export CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-true}"
 PY="$VENV/bin/python"
 
 APPLY_PATCHES=1
+SOURCE_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --no-patch) APPLY_PATCHES=0 ;;
+        --source-only) SOURCE_ONLY=1 ;;
         -h|--help) sed -n 2,30p "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
@@ -179,6 +182,10 @@ if [ "$WANT" != "$HAVE" ]; then
     fi
     echo "$WANT" > "$SRC/.deco-patch-stamp"
     tree_stamp > "$SRC/.deco-tree-stamp"
+fi
+if [ "$SOURCE_ONLY" = 1 ]; then
+    echo "$LLAMA"
+    exit 0
 fi
 
 # ---------------------------------------------------------------------------------------------
