@@ -194,7 +194,7 @@ fi
 TARGETS=(llama ggml ggml-base ggml-cpu mtmd
          llama-cli llama-server llama-perplexity llama-bench llama-quantize test-backend-ops)
 # our own test tools, present only in the patched tree
-if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn); fi
+if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn); fi
 
 CMAKE_ARGS_DECO=(
     -DCMAKE_BUILD_TYPE=Release

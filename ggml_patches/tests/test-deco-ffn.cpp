@@ -6,11 +6,15 @@
 //  - exactness of the sparsity: experts that are inactive for every token get NaN weights; the sparse
 //    result must still be finite and correct (so those weights were never read)
 //  - dense mode (GGML_DECO_FLAG_DENSE) must give the same result as sparse mode
+//  - expert weights in the plain CPU buffer and in the CPU_REPACK buffer (interleaved rows, read by ggml's
+//    repacked gemv/gemm) where the type has a repacked layout on this CPU
 //
 // The reference emulates the op's activation quantization (x and v are rounded through the weights'
 // vec_dot_type), so the tolerances are tight. Usage: test-deco-ffn [-v] [n_threads]
 
 #include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml-deco.h"
 
@@ -36,14 +40,15 @@ struct case_params {
     bool scalar_scale;
     ggml_deco_bias_mode bias;
     int logit_mode; // 0 mixed (some experts never active), 1 all inactive, 2 all active
+    bool repacked;  // expert weights in the CPU_REPACK buffer
 };
 
 std::string describe(const case_params & c) {
     char buf[256];
-    snprintf(buf, sizeof(buf), "type=%s d=%lld De=%lld E=%lld T=%lld act=%d gated=%d ract=%d rnorm=%d%s bias=%d logits=%s",
-             ggml_type_name(c.type), (long long) c.d, (long long) c.De, (long long) c.E, (long long) c.T, (int) c.act,
-             (int) c.gated, (int) c.ract, (int) c.rnorm, c.scalar_scale ? "(scalar)" : "", (int) c.bias,
-             c.logit_mode == 0 ? "mixed" : c.logit_mode == 1 ? "all-inactive" : "all-active");
+    snprintf(buf, sizeof(buf), "type=%s%s d=%lld De=%lld E=%lld T=%lld act=%d gated=%d ract=%d rnorm=%d%s bias=%d logits=%s",
+             ggml_type_name(c.type), c.repacked ? "(repacked)" : "", (long long) c.d, (long long) c.De, (long long) c.E,
+             (long long) c.T, (int) c.act, (int) c.gated, (int) c.ract, (int) c.rnorm, c.scalar_scale ? "(scalar)" : "",
+             (int) c.bias, c.logit_mode == 0 ? "mixed" : c.logit_mode == 1 ? "all-inactive" : "all-active");
     return buf;
 }
 
@@ -77,26 +82,50 @@ std::vector<float> roundtrip(ggml_type type, const float * x, int64_t n) {
     return dequantize_row(type, q.data(), n);
 }
 
-// write random weights as type `type`
-void fill_weights(ggml_tensor * t, std::mt19937 & rng, float amp) {
+// the CPU backend's CPU_REPACK buffer type, if this build has one
+ggml_backend_buffer_type_t repack_buffer_type() {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
+        ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(dev) : nullptr; b && *b; ++b) {
+        if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) return *b;
+    }
+    return nullptr;
+}
+
+// an expert weight: its plain bytes on the host (what the reference reads), uploaded into a backend buffer
+// (the CPU_REPACK buffer rewrites them into its interleaved layout)
+struct expert_weight {
+    ggml_tensor * t = nullptr;
+    std::vector<uint8_t> host;
+    const char * row(int64_t e, int64_t r) const { return (const char *) host.data() + e * t->nb[2] + r * t->nb[1]; }
+    void upload() { ggml_backend_tensor_set(t, host.data(), 0, host.size()); }
+};
+
+// random weights as type `type`
+void fill_weights(expert_weight & w, std::mt19937 & rng, float amp) {
     std::uniform_real_distribution<float> u(-amp, amp);
+    const ggml_tensor * t = w.t;
     const int64_t n_per_row = t->ne[0];
     const int64_t nrows = ggml_nrows(t);
+    w.host.resize(ggml_nbytes(t));
     std::vector<float> row(n_per_row);
     for (int64_t r = 0; r < nrows; ++r) {
         for (auto & v : row) v = u(rng);
-        char * dst = (char *) t->data + r * t->nb[1];
+        char * dst = (char *) w.host.data() + r * t->nb[1];
         if (t->type == GGML_TYPE_F32) {
             memcpy(dst, row.data(), n_per_row * sizeof(float));
         } else {
             ggml_get_type_traits_cpu(t->type)->from_float(row.data(), dst, n_per_row);
         }
     }
+    w.upload();
 }
 
 // overwrite expert e of a [*, *, E] weight with NaN
-void poison_expert(ggml_tensor * t, int64_t e) {
-    char * base = (char *) t->data + e * t->nb[2];
+void poison_expert(expert_weight & w, int64_t e) {
+    const ggml_tensor * t = w.t;
+    char * base = (char *) w.host.data() + e * t->nb[2];
     const size_t n = t->nb[2];
     switch (t->type) {
         case GGML_TYPE_F32: { float * p = (float *) base; for (size_t i = 0; i < n / 4; ++i) p[i] = NAN; } break;
@@ -117,9 +146,29 @@ void poison_expert(ggml_tensor * t, int64_t e) {
             }
         } break;
     }
+    w.upload();
 }
 
 double silu(double x) { return x / (1.0 + exp(-x)); }
+
+// true if this CPU has a repacked layout of `type` that GGML_OP_DECO_MOE reads (asked through supports_op)
+bool repack_supported(ggml_type type, int64_t d, int64_t De) {
+    ggml_backend_buffer_type_t buft = repack_buffer_type();
+    if (!buft) return false;
+    ggml_init_params ip = { 16 * ggml_tensor_overhead(), nullptr, true };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * up   = ggml_new_tensor_3d(ctx, type, d, De, 4);
+    ggml_tensor * down = ggml_new_tensor_3d(ctx, type, De, d, 4);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+    ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, 1);
+    ggml_tensor * logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 4, 1);
+    ggml_deco_moe_params p = { GGML_DECO_ACT_SILU, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_NONE, GGML_DECO_BIAS_NONE, 1e-5f, 0, -1 };
+    ggml_tensor * node = ggml_deco_moe(ctx, x, logits, up, nullptr, down, nullptr, nullptr, nullptr, nullptr, p);
+    const bool ok = ggml_backend_dev_supports_op(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU), node);
+    ggml_backend_buffer_free(buf);
+    ggml_free(ctx);
+    return ok;
+}
 
 bool run_case(const case_params & c, int n_threads) {
     std::mt19937 rng(1234 + (unsigned) c.E * 7 + (unsigned) c.T * 13 + (unsigned) c.type);
@@ -137,9 +186,18 @@ bool run_case(const case_params & c, int n_threads) {
     ggml_init_params ip = { mem, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
 
-    ggml_tensor * up     = ggml_new_tensor_3d(ctx, c.type, c.d, c.De, c.E);
-    ggml_tensor * gate   = c.gated ? ggml_new_tensor_3d(ctx, c.type, c.d, c.De, c.E) : nullptr;
-    ggml_tensor * down   = ggml_new_tensor_3d(ctx, c.type, c.De, c.d, c.E);
+    // expert weights in a backend buffer of their own
+    ggml_init_params ipw = { 4 * ggml_tensor_overhead(), nullptr, true };
+    ggml_context * ctx_w = ggml_init(ipw);
+    expert_weight w_up, w_gate, w_down;
+    w_up.t   = ggml_new_tensor_3d(ctx_w, c.type, c.d, c.De, c.E);
+    w_gate.t = c.gated ? ggml_new_tensor_3d(ctx_w, c.type, c.d, c.De, c.E) : nullptr;
+    w_down.t = ggml_new_tensor_3d(ctx_w, c.type, c.De, c.d, c.E);
+    ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(
+        ctx_w, c.repacked ? repack_buffer_type() : ggml_backend_cpu_buffer_type());
+    ggml_tensor * up   = w_up.t;
+    ggml_tensor * gate = w_gate.t;
+    ggml_tensor * down = w_down.t;
     ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, c.T);
     ggml_tensor * logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.E, c.T);
     ggml_tensor * mean   = need_mean ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.d) : nullptr;
@@ -148,9 +206,9 @@ bool run_case(const case_params & c, int n_threads) {
     ggml_tensor * bias   = c.bias != GGML_DECO_BIAS_NONE ? ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.E) : nullptr;
 
     const float wamp = 1.0f / sqrtf((float) c.d);
-    fill_weights(up, rng, wamp);
-    if (gate) fill_weights(gate, rng, wamp);
-    fill_weights(down, rng, 1.0f / sqrtf((float) c.De));
+    fill_weights(w_up, rng, wamp);
+    if (gate) fill_weights(w_gate, rng, wamp);
+    fill_weights(w_down, rng, 1.0f / sqrtf((float) c.De));
 
     std::uniform_real_distribution<float> U(-1.0f, 1.0f);
     for (int64_t i = 0; i < c.d * c.T; ++i) ((float *) x->data)[i] = U(rng);
@@ -179,14 +237,14 @@ bool run_case(const case_params & c, int n_threads) {
     std::vector<double> yref(c.d * c.T, 0.0);
     {
         std::vector<std::vector<float>> Wa(c.E * c.De), Wu(c.gated ? c.E * c.De : 0), Wd(c.E * c.d);
-        const ggml_tensor * wa = gate ? gate : up;
+        const expert_weight & wa = gate ? w_gate : w_up;
         for (int64_t e = 0; e < c.E; ++e) {
             for (int64_t r = 0; r < c.De; ++r) {
-                Wa[e * c.De + r] = dequantize_row(c.type, (char *) wa->data + e * wa->nb[2] + r * wa->nb[1], c.d);
-                if (gate) Wu[e * c.De + r] = dequantize_row(c.type, (char *) up->data + e * up->nb[2] + r * up->nb[1], c.d);
+                Wa[e * c.De + r] = dequantize_row(c.type, wa.row(e, r), c.d);
+                if (gate) Wu[e * c.De + r] = dequantize_row(c.type, w_up.row(e, r), c.d);
             }
             for (int64_t i = 0; i < c.d; ++i) {
-                Wd[e * c.d + i] = dequantize_row(c.type, (char *) down->data + e * down->nb[2] + i * down->nb[1], c.De);
+                Wd[e * c.d + i] = dequantize_row(c.type, w_down.row(e, i), c.De);
             }
         }
         for (int64_t t = 0; t < c.T; ++t) {
@@ -257,7 +315,8 @@ bool run_case(const case_params & c, int n_threads) {
     // ---- op, sparse (with the never-active experts poisoned) and dense
     ggml_deco_moe_params p = { c.act, c.ract, c.rnorm, c.bias, 1e-5f, 0, -1 };
     const char * err = ggml_deco_moe_check(x, logits, up, gate, down, mean, norm, scale, bias, p);
-    if (err) { printf("  FAIL %s: check: %s\n", describe(c).c_str(), err); ggml_free(ctx); return false; }
+    auto release = [&]() { ggml_backend_buffer_free(wbuf); ggml_free(ctx_w); ggml_free(ctx); };
+    if (err) { printf("  FAIL %s: check: %s\n", describe(c).c_str(), err); release(); return false; }
 
     auto run = [&](int flags) {
         ggml_deco_moe_params pp = p; pp.flags = flags;
@@ -269,7 +328,7 @@ bool run_case(const case_params & c, int n_threads) {
     };
     std::vector<float> ydense = run(GGML_DECO_FLAG_DENSE);
     for (int64_t e = 0; e < c.E; ++e) {
-        if (never_active[e]) { poison_expert(up, e); if (gate) poison_expert(gate, e); poison_expert(down, e); }
+        if (never_active[e]) { poison_expert(w_up, e); if (gate) poison_expert(w_gate, e); poison_expert(w_down, e); }
     }
     std::vector<float> ysparse = run(0);
 
@@ -290,7 +349,7 @@ bool run_case(const case_params & c, int n_threads) {
         printf("  %s %s: nerr=%.3g (tol %.1g) dense-vs-sparse=%.3g finite=%d\n", ok ? "ok  " : "FAIL",
                describe(c).c_str(), nerr, tol, nerr_dense, (int) finite);
     }
-    ggml_free(ctx);
+    release();
     return ok;
 }
 
@@ -303,6 +362,10 @@ int main(int argc, char ** argv) {
         else n_threads = atoi(argv[i]);
     }
     ggml_cpu_init();
+    // keep warnings and errors, drop the per-tensor debug lines of the repack buffer
+    ggml_log_set([](ggml_log_level level, const char * text, void *) {
+        if (level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+    }, nullptr);
 
     std::vector<case_params> cases;
     const ggml_type types[] = { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q5_0, GGML_TYPE_Q4_0 };
@@ -342,15 +405,40 @@ int main(int argc, char ** argv) {
         }
     }
 
+    // weights in the CPU_REPACK buffer, for the types this CPU repacks
+    std::string repacked_types;
+    for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_IQ4_NL, GGML_TYPE_Q4_K }) {
+        const bool k_quant = t == GGML_TYPE_Q4_K;
+        if (!repack_supported(t, 256, k_quant ? 256 : 64)) continue;
+        repacked_types += std::string(" ") + ggml_type_name(t);
+        if (k_quant) {
+            cases.push_back({t, 256, 256, 9, 5, GGML_DECO_ACT_NORM_SILU, true, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0, true});
+            continue;
+        }
+        for (const shape & s : shapes) {
+            for (int lm : {0, 1, 2}) {
+                cases.push_back({t, s.d, s.De, s.E, s.T, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU,
+                                 GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, lm, true});
+            }
+        }
+        cases.push_back({t, 96, 32, 21, 9, GGML_DECO_ACT_NORM_SILU, true, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_RMS, false, GGML_DECO_BIAS_NONE, 0, true});
+    }
+
     int n_ok = 0, n_fail = 0;
     for (const auto & c : cases) {
         (run_case(c, n_threads) ? n_ok : n_fail)++;
     }
     // also with one thread and with more threads than work
     for (int nt : {1, 7}) {
-        case_params c = {GGML_TYPE_Q4_0, 64, 32, 13, 2, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0};
-        (run_case(c, nt) ? n_ok : n_fail)++;
+        for (bool repacked : {false, true}) {
+            if (repacked && !repack_supported(GGML_TYPE_Q4_0, 64, 32)) continue;
+            case_params c = {GGML_TYPE_Q4_0, 64, 32, 13, 2, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0, repacked};
+            (run_case(c, nt) ? n_ok : n_fail)++;
+            c.T = 1;
+            (run_case(c, nt) ? n_ok : n_fail)++;
+        }
     }
-    printf("test-deco-ffn: %d passed, %d failed\n", n_ok, n_fail);
+    printf("test-deco-ffn: %d passed, %d failed (repacked weights:%s)\n", n_ok, n_fail,
+           repacked_types.empty() ? " none on this CPU" : repacked_types.c_str());
     return n_fail == 0 ? 0 : 1;
 }

@@ -496,7 +496,8 @@ ggml_tensor * llama_model_deco::graph::build_deco_ffn(const llama_model_deco & m
     return moe_out;
 }
 
-// Dense reference with stock ggml ops: every expert is computed with mul_mat, inactive ones weighted by 0.
+// Dense reference with stock ggml ops: stock MoE evaluation (mul_mat_id) with every expert selected, inactive
+// ones weighted by 0. The selection order is the router's ranking (argsort), which sums the same terms.
 ggml_tensor * llama_model_deco::graph::build_deco_ffn_ops(const llama_model_deco & model, ggml_tensor * cur, ggml_tensor * logits, int il) {
     const auto & layer = model.layers[il];
     const auto & dl    = model.deco_layers[il];
@@ -538,17 +539,18 @@ ggml_tensor * llama_model_deco::graph::build_deco_ffn_ops(const llama_model_deco
     ggml_tensor * s = ggml_mul(ctx0, r, mask); // [E, T]
     cb(s, "ffn_moe_weights", il);
 
-    // ---- all experts' up (and gate) rows
-    ggml_tensor * up_all = ggml_mul_mat(ctx0, ggml_reshape_2d(ctx0, layer.ffn_up_exps, d, De*E), cur); // [De*E, T]
+    // ---- all experts' up (and gate) rows, in slot order
+    ggml_tensor * ids = ggml_argsort(ctx0, logits, GGML_SORT_ORDER_DESC);          // [E, T]: all experts
+    ggml_tensor * x3  = ggml_reshape_3d(ctx0, cur, d, 1, T);
+    ggml_tensor * up_all = ggml_mul_mat_id(ctx0, layer.ffn_up_exps, x3, ids);       // [De, E, T]
     ggml_tensor * a = up_all;
     if (layer.ffn_gate_exps) {
-        a = ggml_mul_mat(ctx0, ggml_reshape_2d(ctx0, layer.ffn_gate_exps, d, De*E), cur);
+        a = ggml_mul_mat_id(ctx0, layer.ffn_gate_exps, x3, ids);
     }
     if (dl.exps_mean) {
         ggml_tensor * m = ggml_mul_mat(ctx0, dl.exps_mean, cur); // [1, T]
-        a = ggml_sub(ctx0, a, m);
+        a = ggml_sub(ctx0, a, ggml_reshape_3d(ctx0, m, 1, 1, T));
     }
-    a = ggml_reshape_3d(ctx0, a, De, E, T);
     switch (model.expert_act) {
         case GGML_DECO_ACT_NORM_SILU:
         case GGML_DECO_ACT_NORM_SILU_NOMEAN:
@@ -564,14 +566,13 @@ ggml_tensor * llama_model_deco::graph::build_deco_ffn_ops(const llama_model_deco
             break;
     }
     if (layer.ffn_gate_exps) {
-        a = ggml_mul(ctx0, a, ggml_reshape_3d(ctx0, up_all, De, E, T));
+        a = ggml_mul(ctx0, a, up_all);
     }
-    a = ggml_mul(ctx0, a, ggml_reshape_3d(ctx0, s, 1, E, T));                    // [De, E, T]
+    a = ggml_mul(ctx0, a, ggml_get_rows(ctx0, ggml_reshape_3d(ctx0, s, 1, E, T), ids)); // [De, E, T]
 
-    // ---- down: per expert [d, De] x [De, T], then sum over experts
-    ggml_tensor * v = ggml_cont(ctx0, ggml_permute(ctx0, a, 0, 2, 1, 3));          // [De, T, E]
-    ggml_tensor * y = ggml_mul_mat(ctx0, layer.ffn_down_exps, v);                  // [d, T, E]
-    y = ggml_cont(ctx0, ggml_permute(ctx0, y, 1, 2, 0, 3));                        // [E, d, T]
+    // ---- down: per slot [d, De] x [De], then sum over the slots
+    ggml_tensor * y = ggml_mul_mat_id(ctx0, layer.ffn_down_exps, a, ids);          // [d, E, T]
+    y = ggml_cont(ctx0, ggml_permute(ctx0, y, 1, 0, 2, 3));                        // [E, d, T]
     y = ggml_sum_rows(ctx0, y);                                                    // [1, d, T]
     return ggml_reshape_2d(ctx0, y, d, T);
 }

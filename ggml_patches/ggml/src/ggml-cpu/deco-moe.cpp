@@ -15,8 +15,11 @@
 //   (ggml's tinyBLAS, as in mul_mat) or vec_dot; activations per pair; per expert C_e = V_e . W_down_e^T
 //   by llamafile_sgemm, then every thread adds its output columns of C_e into the tokens' rows.
 //
-// All dot products go through ggml's type traits (vec_dot / from_float of vec_dot_type) or ggml's gemm,
-// so every SIMD path of ggml (AVX2, AVX-512, NEON, ...) is used as is.
+// Expert weights in the CPU_REPACK buffer (types with an interleaved layout on this CPU, e.g. Q4_0 on AVX2 or
+// NEON) are read with ggml's repacked gemv/gemm through ggml_repack_product_traits (repack.h): per active expert,
+// a gemv over whole row groups (decode) or a gemm over its tokens (prefill), instead of the gather + vec_dot.
+// All other dot products go through ggml's type traits (vec_dot / from_float of vec_dot_type) or llamafile's
+// gemm, so every SIMD path of ggml (AVX2, AVX-512, NEON, ...) is used as is.
 
 #include "deco-moe.h"
 
@@ -24,13 +27,13 @@
 #include "ggml-cpu.h"
 #include "ggml-cpu-impl.h"
 #include "ggml-impl.h"
+#include "repack.h"
 #include "vec.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #if defined(__ARM_FEATURE_SVE) || defined(__ARM_FEATURE_MATMUL_INT8)
 #undef GGML_USE_LLAMAFILE // as in ggml-cpu.c
@@ -47,7 +50,7 @@ struct deco_layout {
     ggml_type vdt_up, vdt_down;
     size_t row_x, row_v;
     size_t off_xq, off_s, off_mean, off_flag, off_nact, off_cnt, off_off, off_ptok, off_u, off_g, off_vq;
-    size_t off_xg, off_cb, off_priv, priv, seg, gb_size;
+    size_t off_xg, off_cb, off_stage, stage, off_priv, priv, seg, gb_size;
     int nth;
     size_t total;
 };
@@ -87,11 +90,15 @@ deco_layout make_layout(const ggml_tensor * node, int nth) {
     // prefill (T >= 2): two buffers of one expert's gathered x rows, two C buffers for the down gemm
     L.off_xg   = o; o = pad64(o + (L.T >= 2 ? 2 * L.T * L.row_x : 0));
     L.off_cb   = o; o = pad64(o + (L.T >= 2 ? 2 * L.T * L.d * sizeof(float) : 0));
+    // prefill: per-thread staging of 4 rows (x or activations) being quantized for a gemm
+    L.stage    = pad64(4 * std::max(L.d, L.De) * sizeof(float));
+    L.off_stage = o; o = pad64(o + (L.T >= 2 ? L.nth * L.stage : 0));
     // decode (T == 1): per-thread private routing state + gather buffer for the down projection
     L.seg      = ggml_row_size(down->type, L.De);
     L.gb_size  = pad64(std::max<size_t>(32768, L.E * L.seg) + L.E * L.seg);
     L.priv     = pad64(L.row_x) + pad64(L.E * sizeof(float)) * 2 + pad64(L.E) + pad64(L.E * sizeof(int32_t)) * 2
-               + pad64((L.E + 1) * sizeof(int64_t)) + pad64(L.E * L.row_v) + pad64(L.E * L.De * sizeof(float)) + L.gb_size;
+               + pad64((L.E + 1) * sizeof(int64_t)) + pad64(L.E * L.row_v) + pad64(L.E * L.De * sizeof(float)) + L.gb_size
+               + pad64(L.d * sizeof(float));
     L.off_priv = o; o = pad64(o + (L.T == 1 ? L.nth * L.priv : 0));
     L.total = o + 64; // slack for aligning wdata
     return L;
@@ -329,6 +336,30 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     const int64_t n_scale = scale ? ggml_nelements(scale) : 0;
     const float * nw      = norm  ? (const float *) norm->data  : nullptr;
 
+    // expert weights in the CPU_REPACK buffer are read with ggml's repacked gemv/gemm (row ranges must cover
+    // whole row groups); the others with vec_dot / llamafile_sgemm
+    using ggml::cpu::repack::product_traits;
+    const product_traits * pt_a    = ggml_repack_product_traits(wa);
+    const product_traits * pt_up   = gate ? ggml_repack_product_traits(up) : nullptr;
+    const product_traits * pt_down = ggml_repack_product_traits(down);
+    GGML_ASSERT(!gate || (pt_a == nullptr) == (pt_up == nullptr)); // gate and up share one x layout
+    auto row_unit = [](const product_traits * pt) { return pt ? pt->row_group() : (int64_t) 1; };
+    const int64_t unit_up   = std::max(row_unit(pt_a), row_unit(pt_up));
+    const int64_t unit_down = row_unit(pt_down);
+
+    // rows [r0, r1) of expert e of w times one quantized vector q: out[r - r0]
+    auto rows_dot = [](const ggml_tensor * w, const product_traits * pt, ggml_vec_dot_t vec_dot, int64_t k,
+                       int64_t e, int64_t r0, int64_t r1, const void * q, float * out) {
+        const char * w0 = (const char *) w->data + e * w->nb[2] + r0 * w->nb[1];
+        if (pt) {
+            pt->mul(k, w0, r1 - r0, q, 1, out, 0);
+            return;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+            vec_dot((int) k, out + (r - r0), 0, w0 + (r - r0) * w->nb[1], 0, q, 0, 1);
+        }
+    };
+
     auto route_and_quantize = [&](const deco_state & st, int64_t t) {
         const float * raw = (const float *) ((const char *) logits->data + t * logits->nb[1]);
         st.NACT[t] = (int32_t) deco_route_token(p, E, raw, scale_d, n_scale, bias_d, dense, st.S + t * E, st.FLAG + t * E);
@@ -357,6 +388,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
         st.OFF  = (int64_t *) take((E + 1) * sizeof(int64_t));
         char  * vq1 = take(E * L.row_v);
         float * v1  = (float *) take(E * De * sizeof(float));
+        float * y1  = (float *) take(d * sizeof(float));       // one expert's output rows (repacked W_down)
         char  * gb  = pr;                                      // gather buffer, L.gb_size bytes
         st.PTOK = nullptr;
 
@@ -371,17 +403,17 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
             deco_count(p, 1, st.NACT);
         }
 
-        // phase 3: the np*De up (gate) rows, split evenly over threads
+        // phase 3: the np*De up (gate) rows, split evenly over threads in whole row groups
         {
-            const int64_t R = np * De;
-            const int64_t r0 = R * ith / nth, r1 = R * (ith + 1) / nth;
-            for (int64_t gr = r0; gr < r1; ++gr) {
-                const int64_t k = gr / De, r = gr % De;
-                const int64_t e = EXP[k];
-                vec_dot_up((int) d, U + gr, 0, (const char *) wa->data + e * wa->nb[2] + r * wa->nb[1], 0, st.xq, 0, 1);
+            const int64_t R = np * De / unit_up;
+            const int64_t g0 = R * ith / nth * unit_up, g1 = R * (ith + 1) / nth * unit_up;
+            for (int64_t gr = g0; gr < g1;) {
+                const int64_t k = gr / De, r0 = gr % De, r1 = std::min(De, r0 + (g1 - gr));
+                rows_dot(wa, pt_a, vec_dot_up, d, EXP[k], r0, r1, st.xq, U + gr);
                 if (gate) {
-                    vec_dot_up((int) d, G + gr, 0, (const char *) up->data + e * up->nb[2] + r * up->nb[1], 0, st.xq, 0, 1);
+                    rows_dot(up, pt_up, vec_dot_up, d, EXP[k], r0, r1, st.xq, G + gr);
                 }
+                gr += r1 - r0;
             }
         }
         ggml_barrier(params->threadpool);
@@ -398,10 +430,21 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
         // phase 5: y[i] = dot(concat_k W_down[EXP[k]][i], concat_k v_k): gather the active segments of a
         // few rows into a small buffer, then one long vec_dot per row (instead of np short ones)
         {
-            const int64_t i0 = d * ith / nth, i1 = d * (ith + 1) / nth;
+            const int64_t n_groups = d / unit_down;
+            const int64_t i0 = n_groups * ith / nth * unit_down, i1 = n_groups * (ith + 1) / nth * unit_down;
             float * y = (float *) dst->data;
             if (np == 0) {
                 memset(y + i0, 0, (i1 - i0) * sizeof(float));
+                return;
+            }
+            if (pt_down) {
+                // repacked W_down: one gemv per active expert over the owned rows, accumulated
+                for (int64_t k = 0; k < np; ++k) {
+                    rows_dot(down, pt_down, vec_dot_down, De, EXP[k], i0, i1, vq1 + k * L.row_v, k == 0 ? y + i0 : y1);
+                    if (k > 0) {
+                        ggml_vec_acc_f32((int) (i1 - i0), y + i0, y1);
+                    }
+                }
                 return;
             }
             const size_t seg = L.seg;
@@ -435,6 +478,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     st.PTOK = (int32_t *) (wbase + L.off_ptok);
     char  * XG = wbase + L.off_xg;
     float * CB = (float *) (wbase + L.off_cb);
+    float * stage = (float *) (wbase + L.off_stage + (size_t) ith * L.stage);
     const int32_t * CNT  = st.CNT;
     const int64_t * OFF  = st.OFF;
     const int32_t * PTOK = st.PTOK;
@@ -455,23 +499,43 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     }
     ggml_barrier(params->threadpool);
 
-    // phase 3: per expert U_e[cnt x De] = X_e[cnt x d] . W_e^T, with ggml's gemm (llamafile sgemm) where it
-    // applies, else vec_dot with the De rows split over threads. X_e (the expert's tokens' converted x rows)
-    // is gathered into one of two buffers that alternate, so one barrier per expert suffices.
+    // phase 3: per expert U_e[cnt x De] = X_e[cnt x d] . W_e^T, with ggml's gemm (repacked gemm, or llamafile
+    // sgemm) where it applies, else vec_dot with the De rows split over threads. X_e (the expert's tokens' x
+    // rows, converted) is gathered into one of two buffers that alternate, so one barrier per expert suffices.
     {
         int buf = 0;
         for (int64_t e = 0; e < E; ++e) {
             const int64_t cnt = CNT[e];
             if (cnt == 0) continue;
             char * X = XG + (size_t) buf * T * L.row_x;
-            for (int64_t k = cnt * ith / nth; k < cnt * (ith + 1) / nth; ++k) {
-                memcpy(X + k * L.row_x, st.xq + PTOK[OFF[e] + k] * L.row_x, L.row_x);
+            if (pt_a) {
+                // the repacked gemm reads groups of 4 rows interleaved: quantize x rows 4 at a time
+                for (int64_t g = ith; 4 * g < cnt; g += nth) {
+                    const int64_t n = std::min<int64_t>(4, cnt - 4 * g);
+                    for (int64_t j = 0; j < n; ++j) {
+                        memcpy(stage + j * d, (const char *) x->data + PTOK[OFF[e] + 4 * g + j] * x->nb[1], d * sizeof(float));
+                    }
+                    pt_a->quantize(stage, n, d, X + 4 * g * L.row_x);
+                }
+            } else {
+                for (int64_t k = cnt * ith / nth; k < cnt * (ith + 1) / nth; ++k) {
+                    memcpy(X + k * L.row_x, st.xq + PTOK[OFF[e] + k] * L.row_x, L.row_x);
+                }
             }
             ggml_barrier(params->threadpool);
             for (int pass = 0; pass < (gate ? 2 : 1); ++pass) {
                 const ggml_tensor * w = pass == 0 ? wa : up;
+                const product_traits * pt = pass == 0 ? pt_a : pt_up;
                 float * C = (pass == 0 ? U : G) + OFF[e] * De;
                 const char * A = (const char *) w->data + e * w->nb[2];
+                if (pt) {
+                    const int64_t n_groups = De / unit_up;
+                    const int64_t r0 = n_groups * ith / nth * unit_up, r1 = n_groups * (ith + 1) / nth * unit_up;
+                    if (r1 > r0) {
+                        pt->mul(d, A + r0 * w->nb[1], r1 - r0, X, cnt, C + r0, De);
+                    }
+                    continue;
+                }
                 bool done = false;
 #ifdef GGML_USE_LLAMAFILE
                 done = llamafile_sgemm(params, De, cnt, d / ggml_blck_size(w->type),
@@ -494,27 +558,40 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     }
     ggml_barrier(params->threadpool);
 
-    // phase 4: activation per pair, scaled by s_e, converted to the down vec_dot type
+    // phase 4: activation per pair, scaled by s_e, converted to the down vec_dot type; in groups of up to 4
+    // pairs of one expert (the row groups of the repacked gemm), groups split over threads
     {
-        const int64_t NP = OFF[E];
-        const int64_t p0 = NP * ith / nth, p1 = NP * (ith + 1) / nth;
-        std::vector<float> v(De);
-        int64_t e = 0;
-        for (int64_t pi = p0; pi < p1; ++pi) {
-            while (OFF[e + 1] <= pi) ++e;
-            const int64_t t = PTOK[pi];
-            deco_activate(p, De, U + pi * De, gate ? G + pi * De : nullptr, st.MEAN[t], nw, st.S[t * E + e], v.data());
-            from_float_v(v.data(), VQ + pi * L.row_v, De);
+        int64_t group = 0;
+        for (int64_t e = 0; e < E; ++e) {
+            for (int64_t k0 = 0; k0 < CNT[e]; k0 += 4, ++group) {
+                if (group % nth != ith) continue;
+                const int64_t n = std::min<int64_t>(4, CNT[e] - k0);
+                for (int64_t j = 0; j < n; ++j) {
+                    const int64_t pi = OFF[e] + k0 + j;
+                    const int64_t t  = PTOK[pi];
+                    deco_activate(p, De, U + pi * De, gate ? G + pi * De : nullptr, st.MEAN[t], nw, st.S[t * E + e], stage + j * De);
+                }
+                char * vq = VQ + (OFF[e] + k0) * L.row_v;
+                if (pt_down) {
+                    pt_down->quantize(stage, n, De, vq);
+                } else {
+                    for (int64_t j = 0; j < n; ++j) {
+                        from_float_v(stage + j * De, vq + j * L.row_v, De);
+                    }
+                }
+            }
         }
     }
     ggml_barrier(params->threadpool);
 
     // phase 5: down projection. Each thread owns the output columns [i0, i1) of every token.
-    // Per expert: C_e[cnt x d] = V_e . W_down_e^T by gemm (all threads), barrier, then each thread adds its
-    // columns of C_e to the tokens' outputs (C alternates between two buffers, so one barrier per expert).
-    // Without gemm: vec_dot on the owned columns directly.
+    // Repacked W_down: per expert, the thread's C_e columns by the repacked gemm, added to the tokens' outputs.
+    // Otherwise per expert: C_e[cnt x d] = V_e . W_down_e^T by gemm (all threads), barrier, then each thread adds
+    // its columns of C_e (C alternates between two buffers, so one barrier per expert); without gemm, vec_dot on
+    // the owned columns directly.
     {
-        const int64_t i0 = d * ith / nth, i1 = d * (ith + 1) / nth;
+        const int64_t n_groups = d / unit_down;
+        const int64_t i0 = n_groups * ith / nth * unit_down, i1 = n_groups * (ith + 1) / nth * unit_down;
         for (int64_t t = 0; t < T; ++t) {
             float * y = (float *) ((char *) dst->data + t * dst->nb[1]);
             memset(y + i0, 0, (i1 - i0) * sizeof(float));
@@ -524,6 +601,16 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
             const int64_t cnt = CNT[e];
             if (cnt == 0) continue;
             const char * A = (const char *) down->data + e * down->nb[2];
+            if (pt_down) {
+                if (i1 == i0) continue;
+                float * C = CB + T * i0; // this thread's part of the C buffers: cnt x (i1 - i0)
+                pt_down->mul(De, A + i0 * down->nb[1], i1 - i0, VQ + OFF[e] * L.row_v, cnt, C, i1 - i0);
+                for (int64_t k = 0; k < cnt; ++k) {
+                    float * y = (float *) ((char *) dst->data + PTOK[OFF[e] + k] * dst->nb[1]);
+                    ggml_vec_acc_f32((int) (i1 - i0), y + i0, C + k * (i1 - i0));
+                }
+                continue;
+            }
             bool done = false;
 #ifdef GGML_USE_LLAMAFILE
             float * C = CB + (size_t) buf * T * d;

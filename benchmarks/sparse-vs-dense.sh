@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Sparse against dense evaluation of DECO on the CPU, measured side by side in one run, beside the bounds.
+#
+#   bash benchmarks/sparse-vs-dense.sh            # everything below (about 20 minutes on 2 cores)
+#   SHAPES=deco-0.5b TYPES=q4_0 THREADS=2 bash benchmarks/sparse-vs-dense.sh
+#
+# 1. The FFN layer alone (.deps/build/bin/bench-deco-ffn: router mat-vec + GGML_OP_DECO_MOE + shared expert,
+#    exactly 20% of the experts active per token, sparse and dense runs alternating): decode (1 token, bound =
+#    weight bytes) and prefill (512 tokens, bound = multiply-adds).
+# 2. The whole model (deco-gguf speed --vs-dense): random-weight fixtures in the released shapes with routers
+#    calibrated to ~20% activation on text, F16-converted then quantized; pp512 and tg64, sparse, dense and a
+#    stock Llama of equal N (dense_eq), interleaved repetitions; bound = weight bytes per decoded token.
+# Everything is written as JSON to $OUT (default out/bench) and summarised as tables at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+OUT=${OUT:-out/bench}
+SHAPES=${SHAPES:-"deco-0.1b deco-0.5b"}
+TYPES=${TYPES:-"q4_0 q8_0"}
+THREADS=${THREADS:-"1 2"}
+REPS=${REPS:-3}
+BENCH_FFN=.deps/build/bin/bench-deco-ffn
+[ -x "$BENCH_FFN" ] || { echo "run scripts/setup.sh first (no $BENCH_FFN)" >&2; exit 1; }
+mkdir -p "$OUT"
+
+# shape of one DECO FFN layer per preset (spec: released shapes)
+ffn_args() {
+    case "$1" in
+        deco-0.1b) echo "--d 768 --De 64 --E 42 --Ds 128" ;;
+        deco-0.5b) echo "--d 1280 --De 64 --E 77 --Ds 128" ;;
+        *) echo "unknown shape $1" >&2; exit 2 ;;
+    esac
+}
+
+echo "== FFN layer alone" >&2
+: > "$OUT/ffn.jsonl"
+for shape in $SHAPES; do
+    for type in $TYPES; do
+        for t in $THREADS; do
+            # shellcheck disable=SC2046
+            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 1 --reps 300 \
+                | sed "s/^{/{\"shape\": \"$shape\", /" >> "$OUT/ffn.jsonl"
+            # shellcheck disable=SC2046
+            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 512 --reps 5 \
+                | sed "s/^{/{\"shape\": \"$shape\", /" >> "$OUT/ffn.jsonl"
+        done
+    done
+done
+
+echo "== whole model" >&2
+for shape in $SHAPES; do
+    ckpt="$OUT/$shape"
+    [ -f "$ckpt/config.json" ] || deco-gguf fixture "$shape" "$ckpt" --calibrate 0.2
+    [ -f "$OUT/$shape-f16.gguf" ] || deco-gguf convert "$ckpt" -o "$OUT/$shape-f16.gguf" --outtype f16 -q
+    for type in $TYPES; do
+        model="$OUT/$shape-${type}.gguf"
+        [ -f "$model" ] || deco-gguf quantize "$OUT/$shape-f16.gguf" "$model" "${type^^}" >/dev/null
+        deco-gguf speed "$model" --pp 512 --tg 64 -r "$REPS" --threads "${THREADS// /,}" --vs-dense --json \
+            > "$OUT/speed-$shape-$type.json"
+    done
+done
+
+python - "$OUT" $SHAPES -- $TYPES <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+sep = sys.argv.index("--")
+shapes, types = sys.argv[2:sep], sys.argv[sep + 1:]
+
+print("\nFFN layer alone (router + DECO op + shared expert), median µs, sparse vs dense")
+print(f"{'shape':10} {'type':5} {'repack':6} {'thr':>3} {'tokens':>6} {'rate':>5} {'sparse':>10} {'dense':>10} "
+      f"{'ratio':>6} {'bound':>6} {'of bound':>8}")
+for line in (out / "ffn.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    print(f"{r['shape']:10} {r['type']:5} {str(r['repacked']):6} {r['threads']:>3} {r['tokens']:>6} {r['rate']:>5.3f} "
+          f"{r['sparse_us']:>10.1f} {r['dense_us']:>10.1f} {r['ratio']:>6.2f} {r['bound']:>6.2f} "
+          f"{r['of_bound']:>8.2f}  ({r['bound_kind']})")
+
+print("\nWhole model, median tokens/s (pp512, tg64), sparse vs dense and vs dense_eq (stock Llama, equal N)")
+print(f"{'shape':10} {'type':5} {'thr':>3} {'rate':>5} {'tg sparse':>9} {'tg dense':>8} {'tg eq':>6} {'tg ratio':>8} "
+      f"{'bound':>6} {'of bound':>8} {'vs eq':>6} {'eq bound':>8} {'pp sparse':>9} {'pp dense':>8} {'pp ratio':>8}")
+for shape in shapes:
+    for t in types:
+        s = json.loads((out / f"speed-{shape}-{t}.json").read_text())
+        med = {(r["model"], r["mode"], r["threads"], r["test"]): r["tokens_per_second"]["median"] for r in s["results"]}
+        for ra in s["ratios"]:
+            th = ra["threads"]
+            print(f"{shape:10} {t:5} {th:>3} {s['activation']['mean']:>5.3f} {med[('deco', 'sparse', th, 'tg')]:>9.1f} "
+                  f"{med[('deco', 'dense', th, 'tg')]:>8.1f} {med[('dense_eq', 'dense', th, 'tg')]:>6.1f} "
+                  f"{ra['sparse_over_dense_tg']:>8.2f} {ra['bound']:>6.2f} {ra['sparse_over_dense_tg'] / ra['bound']:>8.2f} "
+                  f"{ra['sparse_over_dense_eq_tg']:>6.2f} {ra['bound_vs_dense_eq']:>8.2f} "
+                  f"{med[('deco', 'sparse', th, 'pp')]:>9.1f} {med[('deco', 'dense', th, 'pp')]:>8.1f} "
+                  f"{ra['sparse_over_dense_pp']:>8.2f}")
+EOF

@@ -1,0 +1,223 @@
+// Time one DECO FFN layer on the CPU backend, sparse against dense, beside its weight-bytes bound.
+//
+// The layer is what a DECO model evaluates per FFN layer: the router mat-vec (F32), GGML_OP_DECO_MOE
+// (NormSiLU experts) and the shared SwiGLU expert, added. The op routes on a logits input with exactly
+// round(rate * E) active experts per token (random sets), so the activation rate is controlled; the router
+// mat-vec is still computed in the same graph (its cost does not depend on its values). Weights go where the
+// model loader puts them: into the CPU_REPACK buffer when the type has a repacked layout on this CPU.
+// Sparse and dense (GGML_DECO_FLAG_DENSE) runs alternate; each reports the median of its runs.
+//
+// Usage: bench-deco-ffn [--d 1280] [--De 64] [--E 77] [--Ds 128] [--type q4_0] [--rate 0.2] [--tokens 1]
+//                       [--threads 2] [--reps 200] [--no-repack]
+// Prints one JSON object.
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml-deco.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct options {
+    int64_t d = 1280, De = 64, E = 77, Ds = 128, T = 1;
+    ggml_type type = GGML_TYPE_Q4_0;
+    double rate = 0.2;
+    int threads = 2, reps = 200;
+    bool repack = true;
+};
+
+ggml_type type_by_name(const char * name) {
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * n = ggml_type_name((ggml_type) t);
+        if (n && strcmp(n, name) == 0) return (ggml_type) t;
+    }
+    fprintf(stderr, "unknown type %s\n", name);
+    exit(2);
+}
+
+options parse(int argc, char ** argv) {
+    options o;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto next = [&]() { if (i + 1 >= argc) { fprintf(stderr, "%s needs a value\n", a.c_str()); exit(2); } return argv[++i]; };
+        if      (a == "--d")         o.d = atoll(next());
+        else if (a == "--De")        o.De = atoll(next());
+        else if (a == "--E")         o.E = atoll(next());
+        else if (a == "--Ds")        o.Ds = atoll(next());
+        else if (a == "--tokens")    o.T = atoll(next());
+        else if (a == "--type")      o.type = type_by_name(next());
+        else if (a == "--rate")      o.rate = atof(next());
+        else if (a == "--threads")   o.threads = atoi(next());
+        else if (a == "--reps")      o.reps = atoi(next());
+        else if (a == "--no-repack") o.repack = false;
+        else { fprintf(stderr, "unknown argument %s (see the header of bench-deco-ffn.cpp)\n", a.c_str()); exit(2); }
+    }
+    return o;
+}
+
+// the CPU_REPACK buffer type if the op accepts expert weights of this type and shape in it (the model
+// loader's rule for placing weights), else NULL
+ggml_backend_buffer_type_t repack_buffer_type(ggml_backend_dev_t dev, const options & o) {
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
+        ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+    ggml_backend_buffer_type_t buft = nullptr;
+    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(dev) : nullptr; b && *b; ++b) {
+        if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) buft = *b;
+    }
+    if (!buft) return nullptr;
+    ggml_init_params ip = { 8 * ggml_tensor_overhead(), nullptr, true };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * up   = ggml_new_tensor_3d(ctx, o.type, o.d, o.De, o.E);
+    ggml_tensor * down = ggml_new_tensor_3d(ctx, o.type, o.De, o.d, o.E);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+    ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, o.d, o.T);
+    ggml_tensor * logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, o.E, o.T);
+    ggml_deco_moe_params p = { GGML_DECO_ACT_SILU, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_NONE, GGML_DECO_BIAS_NONE, 1e-5f, 0, -1 };
+    const bool ok = ggml_backend_dev_supports_op(dev, ggml_deco_moe(ctx, x, logits, up, nullptr, down, nullptr, nullptr, nullptr, nullptr, p));
+    ggml_backend_buffer_free(buf);
+    ggml_free(ctx);
+    return ok ? buft : nullptr;
+}
+
+// random values written in the tensor's type
+void fill(ggml_tensor * t, std::mt19937 & rng, float amp) {
+    std::uniform_real_distribution<float> u(-amp, amp);
+    std::vector<float> f(ggml_nelements(t));
+    for (auto & v : f) v = u(rng);
+    std::vector<uint8_t> q(ggml_nbytes(t));
+    if (t->type == GGML_TYPE_F32) {
+        memcpy(q.data(), f.data(), q.size());
+    } else {
+        ggml_quantize_chunk(t->type, f.data(), q.data(), 0, ggml_nrows(t), t->ne[0], nullptr);
+    }
+    ggml_backend_tensor_set(t, q.data(), 0, q.size());
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+} // namespace
+
+int main(int argc, char ** argv) {
+    const options o = parse(argc, argv);
+    ggml_log_set([](ggml_log_level level, const char * text, void *) {
+        if (level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_ERROR) fputs(text, stderr);
+    }, nullptr);
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_t backend = ggml_backend_dev_init(dev, nullptr);
+    ggml_backend_cpu_set_n_threads(backend, o.threads);
+    std::mt19937 rng(42);
+
+    // weights: expert and shared matrices (repacked where the loader would), F32 router, norms
+    ggml_init_params ipw = { 16 * ggml_tensor_overhead(), nullptr, true };
+    ggml_context * ctx_q = ggml_init(ipw);
+    ggml_context * ctx_f = ggml_init(ipw);
+    ggml_tensor * up     = ggml_new_tensor_3d(ctx_q, o.type, o.d, o.De, o.E);
+    ggml_tensor * down   = ggml_new_tensor_3d(ctx_q, o.type, o.De, o.d, o.E);
+    ggml_tensor * sh_gate = ggml_new_tensor_2d(ctx_q, o.type, o.d, o.Ds);
+    ggml_tensor * sh_up   = ggml_new_tensor_2d(ctx_q, o.type, o.d, o.Ds);
+    ggml_tensor * sh_down = ggml_new_tensor_2d(ctx_q, o.type, o.Ds, o.d);
+    ggml_tensor * router = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.d, o.E);
+    ggml_tensor * mean   = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.d);
+    ggml_tensor * norm   = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.De);
+    ggml_tensor * scale  = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.E);
+    ggml_tensor * x      = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.d, o.T);
+    ggml_tensor * logits = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.E, o.T);
+    ggml_backend_buffer_type_t repack = o.repack ? repack_buffer_type(dev, o) : nullptr;
+    const bool repacked = repack != nullptr;
+    ggml_backend_buffer_t buf_q = ggml_backend_alloc_ctx_tensors_from_buft(ctx_q, repacked ? repack : ggml_backend_cpu_buffer_type());
+    ggml_backend_buffer_t buf_f = ggml_backend_alloc_ctx_tensors(ctx_f, backend);
+    ggml_deco_moe_params p = { GGML_DECO_ACT_NORM_SILU, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, GGML_DECO_BIAS_NONE, 1e-5f, 0, -1 };
+    for (ggml_tensor * t : { up, sh_gate, sh_up, router, x }) fill(t, rng, 1.0f / sqrtf((float) o.d));
+    fill(down, rng, 1.0f / sqrtf((float) o.De));
+    fill(sh_down, rng, 1.0f / sqrtf((float) o.Ds));
+    fill(mean, rng, 0.01f);
+    fill(norm, rng, 1.0f);
+    fill(scale, rng, 1.0f);
+
+    // logits: exactly n_act positive entries per token
+    const int64_t n_act = std::max<int64_t>(0, std::min<int64_t>(o.E, llround(o.rate * o.E)));
+    {
+        std::vector<float> lg(o.E * o.T);
+        std::vector<int> perm(o.E);
+        std::uniform_real_distribution<float> u(0.1f, 1.0f);
+        for (int64_t t = 0; t < o.T; ++t) {
+            std::iota(perm.begin(), perm.end(), 0);
+            std::shuffle(perm.begin(), perm.end(), rng);
+            for (int64_t k = 0; k < o.E; ++k) lg[t * o.E + perm[k]] = k < n_act ? u(rng) : -u(rng);
+        }
+        ggml_backend_tensor_set(logits, lg.data(), 0, lg.size() * sizeof(float));
+    }
+
+    // the two graphs: router + DECO op + shared SwiGLU, sparse and dense
+    ggml_init_params ipg = { 64 * ggml_tensor_overhead() + 2 * ggml_graph_overhead(), nullptr, true };
+    ggml_context * ctx_g = ggml_init(ipg);
+    ggml_cgraph * graphs[2];
+    for (int dense = 0; dense < 2; ++dense) {
+        ggml_deco_moe_params pp = p;
+        pp.flags = dense ? GGML_DECO_FLAG_DENSE : 0;
+        ggml_tensor * raw = ggml_mul_mat(ctx_g, router, x);
+        ggml_tensor * moe = ggml_deco_moe(ctx_g, x, logits, up, nullptr, down, mean, norm, scale, nullptr, pp);
+        ggml_tensor * sh  = ggml_mul_mat(ctx_g, sh_down,
+                                         ggml_swiglu_split(ctx_g, ggml_mul_mat(ctx_g, sh_gate, x), ggml_mul_mat(ctx_g, sh_up, x)));
+        graphs[dense] = ggml_new_graph(ctx_g);
+        ggml_build_forward_expand(graphs[dense], raw);
+        ggml_build_forward_expand(graphs[dense], ggml_add(ctx_g, moe, sh));
+    }
+    ggml_gallocr_t galloc[2] = { ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend)),
+                                 ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend)) };
+    for (int i = 0; i < 2; ++i) ggml_gallocr_alloc_graph(galloc[i], graphs[i]);
+
+    std::vector<double> us[2];
+    for (int r = 0; r < o.reps + 3; ++r) {
+        for (int dense = 0; dense < 2; ++dense) {
+            const auto t0 = std::chrono::steady_clock::now();
+            ggml_backend_graph_compute(backend, graphs[dense]);
+            const auto t1 = std::chrono::steady_clock::now();
+            if (r >= 3) us[dense].push_back(std::chrono::duration<double, std::micro>(t1 - t0).count()); // 3 warm-up runs
+        }
+    }
+
+    // the bound of the sparse/dense ratio: weight bytes for one token (router and shared expert always read,
+    // experts all or only the active ones), multiply-adds for a batch (compute-bound)
+    const double rate = (double) n_act / o.E;
+    double fixed, experts;
+    if (o.T == 1) {
+        fixed   = (double) (ggml_nbytes(router) + ggml_nbytes(sh_gate) + ggml_nbytes(sh_up) + ggml_nbytes(sh_down));
+        experts = (double) (ggml_nbytes(up) + ggml_nbytes(down));
+    } else {
+        fixed   = (double) (o.E + 3 * o.Ds) * o.d;
+        experts = 2.0 * o.E * o.De * o.d;
+    }
+    const double bound = (fixed + experts) / (fixed + rate * experts);
+    const double sparse_us = median(us[0]), dense_us = median(us[1]);
+    printf("{\"d\": %lld, \"De\": %lld, \"E\": %lld, \"Ds\": %lld, \"type\": \"%s\", \"repacked\": %s, \"tokens\": %lld, "
+           "\"threads\": %d, \"rate\": %.4f, \"reps\": %d, \"sparse_us\": %.2f, \"dense_us\": %.2f, \"ratio\": %.3f, "
+           "\"bound\": %.3f, \"bound_kind\": \"%s\", \"of_bound\": %.3f}\n",
+           (long long) o.d, (long long) o.De, (long long) o.E, (long long) o.Ds, ggml_type_name(o.type),
+           repacked ? "true" : "false", (long long) o.T, o.threads, rate, o.reps, sparse_us, dense_us,
+           dense_us / sparse_us, bound, o.T == 1 ? "bytes" : "flops", dense_us / sparse_us / bound);
+
+    for (auto * g : galloc) ggml_gallocr_free(g);
+    ggml_free(ctx_g);
+    ggml_backend_buffer_free(buf_q);
+    ggml_backend_buffer_free(buf_f);
+    ggml_free(ctx_q);
+    ggml_free(ctx_f);
+    ggml_backend_free(backend);
+    return 0;
+}
