@@ -25,6 +25,8 @@
 #   DECO_JOBS        parallel compile jobs (default: 2)
 #   DECO_LCP_TARBALL use this local sdist instead of downloading (hash still checked)
 #   CCACHE_DIR       ccache directory (default: ~/.cache/ccache)
+#   DECO_CUDA_ARCH   also build the CUDA backend for these archs (CMAKE_CUDA_ARCHITECTURES), e.g. 87 on a
+#                    Jetson Orin (JetPack's nvcc), 90 for H100, "87;90", native; unset: CPU only
 set -euo pipefail
 
 LCP_VERSION=0.3.36
@@ -52,7 +54,7 @@ for arg in "$@"; do
     case "$arg" in
         --no-patch) APPLY_PATCHES=0 ;;
         --source-only) SOURCE_ONLY=1 ;;
-        -h|--help) sed -n 2,30p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,32p "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -220,6 +222,9 @@ CMAKE_ARGS_DECO=(
     -DLLAMA_LLGUIDANCE=OFF
     -DGGML_CCACHE=OFF
 )
+if [ -n "${DECO_CUDA_ARCH:-}" ]; then
+    CMAKE_ARGS_DECO+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$DECO_CUDA_ARCH" -DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
+fi
 CONFIG_STAMP="$(printf '%s\n' "$LLAMA" "${GEN[@]}" "${CMAKE_ARGS_DECO[@]}" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$BUILD/CMakeCache.txt" ] || [ "$(cat "$BUILD/.deco-configured" 2>/dev/null)" != "$CONFIG_STAMP" ]; then
     log "configuring $BUILD"

@@ -21,10 +21,11 @@ git -C "$TREE" rev-parse -q --verify pristine >/dev/null || { echo "$TREE has no
 area() {
     case "$1" in
         ggml/src/ggml-cpu/*)            echo 0002-ggml-cpu-deco-moe ;;
+        ggml/src/ggml-cuda/*)           echo 0005-ggml-cuda-deco-moe ;;
         ggml/*)                         echo 0001-ggml-deco-moe-op ;;
         src/*)                          echo 0003-llama-deco-arch ;;
         tests/*)                        echo 0004-tests-deco ;;
-        *)                              echo 0005-misc ;;
+        *)                              echo 0006-misc ;;
     esac
 }
 

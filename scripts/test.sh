@@ -2,6 +2,8 @@
 # Run the test suite; extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# CUDA compile check of our ggml-cuda code (nvcc only, no GPU needed; skipped without nvcc)
+bash scripts/check-cuda.sh || exit 1
 .venv/bin/pytest "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

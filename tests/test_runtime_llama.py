@@ -39,6 +39,7 @@ class Runtime:
     def __init__(self, path: Path, n_ctx: int = 256, n_batch: int = 512, n_seq: int = 1, mode: str = "sparse"):
         _lib.llama_deco_ffn_mode_set(MODES[mode])
         mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = int(os.environ.get("DECO_TEST_NGL", "0"))  # scripts/gpu-check.sh: 99 (all on the GPU)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"failed to load {path}")

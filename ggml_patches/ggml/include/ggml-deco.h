@@ -121,6 +121,14 @@ GGML_API bool    ggml_deco_stats_get(int32_t layer, int64_t * out);
 GGML_API int32_t ggml_deco_stats_n_layers(void);
 GGML_API void    ggml_deco_stats_reset(void);
 
+// for backends that count on their device (e.g. CUDA, without a host synchronisation per layer): the
+// callback is run by ggml_deco_stats_get / _n_layers / _reset before they read or clear the counters; it must
+// add the device's pending counts with ggml_deco_stats_add and clear them on the device. Registering the same
+// callback again is a no-op; at most GGML_DECO_STATS_MAX_FLUSH callbacks.
+#define GGML_DECO_STATS_MAX_FLUSH 16
+typedef void (*ggml_deco_stats_flush_t)(void);
+GGML_API void    ggml_deco_stats_register_flush(ggml_deco_stats_flush_t flush);
+
 #ifdef __cplusplus
 }
 #endif

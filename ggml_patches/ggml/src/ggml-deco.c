@@ -143,10 +143,33 @@ void ggml_deco_stats_add(int32_t layer, int64_t n_tokens, int64_t n_active, int6
     while (layer + 1 > n && !atomic_compare_exchange_weak(&g_deco_n_layers, &n, layer + 1)) {}
 }
 
+static _Atomic(ggml_deco_stats_flush_t) g_deco_flush[GGML_DECO_STATS_MAX_FLUSH];
+
+void ggml_deco_stats_register_flush(ggml_deco_stats_flush_t flush) {
+    for (int i = 0; i < GGML_DECO_STATS_MAX_FLUSH; ++i) {
+        ggml_deco_stats_flush_t expected = NULL;
+        if (atomic_compare_exchange_strong(&g_deco_flush[i], &expected, flush) || expected == flush) {
+            return;
+        }
+    }
+    GGML_ABORT("ggml_deco_stats_register_flush: more than %d callbacks", GGML_DECO_STATS_MAX_FLUSH);
+}
+
+static void deco_stats_flush(void) {
+    for (int i = 0; i < GGML_DECO_STATS_MAX_FLUSH; ++i) {
+        ggml_deco_stats_flush_t flush = atomic_load(&g_deco_flush[i]);
+        if (flush == NULL) {
+            break;
+        }
+        flush();
+    }
+}
+
 bool ggml_deco_stats_get(int32_t layer, int64_t * out) {
     if (layer < 0 || layer >= GGML_DECO_STATS_MAX_LAYERS || out == NULL) {
         return false;
     }
+    deco_stats_flush();
     out[0] = atomic_load(&g_deco_tokens[layer]);
     out[1] = atomic_load(&g_deco_active[layer]);
     const long long mn = atomic_load(&g_deco_min[layer]);
@@ -156,10 +179,12 @@ bool ggml_deco_stats_get(int32_t layer, int64_t * out) {
 }
 
 int32_t ggml_deco_stats_n_layers(void) {
+    deco_stats_flush();
     return atomic_load(&g_deco_n_layers);
 }
 
 void ggml_deco_stats_reset(void) {
+    deco_stats_flush(); // clears the device-side counts
     for (int i = 0; i < GGML_DECO_STATS_MAX_LAYERS; ++i) {
         atomic_store(&g_deco_tokens[i], 0);
         atomic_store(&g_deco_active[i], 0);

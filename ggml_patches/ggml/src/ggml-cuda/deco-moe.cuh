@@ -1,0 +1,10 @@
+#pragma once
+
+#include "common.cuh"
+
+// GGML_OP_DECO_MOE (see ggml/include/ggml-deco.h): one DECO expert layer, active experts only
+
+// true if the CUDA kernels handle this node's types and shapes (else the scheduler runs it on the CPU)
+bool ggml_cuda_deco_moe_supported(const ggml_tensor * op);
+
+void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
