@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from gguf import GGMLQuantizationType as Q
 from ..checkpoint import HFCheckpoint
 from ..config import DecoConfig
 from ..errors import DecoError
+from ..files import atomic_output
 from .vocab import Vocab, load_vocab
 
 ARCH = "deco"
@@ -202,17 +201,12 @@ def convert(
     out_path = Path(out_path)
     if out_path.is_dir():
         raise DecoError(f"{out_path}: is a directory, expected an output file name")
-    if not out_path.parent.is_dir():
-        raise DecoError(f"{out_path.parent}: output directory does not exist")
     converter = DecoConverter(HFCheckpoint(hf_dir), outtype, expert_type)
     plans = list(converter.tensor_plans())
     for message in converter.warnings:
         (on_warning or (lambda m: None))(message)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    try:
+    with atomic_output(out_path) as tmp_path:
         writer = gguf.GGUFWriter(tmp_path, ARCH)
         converter.add_metadata(writer, Path(hf_dir).resolve().name)
         for p in plans:
@@ -232,8 +226,4 @@ def convert(
                 if progress:
                     progress.update(task, advance=p.nbytes, tensor=p.name)
         writer.close()
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
     return converter

@@ -8,10 +8,8 @@ per-layer active-expert counters, and quantize with libllama's presets.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import gguf
 import numpy as np
 
 from .errors import DecoError
+from .files import atomic_output
 from .info import read_gguf
 
 # How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the
@@ -216,23 +215,14 @@ def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | Non
     if preset not in PRESETS:
         raise DecoError(f"unknown quantization type {preset!r} (choose from {', '.join(PRESETS)})")
     read_gguf(src)  # a DECO GGUF, or a one-line error
-    if not dst.parent.is_dir():
-        raise DecoError(f"{dst.parent}: output directory does not exist")
     _library()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, PRESETS[preset])
     params.nthread = n_threads or os.cpu_count() or 1
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(dst) as tmp:
         _errors.clear()
         if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
             raise DecoError(f"{src}: quantization failed: {_last_error('see DECO_VERBOSE=1 output')}")
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     wanted = _preset_block_type(preset)
     block = gguf.GGML_QUANT_SIZES[wanted][0]
     return [

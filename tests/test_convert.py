@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import gguf
@@ -229,3 +231,13 @@ def test_stale_config_keys_are_reported(fixture_dirs, tmp_path):
     assert f"rms_norm_eps={config['rms_norm_eps']!r} ignored" in text
     assert "rope_scaling (longrope) ignored" in text
     assert f"eos_token_id={config['eos_token_id']!r} disagrees with the tokenizer" in text
+
+
+def test_output_file_has_the_permissions_of_a_new_file(fixture_dirs, tmp_path):
+    old = os.umask(0o027)
+    try:
+        convert(fixture_dirs["base"], tmp_path / "m.gguf", outtype="f32")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
