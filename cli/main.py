@@ -118,26 +118,28 @@ def info(
     model: Annotated[Path, typer.Argument(help="A DECO GGUF file or an HF checkpoint directory.")],
     activation_rate: Annotated[Optional[float], typer.Option(help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).", min=0.0, max=1.0)] = None,
     context: Annotated[Optional[int], typer.Option(help="Context length for the attention term of the compute estimate; default: the model's.", min=1)] = None,
-    measure: Annotated[Optional[Path], typer.Option(help="Measure the per-layer activation rate on this text file (HF checkpoints, with the reference model) and use it for N_a.", exists=True, dir_okay=False)] = None,
+    measure: Annotated[Optional[Path], typer.Option(help="Measure the per-layer activation rate on this text file and use it for N_a: a GGUF runs in the patched llama.cpp (the DECO op's counters), an HF checkpoint in the PyTorch reference model.", exists=True, dir_okay=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
 ) -> None:
     """Architecture, tensor types and sizes, and resource accounting (N, N_a, r_a, R_c)."""
-    from ..info import measure_activation_hf, read_model
+    from ..info import measure_activation_gguf, measure_activation_hf, read_model
 
     found = read_model(model)
     rate, source = (activation_rate, "given") if activation_rate is not None else (0.2, "assumed")
     measured = None
     if measure is not None:
-        if found.kind != "hf":
-            raise DecoError("--measure needs an HF checkpoint directory (it runs the reference model)")
         if activation_rate is not None:
             raise DecoError("give either --activation-rate or --measure, not both")
         text = measure.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise DecoError(f"{measure}: empty text")
-        with console.status("measuring activation with the reference model"):
-            measured = measure_activation_hf(found.path, text)
+        if found.kind == "hf":
+            with console.status("measuring activation with the reference model"):
+                measured = measure_activation_hf(found.path, text)
+        else:
+            with console.status("measuring activation with the patched llama.cpp"):
+                measured = measure_activation_gguf(found.path, text)
         moe_rates = [r for r in measured if r is not None]
         rate, source = sum(moe_rates) / len(moe_rates), "measured"
     acct = found.accounting(rate, source, context)

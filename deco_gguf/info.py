@@ -126,6 +126,23 @@ def read_model(path: str | Path) -> ModelInfo:
     return read_gguf(path)
 
 
+def measure_activation_gguf(path: Path, text: str, num_tokens: int = 1024, seq_len: int = 256) -> list[float | None]:
+    """Per layer: fraction of experts active on `text`, counted by the DECO op of the patched llama.cpp
+    (None for dense layers). Rows of `seq_len` tokens starting with BOS, as `measure_activation_hf`; every
+    position's logits are requested, so that llama.cpp evaluates the last layer for all of them."""
+    from .runtime import DecoRuntime
+
+    with DecoRuntime(path, n_ctx=seq_len, n_batch=seq_len, all_logits=True) as rt:
+        ids = rt.llm.tokenize(text.encode("utf-8"), add_bos=False)[:num_tokens]
+        if not ids:
+            raise DecoError("the text gives no tokens")
+        rt.reset_activity()
+        for start in range(0, len(ids), seq_len - 1):
+            rt.llm.reset()
+            rt.llm.eval([rt.llm.token_bos()] + ids[start:start + seq_len - 1])
+        return [a.rate if a is not None else None for a in rt.activity()]
+
+
 def measure_activation_hf(path: Path, text: str, num_tokens: int = 1024, seq_len: int = 256) -> list[float | None]:
     """Per layer: fraction of experts active on `text`, with the reference model (None for dense layers)."""
     from .calibrate import calibration_tokens

@@ -99,6 +99,7 @@ class DecoRuntime:
         n_batch: int = 512,
         mode: str = "sparse",
         exact: bool = False,
+        all_logits: bool = False,
         seed: int = 0,
     ):
         from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
@@ -117,7 +118,7 @@ class DecoRuntime:
                 model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                 n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                 flash_attn=not exact, type_k=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
-                type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
+                type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16, logits_all=all_logits,
             )
         except (ValueError, RuntimeError) as e:
             raise DecoError(f"{self.path}: llama.cpp cannot load it: {_last_error(str(e))}") from None

@@ -7,6 +7,7 @@ import json
 import gguf
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from deco_gguf.cli.main import app
@@ -115,9 +116,37 @@ def test_measured_activation_feeds_the_accounting(base, tmp_path):
 
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    for args, fragment in (([base[1], "--measure", text], "needs an HF checkpoint"), ([hf, "--measure", empty], "empty text")):
+    for args, fragment in (([hf, "--measure", text, "--activation-rate", "0.3"], "not both"), ([hf, "--measure", empty], "empty text")):
         result = CliRunner().invoke(app, ["info", *map(str, args)])
         assert result.exit_code == 1 and fragment in result.output, result.output
+
+
+def test_measured_activation_of_a_gguf_is_the_reference_models(tmp_path):
+    from deco_gguf.calibrate import calibrate_routers
+    from deco_gguf.fixtures import fixture_corpus
+    from deco_gguf.reference import DecoModel
+    from deco_gguf.runtime import DecoRuntime
+
+    hf = write_fixture(tmp_path / "calibrated", "base")
+    calibrate_routers(hf, 0.2)
+    gguf_path = tmp_path / "calibrated.gguf"
+    convert(hf, gguf_path, outtype="f32")
+    text = fixture_corpus()[-6000:]
+    (tmp_path / "text.txt").write_text(text)
+    rates = info_json(gguf_path, "--measure", tmp_path / "text.txt")["measured_layer_rates"]
+
+    # the same rows (BOS + 255 tokens of llama.cpp's tokenization) through the reference model
+    with DecoRuntime(gguf_path) as rt:
+        ids = rt.llm.tokenize(text.encode(), add_bos=False)[:1024]
+        bos = rt.llm.token_bos()
+    model = DecoModel.from_pretrained(hf)
+    rows = [[bos] + ids[i:i + 255] for i in range(0, len(ids), 255)]
+    per_row = [model(torch.tensor([row])).activation_rate for row in rows]
+    n = sum(len(r) for r in rows)
+    want = [None if per_row[0][l] is None else sum(pr[l] * len(r) for pr, r in zip(per_row, rows)) / n
+            for l in range(len(rates))]
+    assert rates[0] is None and want[0] is None
+    assert rates[1:] == pytest.approx(want[1:], abs=2e-3)
 
 
 def test_info_on_the_bundled_model():
