@@ -2,6 +2,10 @@
 # Run the test suite; extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# the aarch64 cross build that tests/test_aarch64.py runs under qemu (docs/arm.md)
+if [ "${DECO_SKIP_AARCH64:-}" != 1 ]; then
+    bash scripts/build-aarch64.sh || exit 1
+fi
 .venv/bin/pytest "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
