@@ -343,7 +343,13 @@ bool run_case(const case_params & c, int n_threads) {
     const bool all_zero_ref = ymax <= 1e-30;
     const double nerr = all_zero_ref ? dmax : dmax / ymax;
     const double nerr_dense = all_zero_ref ? dd : dd / ymax;
-    const double tol = c.type == GGML_TYPE_F32 ? 1e-5 : 2e-4;
+    // F16 where ggml-cpu has ARM FP16 vector arithmetic: F16 rows are dotted with F16 accumulators (~1e-3).
+    // Q8 activations: one that lies within float rounding of a step boundary can round one step apart in
+    // the op and the reference, a 1/127 step of one activation (up to 4.5e-4 seen on aarch64, 1.9e-4 on x86).
+    const double tol = c.type == GGML_TYPE_F32                            ? 1e-5
+                     : c.type == GGML_TYPE_F16 && ggml_cpu_has_fp16_va()  ? 5e-3
+                     : ggml_is_quantized(vdt_down)                        ? 1e-3
+                     :                                                      2e-4;
     const bool ok = finite && nerr <= tol && nerr_dense <= 1e-6;
     if (!ok || g_verbose) {
         printf("  %s %s: nerr=%.3g (tol %.1g) dense-vs-sparse=%.3g finite=%d\n", ok ? "ok  " : "FAIL",

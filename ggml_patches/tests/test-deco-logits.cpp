@@ -1,0 +1,79 @@
+// Logits of a GGUF for given token ids, for comparisons across builds (the aarch64 cross build under
+// qemu against x86) and against the PyTorch reference. Links libllama only.
+//
+// Usage: test-deco-logits MODEL OUT N_THREADS TOKEN...
+// Evaluates the tokens as one batch at positions 0..n-1 and writes the logits of every position to OUT
+// (n_tokens x n_vocab float32, native byte order). F32 KV cache and flash attention off, so nothing is
+// rounded to F16 outside the weights. The DECO FFN mode follows DECO_FFN=sparse|dense|ops.
+
+#include "llama.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+int main(int argc, char ** argv) {
+    if (argc < 5) {
+        fprintf(stderr, "usage: %s MODEL OUT N_THREADS TOKEN...\n", argv[0]);
+        return 2;
+    }
+    const int n_threads = atoi(argv[3]);
+    std::vector<llama_token> tokens;
+    for (int i = 4; i < argc; ++i) {
+        tokens.push_back(atoi(argv[i]));
+    }
+    const int n = (int) tokens.size();
+
+    llama_log_set([](ggml_log_level level, const char * text, void *) {
+        if (level >= GGML_LOG_LEVEL_WARN) fputs(text, stderr);
+    }, nullptr);
+    llama_backend_init();
+
+    llama_model * model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    if (!model) {
+        fprintf(stderr, "failed to load %s\n", argv[1]);
+        return 1;
+    }
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = n;
+    cp.n_threads = cp.n_threads_batch = n_threads;
+    cp.type_k = cp.type_v = GGML_TYPE_F32;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) {
+        fprintf(stderr, "failed to create the context\n");
+        return 1;
+    }
+
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    for (int i = 0; i < n; ++i) {
+        batch.token[i]     = tokens[i];
+        batch.pos[i]       = i;
+        batch.n_seq_id[i]  = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i]    = true;
+    }
+    batch.n_tokens = n;
+    const int rc = llama_decode(ctx, batch);
+    if (rc != 0) {
+        fprintf(stderr, "llama_decode returned %d\n", rc);
+        return 1;
+    }
+
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    FILE * f = fopen(argv[2], "wb");
+    bool ok = f != nullptr;
+    for (int i = 0; ok && i < n; ++i) {
+        ok = fwrite(llama_get_logits_ith(ctx, i), sizeof(float), n_vocab, f) == (size_t) n_vocab;
+    }
+    ok = f != nullptr && fclose(f) == 0 && ok;
+    if (!ok) {
+        fprintf(stderr, "failed to write %s\n", argv[2]);
+    }
+
+    llama_batch_free(batch);
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    return ok ? 0 : 1;
+}
