@@ -5,8 +5,9 @@
 #   SHAPES=deco-0.5b TYPES=q4_0 THREADS=2 bash benchmarks/sparse-vs-dense.sh
 #
 # 1. The FFN layer alone (.deps/build/bin/bench-deco-ffn: router mat-vec + GGML_OP_DECO_MOE + shared expert,
-#    exactly 20% of the experts active per token, sparse and dense runs alternating): decode (1 token, bound =
-#    weight bytes) and prefill (512 tokens, bound = multiply-adds).
+#    exactly 20% of the experts active per token, a stack of layers with their own weights so that they stream
+#    from memory, sparse and dense runs alternating; time per layer): decode (1 token, bound = weight bytes)
+#    and prefill (512 tokens, bound = multiply-adds).
 # 2. The whole model (deco-gguf speed --vs-dense): random-weight fixtures in the released shapes with routers
 #    calibrated to ~20% activation on text, F16-converted then quantized; pp512 and tg64, sparse, dense and a
 #    stock Llama of equal N (dense_eq), interleaved repetitions; bound = weight bytes per decoded token.
@@ -39,10 +40,10 @@ for shape in $SHAPES; do
     for type in $TYPES; do
         for t in $THREADS; do
             # shellcheck disable=SC2046
-            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 1 --reps 300 \
+            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 1 \
                 | sed "s/^{/{\"shape\": \"$shape\", /" >> "$OUT/ffn.jsonl"
             # shellcheck disable=SC2046
-            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 512 --reps 5 \
+            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 512 --reps 3 --layers 4 \
                 | sed "s/^{/{\"shape\": \"$shape\", /" >> "$OUT/ffn.jsonl"
         done
     done

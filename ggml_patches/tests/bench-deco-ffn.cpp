@@ -7,8 +7,12 @@
 // model loader puts them: into the CPU_REPACK buffer when the type has a repacked layout on this CPU.
 // Sparse and dense (GGML_DECO_FLAG_DENSE) runs alternate; each reports the median of its runs.
 //
+// The graph stacks --layers such layers, each with its own weights (RMS norm between them), as a model does:
+// the weights are streamed from memory rather than cache-resident, and thread wake-ups are amortised. The
+// reported times are per layer.
+//
 // Usage: bench-deco-ffn [--d 1280] [--De 64] [--E 77] [--Ds 128] [--type q4_0] [--rate 0.2] [--tokens 1]
-//                       [--threads 2] [--reps 200] [--no-repack]
+//                       [--layers 16] [--threads 2] [--reps 20] [--no-repack]
 // Prints one JSON object.
 
 #include "ggml.h"
@@ -34,7 +38,7 @@ struct options {
     int64_t d = 1280, De = 64, E = 77, Ds = 128, T = 1;
     ggml_type type = GGML_TYPE_Q4_0;
     double rate = 0.2;
-    int threads = 2, reps = 200;
+    int threads = 2, reps = 20, layers = 16;
     bool repack = true;
 };
 
@@ -61,6 +65,7 @@ options parse(int argc, char ** argv) {
         else if (a == "--rate")      o.rate = atof(next());
         else if (a == "--threads")   o.threads = atoi(next());
         else if (a == "--reps")      o.reps = atoi(next());
+        else if (a == "--layers")    o.layers = std::max(1, atoi(next()));
         else if (a == "--no-repack") o.repack = false;
         else { fprintf(stderr, "unknown argument %s (see the header of bench-deco-ffn.cpp)\n", a.c_str()); exit(2); }
     }
@@ -122,36 +127,42 @@ int main(int argc, char ** argv) {
     ggml_backend_cpu_set_n_threads(backend, o.threads);
     std::mt19937 rng(42);
 
-    // weights: expert and shared matrices (repacked where the loader would), F32 router, norms
-    ggml_init_params ipw = { 16 * ggml_tensor_overhead(), nullptr, true };
+    // per layer: expert and shared matrices (repacked where the loader would), F32 router, norms, logits
+    struct layer_weights {
+        ggml_tensor * up, * down, * sh_gate, * sh_up, * sh_down, * router, * mean, * norm, * scale, * logits;
+    };
+    ggml_init_params ipw = { (size_t) (16 * o.layers + 4) * ggml_tensor_overhead(), nullptr, true };
     ggml_context * ctx_q = ggml_init(ipw);
     ggml_context * ctx_f = ggml_init(ipw);
-    ggml_tensor * up     = ggml_new_tensor_3d(ctx_q, o.type, o.d, o.De, o.E);
-    ggml_tensor * down   = ggml_new_tensor_3d(ctx_q, o.type, o.De, o.d, o.E);
-    ggml_tensor * sh_gate = ggml_new_tensor_2d(ctx_q, o.type, o.d, o.Ds);
-    ggml_tensor * sh_up   = ggml_new_tensor_2d(ctx_q, o.type, o.d, o.Ds);
-    ggml_tensor * sh_down = ggml_new_tensor_2d(ctx_q, o.type, o.Ds, o.d);
-    ggml_tensor * router = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.d, o.E);
-    ggml_tensor * mean   = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.d);
-    ggml_tensor * norm   = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.De);
-    ggml_tensor * scale  = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.E);
-    ggml_tensor * x      = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.d, o.T);
-    ggml_tensor * logits = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.E, o.T);
+    std::vector<layer_weights> layers(o.layers);
+    for (auto & w : layers) {
+        w.up      = ggml_new_tensor_3d(ctx_q, o.type, o.d, o.De, o.E);
+        w.down    = ggml_new_tensor_3d(ctx_q, o.type, o.De, o.d, o.E);
+        w.sh_gate = ggml_new_tensor_2d(ctx_q, o.type, o.d, o.Ds);
+        w.sh_up   = ggml_new_tensor_2d(ctx_q, o.type, o.d, o.Ds);
+        w.sh_down = ggml_new_tensor_2d(ctx_q, o.type, o.Ds, o.d);
+        w.router  = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.d, o.E);
+        w.mean    = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.d);
+        w.norm    = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.De);
+        w.scale   = ggml_new_tensor_1d(ctx_f, GGML_TYPE_F32, o.E);
+        w.logits  = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.E, o.T);
+    }
+    ggml_tensor * x = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.d, o.T);
     ggml_backend_buffer_type_t repack = o.repack ? repack_buffer_type(dev, o) : nullptr;
     const bool repacked = repack != nullptr;
     ggml_backend_buffer_t buf_q = ggml_backend_alloc_ctx_tensors_from_buft(ctx_q, repacked ? repack : ggml_backend_cpu_buffer_type());
     ggml_backend_buffer_t buf_f = ggml_backend_alloc_ctx_tensors(ctx_f, backend);
-    ggml_deco_moe_params p = { GGML_DECO_ACT_NORM_SILU, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, GGML_DECO_BIAS_NONE, 1e-5f, 0, -1 };
-    for (ggml_tensor * t : { up, sh_gate, sh_up, router, x }) fill(t, rng, 1.0f / sqrtf((float) o.d));
-    fill(down, rng, 1.0f / sqrtf((float) o.De));
-    fill(sh_down, rng, 1.0f / sqrtf((float) o.Ds));
-    fill(mean, rng, 0.01f);
-    fill(norm, rng, 1.0f);
-    fill(scale, rng, 1.0f);
+    fill(x, rng, 1.0f);
 
-    // logits: exactly n_act positive entries per token
+    // logits: exactly n_act positive entries per token (random sets)
     const int64_t n_act = std::max<int64_t>(0, std::min<int64_t>(o.E, llround(o.rate * o.E)));
-    {
+    for (auto & w : layers) {
+        for (ggml_tensor * t : { w.up, w.sh_gate, w.sh_up, w.router }) fill(t, rng, 1.0f / sqrtf((float) o.d));
+        fill(w.down, rng, 1.0f / sqrtf((float) o.De));
+        fill(w.sh_down, rng, 1.0f / sqrtf((float) o.Ds));
+        fill(w.mean, rng, 0.01f);
+        fill(w.norm, rng, 1.0f);
+        fill(w.scale, rng, 1.0f);
         std::vector<float> lg(o.E * o.T);
         std::vector<int> perm(o.E);
         std::uniform_real_distribution<float> u(0.1f, 1.0f);
@@ -160,35 +171,40 @@ int main(int argc, char ** argv) {
             std::shuffle(perm.begin(), perm.end(), rng);
             for (int64_t k = 0; k < o.E; ++k) lg[t * o.E + perm[k]] = k < n_act ? u(rng) : -u(rng);
         }
-        ggml_backend_tensor_set(logits, lg.data(), 0, lg.size() * sizeof(float));
+        ggml_backend_tensor_set(w.logits, lg.data(), 0, lg.size() * sizeof(float));
     }
 
-    // the two graphs: router + DECO op + shared SwiGLU, sparse and dense
-    ggml_init_params ipg = { 64 * ggml_tensor_overhead() + 2 * ggml_graph_overhead(), nullptr, true };
+    // the two graphs, sparse and dense: per layer router + DECO op + shared SwiGLU, added and RMS-normed into
+    // the next layer's input (one graph, as in a model: thread wake-ups amortised, weights streamed from memory)
+    ggml_init_params ipg = { (size_t) (32 * o.layers + 16) * ggml_tensor_overhead() + 2 * ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx_g = ggml_init(ipg);
     ggml_cgraph * graphs[2];
+    ggml_deco_moe_params p = { GGML_DECO_ACT_NORM_SILU, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, GGML_DECO_BIAS_NONE, 1e-5f, 0, -1 };
     for (int dense = 0; dense < 2; ++dense) {
         ggml_deco_moe_params pp = p;
         pp.flags = dense ? GGML_DECO_FLAG_DENSE : 0;
-        ggml_tensor * raw = ggml_mul_mat(ctx_g, router, x);
-        ggml_tensor * moe = ggml_deco_moe(ctx_g, x, logits, up, nullptr, down, mean, norm, scale, nullptr, pp);
-        ggml_tensor * sh  = ggml_mul_mat(ctx_g, sh_down,
-                                         ggml_swiglu_split(ctx_g, ggml_mul_mat(ctx_g, sh_gate, x), ggml_mul_mat(ctx_g, sh_up, x)));
         graphs[dense] = ggml_new_graph(ctx_g);
-        ggml_build_forward_expand(graphs[dense], raw);
-        ggml_build_forward_expand(graphs[dense], ggml_add(ctx_g, moe, sh));
+        ggml_tensor * cur = x;
+        for (const auto & w : layers) {
+            ggml_build_forward_expand(graphs[dense], ggml_mul_mat(ctx_g, w.router, cur));
+            ggml_tensor * moe = ggml_deco_moe(ctx_g, cur, w.logits, w.up, nullptr, w.down, w.mean, w.norm, w.scale, nullptr, pp);
+            ggml_tensor * sh  = ggml_mul_mat(ctx_g, w.sh_down, ggml_swiglu_split(ctx_g, ggml_mul_mat(ctx_g, w.sh_gate, cur),
+                                                                                 ggml_mul_mat(ctx_g, w.sh_up, cur)));
+            cur = ggml_rms_norm(ctx_g, ggml_add(ctx_g, moe, sh), 1e-5f);
+        }
+        ggml_build_forward_expand(graphs[dense], cur);
     }
     ggml_gallocr_t galloc[2] = { ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend)),
                                  ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend)) };
     for (int i = 0; i < 2; ++i) ggml_gallocr_alloc_graph(galloc[i], graphs[i]);
 
-    std::vector<double> us[2];
+    std::vector<double> us[2]; // per layer
     for (int r = 0; r < o.reps + 3; ++r) {
         for (int dense = 0; dense < 2; ++dense) {
             const auto t0 = std::chrono::steady_clock::now();
             ggml_backend_graph_compute(backend, graphs[dense]);
             const auto t1 = std::chrono::steady_clock::now();
-            if (r >= 3) us[dense].push_back(std::chrono::duration<double, std::micro>(t1 - t0).count()); // 3 warm-up runs
+            if (r >= 3) us[dense].push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / o.layers); // 3 warm-up runs
         }
     }
 
@@ -197,8 +213,9 @@ int main(int argc, char ** argv) {
     const double rate = (double) n_act / o.E;
     double fixed, experts;
     if (o.T == 1) {
-        fixed   = (double) (ggml_nbytes(router) + ggml_nbytes(sh_gate) + ggml_nbytes(sh_up) + ggml_nbytes(sh_down));
-        experts = (double) (ggml_nbytes(up) + ggml_nbytes(down));
+        const layer_weights & w = layers[0];
+        fixed   = (double) (ggml_nbytes(w.router) + ggml_nbytes(w.sh_gate) + ggml_nbytes(w.sh_up) + ggml_nbytes(w.sh_down));
+        experts = (double) (ggml_nbytes(w.up) + ggml_nbytes(w.down));
     } else {
         fixed   = (double) (o.E + 3 * o.Ds) * o.d;
         experts = 2.0 * o.E * o.De * o.d;
@@ -206,10 +223,10 @@ int main(int argc, char ** argv) {
     const double bound = (fixed + experts) / (fixed + rate * experts);
     const double sparse_us = median(us[0]), dense_us = median(us[1]);
     printf("{\"d\": %lld, \"De\": %lld, \"E\": %lld, \"Ds\": %lld, \"type\": \"%s\", \"repacked\": %s, \"tokens\": %lld, "
-           "\"threads\": %d, \"rate\": %.4f, \"reps\": %d, \"sparse_us\": %.2f, \"dense_us\": %.2f, \"ratio\": %.3f, "
+           "\"threads\": %d, \"layers\": %d, \"rate\": %.4f, \"reps\": %d, \"sparse_us\": %.2f, \"dense_us\": %.2f, \"ratio\": %.3f, "
            "\"bound\": %.3f, \"bound_kind\": \"%s\", \"of_bound\": %.3f}\n",
            (long long) o.d, (long long) o.De, (long long) o.E, (long long) o.Ds, ggml_type_name(o.type),
-           repacked ? "true" : "false", (long long) o.T, o.threads, rate, o.reps, sparse_us, dense_us,
+           repacked ? "true" : "false", (long long) o.T, o.threads, o.layers, rate, o.reps, sparse_us, dense_us,
            dense_us / sparse_us, bound, o.T == 1 ? "bytes" : "flops", dense_us / sparse_us / bound);
 
     for (auto * g : galloc) ggml_gallocr_free(g);

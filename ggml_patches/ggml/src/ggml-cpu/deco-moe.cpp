@@ -347,6 +347,14 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     const int64_t unit_up   = std::max(row_unit(pt_a), row_unit(pt_up));
     const int64_t unit_down = row_unit(pt_down);
 
+    // the next expert's rows start where the hardware prefetcher has no stream yet: ask for their first lines
+    auto prefetch_rows = [](const ggml_tensor * w, int64_t e, int64_t r0) {
+        const char * p0 = (const char *) w->data + e * w->nb[2] + r0 * w->nb[1];
+        for (int off = 0; off < 2048; off += 64) {
+            __builtin_prefetch(p0 + off);
+        }
+    };
+
     // rows [r0, r1) of expert e of w times one quantized vector q: out[r - r0]
     auto rows_dot = [](const ggml_tensor * w, const product_traits * pt, ggml_vec_dot_t vec_dot, int64_t k,
                        int64_t e, int64_t r0, int64_t r1, const void * q, float * out) {
@@ -409,6 +417,9 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
             const int64_t g0 = R * ith / nth * unit_up, g1 = R * (ith + 1) / nth * unit_up;
             for (int64_t gr = g0; gr < g1;) {
                 const int64_t k = gr / De, r0 = gr % De, r1 = std::min(De, r0 + (g1 - gr));
+                if (k + 1 < np && (k + 1) * De < g1) {
+                    prefetch_rows(wa, EXP[k + 1], 0);
+                }
                 rows_dot(wa, pt_a, vec_dot_up, d, EXP[k], r0, r1, st.xq, U + gr);
                 if (gate) {
                     rows_dot(up, pt_up, vec_dot_up, d, EXP[k], r0, r1, st.xq, G + gr);
@@ -440,6 +451,9 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
             if (pt_down) {
                 // repacked W_down: one gemv per active expert over the owned rows, accumulated
                 for (int64_t k = 0; k < np; ++k) {
+                    if (k + 1 < np) {
+                        prefetch_rows(down, EXP[k + 1], i0);
+                    }
                     rows_dot(down, pt_down, vec_dot_down, De, EXP[k], i0, i1, vq1 + k * L.row_v, k == 0 ? y + i0 : y1);
                     if (k > 0) {
                         ggml_vec_acc_f32((int) (i1 - i0), y + i0, y1);
