@@ -372,7 +372,9 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
         const float * raw = (const float *) ((const char *) logits->data + t * logits->nb[1]);
         st.NACT[t] = (int32_t) deco_route_token(p, E, raw, scale_d, n_scale, bias_d, dense, st.S + t * E, st.FLAG + t * E);
         const float * xt = (const float *) ((const char *) x->data + t * x->nb[1]);
-        from_float_x(xt, st.xq + t * L.row_x, d);
+        if (T == 1 || !pt_a) { // the repacked prefill quantizes each expert's x rows itself, in the gemm's layout
+            from_float_x(xt, st.xq + t * L.row_x, d);
+        }
         float m = 0.0f;
         if (mean) {
             ggml_vec_dot_f32((int) d, &m, 0, (const float *) mean->data, 0, xt, 0, 1);
