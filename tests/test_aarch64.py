@@ -45,6 +45,8 @@ def qemu(args: list[str], timeout: int, **env: str) -> subprocess.CompletedProce
 def test_op_against_naive_reference_on_aarch64():
     r = qemu([str(BIN / "test-deco-ffn"), "2"], timeout=900)
     assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    # the expert weights also went through the CPU_REPACK buffer, i.e. ggml's NEON repacked kernels
+    assert "(repacked weights: q4_0 q8_0" in r.stdout, r.stdout[-500:]
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
