@@ -20,6 +20,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml-deco.h"
+#include "deco-cpu-repack.h"
 
 #include <algorithm>
 #include <chrono>
@@ -70,30 +71,6 @@ options parse(int argc, char ** argv) {
         else { fprintf(stderr, "unknown argument %s (see the header of bench-deco-ffn.cpp)\n", a.c_str()); exit(2); }
     }
     return o;
-}
-
-// the CPU_REPACK buffer type if the op accepts expert weights of this type and shape in it (the model
-// loader's rule for placing weights), else NULL
-ggml_backend_buffer_type_t repack_buffer_type(ggml_backend_dev_t dev, const options & o) {
-    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
-        ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
-    ggml_backend_buffer_type_t buft = nullptr;
-    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(dev) : nullptr; b && *b; ++b) {
-        if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) buft = *b;
-    }
-    if (!buft) return nullptr;
-    ggml_init_params ip = { 8 * ggml_tensor_overhead(), nullptr, true };
-    ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * up   = ggml_new_tensor_3d(ctx, o.type, o.d, o.De, o.E);
-    ggml_tensor * down = ggml_new_tensor_3d(ctx, o.type, o.De, o.d, o.E);
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
-    ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, o.d, o.T);
-    ggml_tensor * logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, o.E, o.T);
-    ggml_deco_moe_params p = { GGML_DECO_ACT_SILU, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_NONE, GGML_DECO_BIAS_NONE, 1e-5f, 0, -1 };
-    const bool ok = ggml_backend_dev_supports_op(dev, ggml_deco_moe(ctx, x, logits, up, nullptr, down, nullptr, nullptr, nullptr, nullptr, p));
-    ggml_backend_buffer_free(buf);
-    ggml_free(ctx);
-    return ok ? buft : nullptr;
 }
 
 // random values written in the tensor's type
@@ -148,7 +125,7 @@ int main(int argc, char ** argv) {
         w.logits  = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.E, o.T);
     }
     ggml_tensor * x = ggml_new_tensor_2d(ctx_f, GGML_TYPE_F32, o.d, o.T);
-    ggml_backend_buffer_type_t repack = o.repack ? repack_buffer_type(dev, o) : nullptr;
+    ggml_backend_buffer_type_t repack = o.repack && deco_repack_accepts(o.type, o.d, o.De, o.E) ? deco_repack_buffer_type() : nullptr;
     const bool repacked = repack != nullptr;
     ggml_backend_buffer_t buf_q = ggml_backend_alloc_ctx_tensors_from_buft(ctx_q, repacked ? repack : ggml_backend_cpu_buffer_type());
     ggml_backend_buffer_t buf_f = ggml_backend_alloc_ctx_tensors(ctx_f, backend);

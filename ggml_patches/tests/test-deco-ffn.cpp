@@ -17,6 +17,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml-deco.h"
+#include "deco-cpu-repack.h"
 
 #include <cmath>
 #include <cstdio>
@@ -82,17 +83,6 @@ std::vector<float> roundtrip(ggml_type type, const float * x, int64_t n) {
     return dequantize_row(type, q.data(), n);
 }
 
-// the CPU backend's CPU_REPACK buffer type, if this build has one
-ggml_backend_buffer_type_t repack_buffer_type() {
-    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
-        ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
-    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(dev) : nullptr; b && *b; ++b) {
-        if (strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) return *b;
-    }
-    return nullptr;
-}
-
 // an expert weight: its plain bytes on the host (what the reference reads), uploaded into a backend buffer
 // (the CPU_REPACK buffer rewrites them into its interleaved layout)
 struct expert_weight {
@@ -151,25 +141,6 @@ void poison_expert(expert_weight & w, int64_t e) {
 
 double silu(double x) { return x / (1.0 + exp(-x)); }
 
-// true if this CPU has a repacked layout of `type` that GGML_OP_DECO_MOE reads (asked through supports_op)
-bool repack_supported(ggml_type type, int64_t d, int64_t De) {
-    ggml_backend_buffer_type_t buft = repack_buffer_type();
-    if (!buft) return false;
-    ggml_init_params ip = { 16 * ggml_tensor_overhead(), nullptr, true };
-    ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * up   = ggml_new_tensor_3d(ctx, type, d, De, 4);
-    ggml_tensor * down = ggml_new_tensor_3d(ctx, type, De, d, 4);
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
-    ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, d, 1);
-    ggml_tensor * logits = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 4, 1);
-    ggml_deco_moe_params p = { GGML_DECO_ACT_SILU, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_NONE, GGML_DECO_BIAS_NONE, 1e-5f, 0, -1 };
-    ggml_tensor * node = ggml_deco_moe(ctx, x, logits, up, nullptr, down, nullptr, nullptr, nullptr, nullptr, p);
-    const bool ok = ggml_backend_dev_supports_op(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU), node);
-    ggml_backend_buffer_free(buf);
-    ggml_free(ctx);
-    return ok;
-}
-
 bool run_case(const case_params & c, int n_threads) {
     std::mt19937 rng(1234 + (unsigned) c.E * 7 + (unsigned) c.T * 13 + (unsigned) c.type);
 
@@ -194,7 +165,7 @@ bool run_case(const case_params & c, int n_threads) {
     w_gate.t = c.gated ? ggml_new_tensor_3d(ctx_w, c.type, c.d, c.De, c.E) : nullptr;
     w_down.t = ggml_new_tensor_3d(ctx_w, c.type, c.De, c.d, c.E);
     ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(
-        ctx_w, c.repacked ? repack_buffer_type() : ggml_backend_cpu_buffer_type());
+        ctx_w, c.repacked ? deco_repack_buffer_type() : ggml_backend_cpu_buffer_type());
     ggml_tensor * up   = w_up.t;
     ggml_tensor * gate = w_gate.t;
     ggml_tensor * down = w_down.t;
@@ -415,7 +386,7 @@ int main(int argc, char ** argv) {
     std::string repacked_types;
     for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_IQ4_NL, GGML_TYPE_Q4_K }) {
         const bool k_quant = t == GGML_TYPE_Q4_K;
-        if (!repack_supported(t, 256, k_quant ? 256 : 64)) continue;
+        if (!deco_repack_accepts(t, 256, k_quant ? 256 : 64, 4)) continue;
         repacked_types += std::string(" ") + ggml_type_name(t);
         if (k_quant) {
             cases.push_back({t, 256, 256, 9, 5, GGML_DECO_ACT_NORM_SILU, true, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0, true});
@@ -437,7 +408,7 @@ int main(int argc, char ** argv) {
     // also with one thread and with more threads than work
     for (int nt : {1, 7}) {
         for (bool repacked : {false, true}) {
-            if (repacked && !repack_supported(GGML_TYPE_Q4_0, 64, 32)) continue;
+            if (repacked && !deco_repack_accepts(GGML_TYPE_Q4_0, 64, 32, 4)) continue;
             case_params c = {GGML_TYPE_Q4_0, 64, 32, 13, 2, GGML_DECO_ACT_NORM_SILU, false, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0, repacked};
             (run_case(c, nt) ? n_ok : n_fail)++;
             c.T = 1;
