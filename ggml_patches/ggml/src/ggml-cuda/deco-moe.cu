@@ -397,6 +397,7 @@ static void deco_counters_flush() {
         CUDA_CHECK(cudaDeviceSynchronize());
         CUDA_CHECK(cudaMemcpy(c.data(), deco_counters[device], deco_counters_size, cudaMemcpyDeviceToHost));
         CUDA_CHECK(cudaMemset(deco_counters[device], 0, deco_counters_size));
+        CUDA_CHECK(cudaDeviceSynchronize()); // the legacy stream's memset, before ggml's (non-blocking) streams count again
         for (int layer = 0; layer < GGML_DECO_STATS_MAX_LAYERS; ++layer) {
             const unsigned long long * cl = c.data() + 4*layer;
             if (cl[0] > 0) {
@@ -409,14 +410,14 @@ static void deco_counters_flush() {
 
 // the counters of `layer` on the current device (allocated on first use: the first evaluation of a graph is
 // never captured into a CUDA graph); nullptr if the layer is not counted
-static unsigned long long * deco_counters_layer(const int device, const int layer) {
+static unsigned long long * deco_counters_layer(const int device, const int layer, cudaStream_t stream) {
     if (layer < 0 || layer >= GGML_DECO_STATS_MAX_LAYERS) {
         return nullptr;
     }
     std::lock_guard<std::mutex> lock(deco_counters_mutex);
     if (!deco_counters[device]) {
         CUDA_CHECK(cudaMalloc(&deco_counters[device], deco_counters_size));
-        CUDA_CHECK(cudaMemset(deco_counters[device], 0, deco_counters_size));
+        CUDA_CHECK(cudaMemsetAsync(deco_counters[device], 0, deco_counters_size, stream)); // before this op's atomics
         ggml_deco_stats_register_flush(deco_counters_flush);
     }
     return deco_counters[device] + 4*layer;
@@ -427,6 +428,10 @@ static unsigned long long * deco_counters_layer(const int device, const int laye
 //
 
 bool ggml_cuda_deco_moe_supported(const ggml_tensor * op) {
+#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
+    GGML_UNUSED(op);
+    return false; // the kernels assume 32-wide warps (ballots, shuffles)
+#else
     const ggml_tensor * up     = op->src[0];
     const ggml_tensor * down   = op->src[1];
     const ggml_tensor * gate   = op->src[2];
@@ -451,7 +456,9 @@ bool ggml_cuda_deco_moe_supported(const ggml_tensor * op) {
     const int64_t T  = x->ne[1];
     return units_ok(up->type, d) && units_ok(down->type, De) &&
            x->type == GGML_TYPE_F32 && logits->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F32 &&
-           E <= 65535 && T <= 65535 && d <= INT_MAX/2 && De <= INT_MAX/2 && E*De <= INT_MAX/2; // grid y/z, int indices
+           E <= 65535 && T <= 65535 && d <= INT_MAX/2 && De <= INT_MAX/2 && E*De <= INT_MAX/2 && // grid y/z, int indices
+           T*E*De <= (int64_t) 1 << 26; // the up (and gate) scratch holds T*E*De floats: 256 MB at most each
+#endif
 }
 
 void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -513,7 +520,7 @@ void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         mean ? (const float *) mean->data : nullptr,
         scale ? (const float *) scale->data : nullptr, scale ? (int) ggml_nelements(scale) : 0,
         bias ? (const float *) bias->data : nullptr, p, d, E, T,
-        S.get(), LIST.get(), NCOMP.get(), MEAN.get(), deco_counters_layer(ctx.device, p.layer));
+        S.get(), LIST.get(), NCOMP.get(), MEAN.get(), deco_counters_layer(ctx.device, p.layer, stream));
     CUDA_CHECK(cudaGetLastError());
     deco_group<<<(E + DECO_NW - 1)/DECO_NW, block, 0, stream>>>(S.get(), dense, E, T, ECNT.get(), ETOK.get());
     CUDA_CHECK(cudaGetLastError());
