@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__ARM_FEATURE_SVE) || defined(__ARM_FEATURE_MATMUL_INT8)
 #undef GGML_USE_LLAMAFILE // as in ggml-cpu.c
@@ -104,7 +105,11 @@ deco_layout make_layout(const ggml_tensor * node, int nth) {
     return L;
 }
 
-inline float silu(float x) { return x / (1.0f + expf(-x)); }
+// this thread's share [first, second) of n rows, cut on multiples of `unit` (n is a multiple of unit)
+inline std::pair<int64_t, int64_t> thread_rows(int64_t n, int64_t unit, int ith, int nth) {
+    const int64_t groups = n / unit;
+    return { groups * ith / nth * unit, groups * (ith + 1) / nth * unit };
+}
 
 } // namespace
 
@@ -415,8 +420,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
 
         // phase 3: the np*De up (gate) rows, split evenly over threads in whole row groups
         {
-            const int64_t R = np * De / unit_up;
-            const int64_t g0 = R * ith / nth * unit_up, g1 = R * (ith + 1) / nth * unit_up;
+            const auto [g0, g1] = thread_rows(np * De, unit_up, ith, nth);
             for (int64_t gr = g0; gr < g1;) {
                 const int64_t k = gr / De, r0 = gr % De, r1 = std::min(De, r0 + (g1 - gr));
                 if (k + 1 < np && (k + 1) * De < g1) {
@@ -443,8 +447,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
         // phase 5: y[i] = dot(concat_k W_down[EXP[k]][i], concat_k v_k): gather the active segments of a
         // few rows into a small buffer, then one long vec_dot per row (instead of np short ones)
         {
-            const int64_t n_groups = d / unit_down;
-            const int64_t i0 = n_groups * ith / nth * unit_down, i1 = n_groups * (ith + 1) / nth * unit_down;
+            const auto [i0, i1] = thread_rows(d, unit_down, ith, nth);
             float * y = (float *) dst->data;
             if (np == 0) {
                 memset(y + i0, 0, (i1 - i0) * sizeof(float));
@@ -545,8 +548,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
                 float * C = (pass == 0 ? U : G) + OFF[e] * De;
                 const char * A = (const char *) w->data + e * w->nb[2];
                 if (pt) {
-                    const int64_t n_groups = De / unit_up;
-                    const int64_t r0 = n_groups * ith / nth * unit_up, r1 = n_groups * (ith + 1) / nth * unit_up;
+                    const auto [r0, r1] = thread_rows(De, unit_up, ith, nth);
                     if (r1 > r0) {
                         pt->mul(d, A + r0 * w->nb[1], r1 - r0, X, cnt, C + r0, De);
                     }
@@ -606,8 +608,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     // its columns of C_e (C alternates between two buffers, so one barrier per expert); without gemm, vec_dot on
     // the owned columns directly.
     {
-        const int64_t n_groups = d / unit_down;
-        const int64_t i0 = n_groups * ith / nth * unit_down, i1 = n_groups * (ith + 1) / nth * unit_down;
+        const auto [i0, i1] = thread_rows(d, unit_down, ith, nth);
         for (int64_t t = 0; t < T; ++t) {
             float * y = (float *) ((char *) dst->data + t * dst->nb[1]);
             memset(y + i0, 0, (i1 - i0) * sizeof(float));
