@@ -25,14 +25,14 @@ BENCH_FFN=.deps/build/bin/bench-deco-ffn
 [ -x "$BENCH_FFN" ] || { echo "run scripts/setup.sh first (no $BENCH_FFN)" >&2; exit 1; }
 mkdir -p "$OUT"
 
-# shape of one DECO FFN layer per preset (spec: released shapes)
+# shape of one DECO FFN layer of a fixture preset (the released shapes, deco_gguf.fixtures.PRESETS)
 ffn_args() {
-    case "$1" in
-        deco-0.1b) echo "--d 768 --De 64 --E 42 --Ds 128" ;;
-        deco-0.5b) echo "--d 1280 --De 64 --E 77 --Ds 128" ;;
-        *) echo "unknown shape $1" >&2; exit 2 ;;
-    esac
+    python -c "from deco_gguf.fixtures import PRESETS; p = PRESETS['$1']
+print(f'--d {p.hidden_size} --De {p.expert_ffn} --E {p.num_experts} --Ds {p.shared_ffn}')" 2>/dev/null
 }
+for shape in $SHAPES; do
+    ffn_args "$shape" >/dev/null || { echo "unknown shape $shape (fixture presets: deco-0.1b deco-0.5b)" >&2; exit 2; }
+done
 
 echo "== FFN layer alone" >&2
 : > "$OUT/ffn.jsonl"
