@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DecoError
+from ..signals import Terminated
 
 app = typer.Typer(
     help="Convert, inspect and run DECO sparse mixture-of-experts models as GGUF.",
@@ -25,7 +26,8 @@ err_console = Console(stderr=True)
 
 
 def friendly_errors(command):
-    """Turn DecoError into one red line on stderr and exit code 1; Ctrl-C into exit 130."""
+    """Turn DecoError into one red line on stderr and exit code 1; Ctrl-C into exit 130, SIGTERM
+    into exit 143 (outputs being written are removed on the way)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -37,6 +39,9 @@ def friendly_errors(command):
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except Terminated:
+            err_console.print("[yellow]terminated[/]")
+            raise typer.Exit(143) from None
 
     return wrapper
 
@@ -68,22 +73,42 @@ def convert(
     output: Annotated[Path, typer.Option("--output", "-o", help="GGUF file to write (replaced only when complete).")],
     outtype: Annotated[OutType, typer.Option(help="Type of the non-expert matrices (attention, dense FFN, shared expert, embeddings).")] = OutType.f16,
     expert_type: Annotated[Optional[ExpertType], typer.Option(help="Type of the routed expert matrices; default: same as --outtype.")] = None,
+    override: Annotated[Optional[list[str]], typer.Option(help="Replace a config.json value, KEY=VALUE (VALUE read as JSON, else as text); repeatable. For µP checkpoints whose scale_emb, scale_depth or dim_model_base differ from training.", metavar="KEY=VALUE")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Convert a DECO checkpoint (safetensors or pytorch_model.bin) to GGUF.
 
     Routers, router scales, norms and the NormSiLU mean row always stay F32.
     Disagreements between config.json and the tensors are reported as warnings;
-    the tensors win.
+    the tensors win. The output is written only when complete and never over one
+    of the checkpoint's own files.
+
+    With use_mup the µP scales come from config.json, which released converters
+    copy from a template: the values used are printed, and --override scale_emb=12
+    (etc.) gives the training run's.
     """
     from ..converter import convert as run_convert
 
     converter = run_convert(
         hf_dir, output, outtype.value, expert_type.value if expert_type else None,
-        show_progress=not quiet, on_warning=warn,
+        show_progress=not quiet, on_warning=warn, overrides=_config_overrides(override or []),
     )
     size = output.stat().st_size
     console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB, {len(list(converter.tensor_plans()))} tensors)")
+
+
+def _config_overrides(items: list[str]) -> dict:
+    """`KEY=VALUE` strings as a dict, each VALUE read as JSON (numbers, true, null) or else as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DecoError(f"--override {item!r}: expected KEY=VALUE, e.g. scale_emb=12")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 @app.command()

@@ -21,7 +21,8 @@ from gguf import GGMLQuantizationType as Q
 from ..checkpoint import HFCheckpoint
 from ..config import DecoConfig
 from ..errors import DecoError
-from ..files import atomic_output
+from ..files import atomic_output, refuse_inputs
+from ..signals import held_interrupts
 from .vocab import Vocab, load_vocab
 
 ARCH = "deco"
@@ -196,34 +197,39 @@ def convert(
     expert_type: str | None = None,
     show_progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    overrides: dict | None = None,
 ) -> DecoConverter:
-    """Convert `hf_dir` to the GGUF file `out_path`; nothing is left behind on failure."""
+    """Convert `hf_dir` to the GGUF file `out_path`; nothing is left behind on failure or interrupt,
+    and an output that is one of the checkpoint's files is refused."""
     out_path = Path(out_path)
-    if out_path.is_dir():
-        raise DecoError(f"{out_path}: is a directory, expected an output file name")
-    converter = DecoConverter(HFCheckpoint(hf_dir), outtype, expert_type)
-    plans = list(converter.tensor_plans())
-    for message in converter.warnings:
-        (on_warning or (lambda m: None))(message)
+    # Ctrl-C and SIGTERM are held while reading (see signals.held_interrupts) and act between tensors.
+    with held_interrupts() as check_interrupts:
+        ckpt = HFCheckpoint(hf_dir, overrides)
+        refuse_inputs(out_path, ckpt.input_files())
+        converter = DecoConverter(ckpt, outtype, expert_type)
+        plans = list(converter.tensor_plans())
+        for message in converter.warnings:
+            (on_warning or (lambda m: None))(message)
 
-    with atomic_output(out_path) as tmp_path:
-        writer = gguf.GGUFWriter(tmp_path, ARCH)
-        converter.add_metadata(writer, Path(hf_dir).resolve().name)
-        for p in plans:
-            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        progress = _progress() if show_progress else None
-        total = sum(p.nbytes for p in plans)
-        with progress or contextlib.nullcontext():
-            task = progress.add_task("converting", total=total, tensor="") if progress else None
+        with atomic_output(out_path) as tmp_path:
+            writer = gguf.GGUFWriter(tmp_path, ARCH)
+            converter.add_metadata(writer, Path(hf_dir).resolve().name)
             for p in plans:
-                data = p.encode()
-                if data.nbytes != p.nbytes:
-                    raise DecoError(f"internal: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
-                writer.write_tensor_data(data)
-                if progress:
-                    progress.update(task, advance=p.nbytes, tensor=p.name)
-        writer.close()
+                writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            progress = _progress() if show_progress else None
+            total = sum(p.nbytes for p in plans)
+            with progress or contextlib.nullcontext():
+                task = progress.add_task("converting", total=total, tensor="") if progress else None
+                for p in plans:
+                    check_interrupts()
+                    data = p.encode()
+                    if data.nbytes != p.nbytes:
+                        raise DecoError(f"internal: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
+                    writer.write_tensor_data(data)
+                    if progress:
+                        progress.update(task, advance=p.nbytes, tensor=p.name)
+            writer.close()
     return converter

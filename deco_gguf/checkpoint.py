@@ -31,7 +31,11 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
-DEFAULT_CONTEXT = 4096  # DECO's training context
+# Tokenizer files the converter (and gguf's SentencePiece reader) may read.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
+
+DEFAULT_CONTEXT = 4096
+MUP_KEYS = ("scale_emb", "scale_depth", "dim_model_base")  # DECO's training context
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -64,6 +68,9 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file.get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        return self._file.get_slice(name).get_dtype()  # F32, BF16, I64, ...
+
     def tensor(self, name: str) -> torch.Tensor:
         # A mapping of its own, dropped after the copy: pages read stay out of our resident set.
         with safe_open(str(self._path), framework="pt") as f:
@@ -92,18 +99,25 @@ class _TorchBinFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._state[name].shape)
 
+    def dtype(self, name: str) -> str:
+        return str(self._state[name].dtype).removeprefix("torch.")  # float32, bfloat16, int64, ...
+
     def tensor(self, name: str) -> torch.Tensor:
         return self._state[name]
 
 
 class HFCheckpoint:
-    """A DECO checkpoint directory: config, tensor index and lazy tensor access."""
+    """A DECO checkpoint directory: config, tensor index and lazy tensor access.
 
-    def __init__(self, path: str | Path):
+    `overrides` replace config.json keys (values the released config.json gets wrong, such as the
+    µP scales of a checkpoint trained with other values than its template's)."""
+
+    def __init__(self, path: str | Path, overrides: dict | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise DecoError(f"{self.path}: not a checkpoint directory")
-        self.raw_config = read_json(self.path / "config.json")
+        self.overrides = dict(overrides or {})
+        self.raw_config = read_json(self.path / "config.json") | self.overrides
         self._files: dict[str, _SafetensorsFile | _TorchBinFile] = {}
         self._location: dict[str, str] = {}  # tensor name -> weight file name
         self._index_weight_files()
@@ -152,6 +166,9 @@ class HFCheckpoint:
             raise DecoError(f"{self.path}: missing tensor {name}")
         return self._open(self._location[name]).shape(name)
 
+    def dtype(self, name: str) -> str:
+        return self._open(self._location[name]).dtype(name)
+
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor as stored (dtype included); safetensors are read lazily."""
         if name not in self._location:
@@ -163,6 +180,11 @@ class HFCheckpoint:
 
     def weight_files(self) -> list[Path]:
         return [self.path / f for f in sorted(set(self._location.values()))]
+
+    def input_files(self) -> list[Path]:
+        """Every file a conversion reads: config, weight index, weights, tokenizer."""
+        names = ["config.json", SAFETENSORS_INDEX, BIN_INDEX, *TOKENIZER_FILES]
+        return [p for p in (self.path / n for n in names) if p.is_file()] + self.weight_files()
 
 
 # -- config resolution ------------------------------------------------------
@@ -311,12 +333,24 @@ def resolve_config(raw: dict, ckpt: HFCheckpoint) -> DecoConfig:
 
     embedding_scale = residual_scale = logit_scale = 1.0
     if raw.get("use_mup"):
-        missing = [k for k in ("scale_emb", "scale_depth", "dim_model_base") if raw.get(k) is None]
+        missing = [k for k in MUP_KEYS if raw.get(k) is None]
         if missing:
             raise DecoError(f"config.json use_mup is true but {', '.join(missing)} is missing")
-        embedding_scale = float(raw["scale_emb"])
-        residual_scale = float(raw["scale_depth"]) / math.sqrt(num_layers)
-        logit_scale = d / float(raw["dim_model_base"])
+        try:
+            embedding_scale = float(raw["scale_emb"])
+            residual_scale = float(raw["scale_depth"]) / math.sqrt(num_layers)
+            logit_scale = d / float(raw["dim_model_base"])
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise DecoError(f"use_mup scales must be non-zero numbers: {', '.join(f'{k}={raw[k]!r}' for k in MUP_KEYS)}") from None
+        # The authors' converter copies these from a template, never from the training run (spec:
+        # config pitfalls): values that differ from training give wrong logits without any error.
+        from_file = [k for k in MUP_KEYS if k not in ckpt.overrides]
+        if from_file:
+            values = ", ".join(f"{k}={raw[k]!r}" for k in MUP_KEYS)
+            warnings.append(
+                f"use_mup is true: using {values}; {', '.join(from_file)} from config.json may be template values, "
+                "not the training run's; if they differ, give the true ones with --override KEY=VALUE"
+            )
 
     config = DecoConfig(
         vocab_size=vocab_size,
@@ -411,6 +445,9 @@ def check_tensor_shapes(config: DecoConfig, ckpt: HFCheckpoint) -> None:
         # A scalar router scale may be stored as [] or [1].
         if actual != shape and not (name.endswith("router_norm.weight") and math.prod(actual) == math.prod(shape)):
             raise DecoError(f"{ckpt.path}: tensor {name} has shape {list(actual)}, expected {list(shape)}")
+        dtype = ckpt.dtype(name)
+        if not dtype.lower().startswith(("f", "bf")):  # F32/BF16 (safetensors), float32/bfloat16 (torch)
+            raise DecoError(f"{ckpt.path}: tensor {name} is stored as {dtype}, expected floating point weights")
     ignored = sorted(set(ckpt.names) - set(expected))
     # router_norm.weight of a `null` router norm is expected to be there and unused.
     unexpected = [n for n in ignored if not n.endswith("mlp.router_norm.weight")]

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 
 from .errors import DecoError
-from .files import atomic_output
+from .files import atomic_output, refuse_inputs
 from .info import read_gguf
 
 # How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the
@@ -209,14 +209,15 @@ def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | Non
     Returns the tensors that fell back to another type because their rows do not fit the preset's
     blocks (e.g. 64-wide expert down projections under 256-wide K-quants).
     """
-    import llama_cpp
-
     src, dst = Path(src), Path(dst)
     preset = preset.upper()
     if preset not in PRESETS:
         raise DecoError(f"unknown quantization type {preset!r} (choose from {', '.join(PRESETS)})")
     read_gguf(src)  # a DECO GGUF, or a one-line error
+    refuse_inputs(dst, [src])
     _library()
+    import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, PRESETS[preset])
     params.nthread = n_threads or os.cpu_count() or 1

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DecoError
+from .files import atomic_output
 
 # Ordinary English prose (written for this benchmark), repeated as needed.
 DEFAULT_TEXT = (
@@ -255,47 +256,43 @@ def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[
     if not tied:
         plan.append(("output.weight", (c.vocab_size, d), types["output"]))
 
-    tmp = out.with_name(f".{out.name}.part")
-    writer = gguf.GGUFWriter(tmp, "llama")
-    writer.add_name(f"dense_eq of {reader.fields['general.name'].contents() if 'general.name' in reader.fields else deco_path.stem}")
-    writer.add_context_length(c.context_length)
-    writer.add_embedding_length(d)
-    writer.add_block_count(c.num_layers)
-    writer.add_feed_forward_length(ff)
-    writer.add_head_count(c.num_heads)
-    writer.add_head_count_kv(c.num_kv_heads)
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
-    writer.add_rope_dimension_count(hd)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    for name, fld in reader.fields.items():
-        if name.startswith("tokenizer."):
-            sub = fld.types[1] if len(fld.types) > 1 else None
-            writer.add_key_value(name, fld.contents(), fld.types[0], sub)
-    rng = np.random.default_rng(0)
+    with atomic_output(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_name(f"dense_eq of {reader.fields['general.name'].contents() if 'general.name' in reader.fields else deco_path.stem}")
+        writer.add_context_length(c.context_length)
+        writer.add_embedding_length(d)
+        writer.add_block_count(c.num_layers)
+        writer.add_feed_forward_length(ff)
+        writer.add_head_count(c.num_heads)
+        writer.add_head_count_kv(c.num_kv_heads)
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
+        writer.add_rope_dimension_count(hd)
+        writer.add_rope_freq_base(c.rope_theta)
+        writer.add_layer_norm_rms_eps(c.norm_eps)
+        writer.add_vocab_size(c.vocab_size)
+        for name, fld in reader.fields.items():
+            if name.startswith("tokenizer."):
+                sub = fld.types[1] if len(fld.types) > 1 else None
+                writer.add_key_value(name, fld.contents(), fld.types[0], sub)
+        rng = np.random.default_rng(0)
 
-    def encode(shape, type_name) -> np.ndarray:
-        if len(shape) == 1:
-            return np.ones(shape, np.float32)  # norms
-        return _quantize(rng.standard_normal(shape, dtype=np.float32) * 0.02, type_name)
+        def encode(shape, type_name) -> np.ndarray:
+            if len(shape) == 1:
+                return np.ones(shape, np.float32)  # norms
+            return _quantize(rng.standard_normal(shape, dtype=np.float32) * 0.02, type_name)
 
-    for name, shape, type_name in plan:
-        qt = gguf.GGMLQuantizationType[type_name]
-        block, size = gguf.GGML_QUANT_SIZES[qt]
-        nbytes = int(np.prod(shape)) // block * size
-        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
-    try:
+        for name, shape, type_name in plan:
+            qt = gguf.GGMLQuantizationType[type_name]
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            nbytes = int(np.prod(shape)) // block * size
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for _, shape, type_name in plan:
             writer.write_tensor_data(encode(shape, type_name))
         writer.close()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     result.built = True
     return result
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,36 +149,170 @@ def test_unknown_type_is_a_usage_error(pristine, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_interrupted_conversion_leaves_nothing(tmp_path):
-    """Ctrl-C while tensors are being written: exit 130, no output, no temporary file."""
-    import dataclasses
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+@pytest.mark.parametrize("option", ["model.safetensors", "config.json", "tokenizer.model"])
+def test_output_that_is_an_input_is_refused(option, pristine, tmp_path):
+    hf_dir = tmp_path / "ckpt"
+    shutil.copytree(pristine["base"], hf_dir)
+    before = {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+    result = run_convert([str(hf_dir), "-o", str(hf_dir / option), "--quiet"])
+    assert result.exit_code == 1 and "is the input" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in hf_dir.iterdir()} == before
 
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_output_linked_to_an_input_is_refused(link, pristine, tmp_path):
+    hf_dir = tmp_path / "ckpt"
+    shutil.copytree(pristine["base"], hf_dir)
+    weights = hf_dir / "model.safetensors"
+    before = weights.read_bytes()
+    out = tmp_path / "out.gguf"
+    out.symlink_to(weights) if link == "symlink" else os.link(weights, out)
+    result = run_convert([str(hf_dir), "-o", str(out), "--quiet"])
+    assert result.exit_code == 1 and "is the input" in result.output, result.output
+    assert weights.read_bytes() == before
+
+
+def test_quantize_onto_its_source_is_refused(pristine, tmp_path):
+    gguf_path = tmp_path / "m.gguf"
+    assert run_convert([str(pristine["base"]), "-o", str(gguf_path), "--quiet"]).exit_code == 0
+    before = gguf_path.read_bytes()
+    result = CliRunner().invoke(app, ["quantize", str(gguf_path), str(gguf_path), "Q4_0"], catch_exceptions=False)
+    assert result.exit_code == 1 and "is the input" in result.output, result.output
+    assert gguf_path.read_bytes() == before
+
+
+def test_integer_weights_are_refused(pristine, tmp_path):
+    hf_dir = tmp_path / "ckpt"
+    shutil.copytree(pristine["base"], hf_dir)
+    edit_tensors(hf_dir, lambda s: s.update({"model.norm.weight": s["model.norm.weight"].to(torch.int64)}))
+    result = run_convert([str(hf_dir), "-o", str(tmp_path / "m.gguf"), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "model.norm.weight is stored as I64, expected floating point" in result.output, result.output
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# -- interrupts and write failures of a real process ---------------------------------------------
+
+CLI = Path(sys.executable).with_name("deco-gguf")
+
+
+@pytest.fixture(scope="module")
+def mid_checkpoint(tmp_path_factory) -> Path:
+    """Big enough that its conversion takes seconds."""
     spec = dataclasses.replace(
         VARIANTS["base"], name="mid", num_layers=8, hidden_size=512, num_experts=64, expert_ffn=64,
         moe_layer_freq=[0] + [1] * 7,
     )
-    hf_dir = write_fixture(tmp_path / "mid", spec)
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    cli = Path(sys.executable).with_name("deco-gguf")
-    proc = subprocess.Popen(
-        [str(cli), "convert", str(hf_dir), "-o", str(out_dir / "m.gguf"), "--outtype", "q8_0", "--expert-type", "q4_0", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a runner in the background ignores it
+    return write_fixture(tmp_path_factory.mktemp("mid") / "mid", spec)
+
+
+def _start_convert(hf_dir: Path, out: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(CLI), "convert", str(hf_dir), "-o", str(out), "--outtype", "q8_0", "--expert-type", "q4_0", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
     )
+
+
+def _wait_until_writing(proc: subprocess.Popen, out_dir: Path) -> None:
+    """Until the process holds a temporary file in `out_dir` with data in it (it has no name there)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        parts = list(out_dir.glob("*.part"))
-        if parts and parts[0].stat().st_size > 0:  # the writer has started
-            os.kill(proc.pid, signal.SIGINT)
-            break
-        time.sleep(0.01)
+        for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+            try:
+                if os.readlink(fd).startswith(f"{out_dir}/") and fd.stat().st_size > 0:
+                    return
+            except OSError:  # closed meanwhile
+                continue
+        time.sleep(0.005)
+    raise AssertionError(f"the conversion never started writing: {proc.communicate()[0]}")
+
+
+@pytest.mark.parametrize(
+    "signum,exit_code,word",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"), (signal.SIGKILL, -signal.SIGKILL, None)],
+    ids=["sigint", "sigterm", "sigkill"],
+)
+def test_killed_conversion_leaves_nothing(signum, exit_code, word, mid_checkpoint, tmp_path):
+    """A real signal while the output is being written: nothing appears in the output directory, an
+    existing output is kept, and the next run writes the output."""
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"previous contents")
+    proc = _start_convert(mid_checkpoint, out, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_until_writing(proc, tmp_path)
+    os.kill(proc.pid, signum)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
-    assert "interrupted" in output and "Traceback" not in output
+    assert proc.returncode == exit_code, output
+    if word:
+        assert word in output and "Traceback" not in output, output
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_bytes() == b"previous contents"
+    rerun = _start_convert(mid_checkpoint, out)
+    assert rerun.wait(timeout=300) == 0 and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+# A driver that sends the process a real SIGINT at one chosen moment, then runs the CLI.
+SIGNAL_AT = """
+import os, signal, sys
+from deco_gguf.cli import main
+{hook}
+sys.argv = ["deco-gguf", *sys.argv[1:]]
+main()
+"""
+HOOKS = {
+    # inside the first tensor read (where an exception from a handler used to become a ValueError)
+    "tensor_read": """
+from deco_gguf import checkpoint
+read = checkpoint._SafetensorsFile.tensor
+def interrupted_read(self, name):
+    os.kill(os.getpid(), signal.SIGINT)
+    return read(self, name)
+checkpoint._SafetensorsFile.tensor = interrupted_read
+""",
+    # while the command line's modules are being imported
+    "imports": """
+import builtins
+real_import = builtins.__import__
+def interrupted_import(name, *args, **kwargs):
+    if name == "typer":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupted_import
+""",
+}
+
+
+@pytest.mark.parametrize("moment", HOOKS)
+def test_ctrl_c_at_a_chosen_moment(moment, pristine, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_AT.format(hook=HOOKS[moment]))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(driver), "convert", str(pristine["base"]), "-o", str(out_dir / "m.gguf"), "--quiet"],
+        capture_output=True, text=True, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert list(out_dir.iterdir()) == []
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_write_failure_is_one_error_line(pristine, tmp_path):
+    """The disk refuses more data (a file size limit, as a full disk would): one error line, the
+    existing output kept, no temporary file."""
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"previous contents")
+    proc = subprocess.run(
+        [str(CLI), "convert", str(pristine["base"]), "-o", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(64 * 1024),
+    )
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot write it: File too large" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_bytes() == b"previous contents"
