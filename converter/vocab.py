@@ -47,10 +47,27 @@ class Vocab:
             raise DecoError(f"the tokenizer has {len(self.tokens)} tokens but the embeddings only {n} rows")
         if len(self.tokens) < n:
             self.warnings.append(f"tokenizer has {len(self.tokens)} tokens, padded with [PAD] tokens to the {n} embedding rows")
+        self._pad(n)
+
+    def _pad(self, n: int) -> None:
         for i in range(len(self.tokens), n):
-            self.tokens.append(f"[PAD{i}]")
-            self.scores.append(-1000.0)
-            self.types.append(gguf.TokenType.UNUSED)
+            self.add(f"[PAD{i}]", -1000.0, gguf.TokenType.UNUSED)
+
+    def add(self, text: str, score: float, token_type: int) -> None:
+        self.tokens.append(text)
+        self.scores.append(score)
+        self.types.append(token_type)
+
+    def declare_added(self, i: int, content: str, special: bool) -> None:
+        """Token `i` as tokenizer_config.json's added_tokens_decoder declares it: CONTROL when
+        marked special (ChatML's <|im_start|>, <|im_end|>), else USER_DEFINED, as llama.cpp's own
+        converter does; ids past the SentencePiece model are appended."""
+        if i >= len(self.tokens):
+            self._pad(i)
+            self.add(content, 0.0, gguf.TokenType.NORMAL)
+        kinds = (gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED, gguf.TokenType.CONTROL)
+        if self.tokens[i] == content and self.types[i] in kinds:
+            self.types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
 
     def add_to_gguf(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model("llama")
@@ -134,10 +151,10 @@ def load_vocab(path: Path, raw_config: dict) -> Vocab:
         raise DecoError(f"{path}: no tokenizer (expected tokenizer.model or tokenizer.json)")
 
     tok_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    for key, added in (tok_config.get("added_tokens_decoder") or {}).items():
-        i = int(key)
-        if i < len(vocab.tokens) and vocab.tokens[i] == added.get("content") and vocab.types[i] == gguf.TokenType.NORMAL:
-            vocab.types[i] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    decoder = tok_config.get("added_tokens_decoder") or {}
+    for key, added in sorted(decoder.items(), key=lambda item: int(item[0])):
+        if key.isdigit() and isinstance(added, dict) and isinstance(added.get("content"), str):
+            vocab.declare_added(int(key), added["content"], bool(added.get("special")))
     lookup = {piece: i for i, piece in enumerate(vocab.tokens)}
     for attr in ("bos", "eos", "unk", "pad"):
         content = _token_content(tok_config.get(f"{attr}_token"))

@@ -241,3 +241,50 @@ def test_output_file_has_the_permissions_of_a_new_file(fixture_dirs, tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_added_tokens_follow_their_special_flag(fixture_dirs, tmp_path):
+    """added_tokens_decoder decides CONTROL (special) or USER_DEFINED, also for tokens that gguf's
+    SentencePiece reader took from added_tokens.json and for ids past the SentencePiece model."""
+    import shutil
+
+    hf_dir = tmp_path / "ckpt"
+    shutil.copytree(fixture_dirs["padded_vocab"], hf_dir)
+    n = SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model")).get_piece_size()
+    (hf_dir / "added_tokens.json").write_text(json.dumps({"<|tool|>": n}))
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] |= {
+        str(n): {"content": "<|tool|>", "special": True},
+        str(n + 1): {"content": "<|note|>", "special": False},
+        str(n + 2): {"content": "<|end_tool|>", "special": True},
+    }
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "m.gguf"
+    convert(hf_dir, out, outtype="f32")
+    fields, _ = read_gguf(out)
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert tokens[n:n + 3] == ["<|tool|>", "<|note|>", "<|end_tool|>"]
+    assert types[n:n + 3] == [gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED, gguf.TokenType.CONTROL]
+    assert tokens[n + 3] == f"[PAD{n + 3}]" and types[n + 3] == gguf.TokenType.UNUSED
+
+
+def test_mup_scales_are_named_and_can_be_overridden(fixture_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from deco_gguf.cli.main import app
+
+    spec = VARIANTS["mup"]
+    out = tmp_path / "m.gguf"
+    run = lambda *extra: CliRunner().invoke(app, ["convert", str(fixture_dirs["mup"]), "-o", str(out), "-q", *extra])  # noqa: E731
+    result = run()
+    assert result.exit_code == 0, result.output
+    assert f"use_mup is true: using scale_emb={spec.scale_emb!r}, scale_depth={spec.scale_depth!r}, dim_model_base={spec.dim_model_base!r}" in " ".join(result.output.split())
+    result = run("--override", "scale_emb=10", "--override", "scale_depth=2.0", "--override", "dim_model_base=16")
+    assert result.exit_code == 0 and "use_mup" not in result.output, result.output
+    fields, _ = read_gguf(out)
+    assert fields["deco.embedding_scale"] == pytest.approx(10)
+    assert fields["deco.residual_scale"] == pytest.approx(2.0 / math.sqrt(spec.num_layers))
+    assert fields["deco.logit_scale"] == pytest.approx(spec.hidden_size / 16)
+    bad = run("--override", "scale_emb=big")
+    assert bad.exit_code == 1 and "use_mup scales must be non-zero numbers" in bad.output
+    assert run("--override", "scale_emb").exit_code == 1
