@@ -305,7 +305,11 @@ def chat(
     Interactive on a terminal (commands /reset, /stats, /help, /exit; Ctrl-C
     stops a reply). With --prompt, one reply is printed. With stdin piped,
     every non-empty line is a user turn (commands work too) and each reply is
-    printed on stdout followed by a newline; notices go to stderr.
+    printed on stdout followed by a newline; notices go to stderr. A turn that
+    cannot be answered (longer than the context) gets an error: line and an
+    empty reply, and the session goes on (piped: exit code 1 at the end).
+    Input that is not valid UTF-8 is read with U+FFFD in place of bad bytes;
+    a chat template that does not compile is replaced by ChatML (a warning).
     Sampling follows llama.cpp (top-k → top-p → min-p → temperature, seeded);
     replies end at EOS / <|im_end|>, --max-tokens, or a full context.
     """
@@ -318,7 +322,10 @@ def chat(
     path = resolve_model(model, on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     interactive = prompt is None and sys.stdin.isatty()
+    sys.stdin.reconfigure(encoding="utf-8", errors="replace")  # bytes that are not UTF-8 become U+FFFD
     with ChatSession(path, system=system, n_ctx=ctx_size, n_threads=threads, mode=mode.value, sampling=sampling) as session:
+        if session.format.warning:
+            warn(session.format.warning)
         if interactive:
             name = session.llm.metadata.get("general.name", path.name)
             err_console.print(
@@ -326,7 +333,9 @@ def chat(
                 f"{session.llm.context_params.n_threads} thread(s) · template: {session.format.source}",
                 highlight=False,
             )
-        run_chat(session, console, err_console, prompt=prompt, interactive=interactive, lines=sys.stdin)
+        failed = run_chat(session, console, err_console, prompt=prompt, interactive=interactive, lines=sys.stdin)
+    if failed and not interactive:
+        raise typer.Exit(1)  # each failed turn was reported on its own error: line
 
 
 

@@ -29,6 +29,12 @@ from .errors import DecoError
 STOP_STRINGS = ["<|im_end|>"]  # besides the end-of-generation token ids llama.cpp knows
 
 
+def valid_text(text: str) -> str:
+    """`text` with bytes that were not UTF-8 (kept by Python as surrogates, e.g. in argv) replaced by
+    U+FFFD, so that it can be encoded for the tokenizer."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 # -- models: a GGUF, or an HF directory converted on the fly --------------------------------------
 
 
@@ -88,16 +94,21 @@ def resolve_model(path: str | Path, on_status: Callable[[str], None] | None = No
 
 
 class ChatFormat:
-    """The model's chat template as a llama-cpp-python chat formatter, with llama.cpp's BOS rule."""
+    """The model's chat template as a llama-cpp-python chat formatter, with llama.cpp's BOS rule.
+
+    A template that does not compile is replaced by ChatML; `warning` says so."""
 
     def __init__(self, template: str | None, bos: str, eos: str, add_bos: bool):
         from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 
         self.source = "gguf" if template else "chatml (the GGUF has no tokenizer.chat_template)"
+        self.warning: str | None = None
         try:
             self.jinja = Jinja2ChatFormatter(template=template or CHATML_CHAT_TEMPLATE, eos_token=eos, bos_token=bos)
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
-            raise DecoError(f"the model's chat template does not compile: {e}") from None
+            self.source = "chatml (the GGUF's chat template does not compile)"
+            self.warning = f"the model's chat template does not compile ({str(e).splitlines()[0]}); using ChatML"
+            self.jinja = Jinja2ChatFormatter(template=CHATML_CHAT_TEMPLATE, eos_token=eos, bos_token=bos)
         self.bos, self.add_bos = bos, add_bos
 
     def render(self, messages: list[dict]) -> str:
@@ -219,7 +230,7 @@ class ChatSession:
             llm.metadata.get("tokenizer.chat_template"), bos, eos, bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         )
         llm.chat_handler = chat_formatter_to_chat_completion_handler(self.format)
-        self.system = system
+        self.system = valid_text(system) if system is not None else None
         self.turns: list[tuple[str, str]] = []  # (user, assistant)
         self._rng = random.Random(self.sampling.seed if self.sampling.seed is not None else secrets.randbits(64))
         self.last: ReplyStats | None = None
@@ -269,6 +280,7 @@ class ChatSession:
         (Ctrl-C): the partial reply joins the history, `last` says `interrupted`."""
         import llama_cpp
 
+        user = valid_text(user)
         messages, prompt, dropped = self._fit(user)
         if dropped:
             del self.turns[:dropped]
@@ -373,10 +385,12 @@ def _stream(session: ChatSession, user: str, write: Callable[[str], None]) -> No
         gen.close()
 
 
-def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, interactive: bool = False, lines=None) -> None:
+def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, interactive: bool = False, lines=None) -> int:
     """Drive `session`: one `prompt`, or the `lines` of a pipe (each a user turn), or a terminal.
 
-    `out` and `err` are rich Consoles: replies stream raw to `out`, everything else is rich.
+    `out` and `err` are rich Consoles: replies stream raw to `out`, everything else is rich. A turn
+    that fails (a message longer than the context) is reported and the session goes on, piped or
+    interactive; returns how many turns failed.
     """
     def write(text: str) -> None:
         out.file.write(text)
@@ -419,15 +433,23 @@ def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, inter
         turn(line)
         return True
 
+    def report(error: DecoError) -> None:
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+
     if prompt is not None:
         turn(prompt)
-        return
+        return 0
 
+    failed = 0
     if not interactive:
         for raw in lines:
-            if not handle(raw.rstrip("\r\n")):
-                return
-        return
+            try:
+                if not handle(raw.rstrip("\r\n")):
+                    break
+            except DecoError as e:  # its reply line stays empty, so replies keep matching input lines
+                report(e)
+                failed += 1
+        return failed
 
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
@@ -439,15 +461,16 @@ def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, inter
             line = input(ps)
         except EOFError:
             write("\n")
-            return
+            return failed
         except KeyboardInterrupt:  # as in Python's REPL: drop the line, stay
             write("\n")
             notice("(Ctrl-D or /exit quits)")
             continue
         try:
             if not handle(line):
-                return
+                return failed
         except KeyboardInterrupt:
             notice("(reply stopped)")
         except DecoError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            report(e)
+            failed += 1

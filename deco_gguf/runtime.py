@@ -8,6 +8,7 @@ per-layer active-expert counters, and quantize with libllama's presets.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections import deque
@@ -69,6 +70,42 @@ def _last_error(default: str) -> str:
     return _errors[-1] if _errors else default
 
 
+def _chat_templates(path: Path) -> list[str]:
+    """The GGUF's chat templates: the default and any named ones."""
+    reader = gguf.GGUFReader(path)
+    return [f.contents() for name, f in reader.fields.items() if name.startswith("tokenizer.chat_template")]
+
+
+def template_error(template: str) -> str | None:
+    """Why llama-cpp-python cannot compile `template`; None when it can."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    try:
+        Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
+    except Exception as e:  # jinja2.TemplateSyntaxError and friends
+        return str(e).splitlines()[0]
+    return None
+
+
+@contextlib.contextmanager
+def _chatml_while_loading():
+    """llama-cpp-python compiles every chat template of a GGUF while it loads the model, and one that
+    does not compile aborts the load; while loading, templates are compiled as ChatML instead. The
+    chat session falls back to ChatML the same way, with a warning (chat.ChatFormat)."""
+    from llama_cpp import llama_chat_format
+
+    original = llama_chat_format.Jinja2ChatFormatter
+
+    def as_chatml(template: str, **kwargs):
+        return original(template=llama_chat_format.CHATML_CHAT_TEMPLATE, **kwargs)
+
+    llama_chat_format.Jinja2ChatFormatter = as_chatml
+    try:
+        yield
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = original
+
+
 @dataclass
 class LayerActivity:
     layer: int
@@ -102,24 +139,26 @@ class DecoRuntime:
         all_logits: bool = False,
         seed: int = 0,
     ):
-        from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
-
         if mode not in MODES:
             raise DecoError(f"unknown evaluation mode {mode!r} (choose from {', '.join(MODES)})")
         self.path = Path(path)
         self.info = read_gguf(self.path)  # DecoError for a missing or non-DECO file
         self.lib = _library()
+        from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
+
         self.mode = mode
         self.lib.llama_deco_ffn_mode_set(MODES[mode])
         threads = n_threads or os.cpu_count() or 1
         _errors.clear()
+        broken_template = any(template_error(t) for t in _chat_templates(self.path))
         try:
-            self.llm = Llama(
-                model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
-                flash_attn=not exact, type_k=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
-                type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16, logits_all=all_logits,
-            )
+            with _chatml_while_loading() if broken_template else contextlib.nullcontext():
+                self.llm = Llama(
+                    model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                    n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
+                    flash_attn=not exact, type_k=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
+                    type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16, logits_all=all_logits,
+                )
         except (ValueError, RuntimeError) as e:
             raise DecoError(f"{self.path}: llama.cpp cannot load it: {_last_error(str(e))}") from None
 

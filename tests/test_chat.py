@@ -276,3 +276,68 @@ def test_errors_are_one_line(tmp_path, gguf_path):
     assert r.returncode == 1 and "empty" in r.stderr
     with pytest.raises(Exception, match="no such file"):
         resolve_model(tmp_path / "nothing")
+
+
+@pytest.fixture(scope="module")
+def broken_template_gguf(tmp_path_factory) -> Path:
+    """The bundled model with a chat template that does not compile (an unclosed expression)."""
+    import json
+    import shutil
+
+    from deco_gguf.converter import convert
+
+    root = tmp_path_factory.mktemp("broken-template")
+    hf_dir = root / "deco-tiny"
+    shutil.copytree(BUNDLED, hf_dir)
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for message in messages %}{{ message['content'] }"
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    out = root / "broken.gguf"
+    convert(hf_dir, out, "f16")
+    return out
+
+
+def test_template_that_does_not_compile_falls_back_to_chatml(broken_template_gguf, expected, tmp_path):
+    """The bundled template is ChatML: the fallback must give the same greedy reply."""
+    r = cli("chat", str(broken_template_gguf), "-p", QUESTION, "--temperature", "0", "-n", str(N), "-t", "1")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "warning: the model's chat template does not compile" in r.stderr and "using ChatML" in r.stderr
+    assert r.stdout == expected["first"] + "\n"
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 20)
+    for args in (["perplexity", str(broken_template_gguf), str(text), "-c", "32", "-t", "1"],
+                 ["speed", str(broken_template_gguf), "--pp", "8", "--tg", "4", "-r", "1", "--warmup", "0", "-t", "1"]):
+        r = cli(*args)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def _cli_bytes(*args, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deco_gguf.cli.main", *args], input=stdin, capture_output=True,
+                          timeout=120, env={**os.environ, "NO_COLOR": "1"}, cwd=REPO)
+
+
+def test_invalid_utf8_is_read_with_replacement_characters(gguf_path):
+    """Bytes that are not UTF-8, on stdin or in --prompt, are read as U+FFFD: the reply is the one
+    to the same text with U+FFFD typed in, and the session goes on."""
+    greedy = ["--temperature", "0", "-n", "8", "-t", "1"]
+    truth = cli("chat", str(gguf_path), "-p", "caf\ufffd", *greedy)
+    assert truth.returncode == 0 and truth.stdout.strip(), truth.stderr
+    from_argv = _cli_bytes("chat", str(gguf_path), "-p", b"caf\xe9", *greedy)
+    assert from_argv.returncode == 0 and b"Traceback" not in from_argv.stderr, from_argv.stderr
+    assert from_argv.stdout.decode() == truth.stdout
+    piped = _cli_bytes("chat", str(gguf_path), *greedy, stdin=b"caf\xe9\ncaf\xe9\n")
+    assert piped.returncode == 0 and b"Traceback" not in piped.stderr, piped.stderr
+    assert piped.stdout.decode().split("\n")[0] == truth.stdout.rstrip("\n")
+    assert piped.stdout.decode().count("\n") == 2  # both lines answered
+
+
+def test_piped_line_longer_than_the_context_is_reported_and_skipped(gguf_path, expected):
+    """As in a terminal: one error line, an empty reply line, the next lines answered with the
+    history of the answered ones; exit code 1 at the end."""
+    long_line = "And it came to pass " * 600
+    stdin = f"{QUESTION}\n{long_line}\n{FOLLOW_UP}\n"
+    r = cli("chat", str(gguf_path), "--temperature", "0", "-n", str(N), "-t", "1", stdin=stdin)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "context holds" in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.split("\n") == [expected["first"], "", expected["second"], ""]

@@ -252,10 +252,10 @@ def test_killed_conversion_leaves_nothing(signum, exit_code, word, mid_checkpoin
 # A driver that sends the process a real SIGINT at one chosen moment, then runs the CLI.
 SIGNAL_AT = """
 import os, signal, sys
-from deco_gguf.cli import main
+from deco_gguf.cli import run
 {hook}
 sys.argv = ["deco-gguf", *sys.argv[1:]]
-main()
+run()
 """
 HOOKS = {
     # inside the first tensor read (where an exception from a handler used to become a ValueError)

@@ -1,0 +1,5 @@
+"""`python -m deco_gguf.cli`: the `deco-gguf` command."""
+
+from . import run
+
+run()
