@@ -278,6 +278,19 @@ def fixture(
 
 
 
+# Layers on other machines (docs/distributed.md): the same two options for chat, perplexity and speed.
+RpcServers = Annotated[Optional[str], typer.Option("--rpc", metavar="HOST:PORT[,...]", help="Place layers on rpc-servers of other machines (this project's build: scripts/setup.sh builds rpc-server); docs/distributed.md.")]
+RpcLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", help="How many layers go to the --rpc servers, the last ones (llama.cpp's -ngl); default: all.", min=0)]
+
+
+def _offload(rpc: Optional[str], layers: Optional[int]):
+    from ..rpc import Offload
+
+    if layers is not None and not rpc:
+        raise DecoError("--n-gpu-layers places layers on --rpc servers: give --rpc HOST:PORT too")
+    return Offload.parse(rpc, layers)
+
+
 class EvalMode(str, Enum):
     sparse = "sparse"
     dense = "dense"
@@ -299,6 +312,8 @@ def chat(
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)] = None,
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="Context in tokens; the oldest turns are dropped when it fills.", min=16)] = 2048,
     mode: Annotated[EvalMode, typer.Option(help="DECO FFN evaluation: active experts only, or every expert.")] = EvalMode.sparse,
+    rpc: RpcServers = None,
+    n_gpu_layers: RpcLayers = None,
 ) -> None:
     """Chat with a DECO model, streaming replies, with the GGUF's chat template.
 
@@ -319,11 +334,12 @@ def chat(
 
     if prompt is not None and not prompt.strip():
         raise DecoError("--prompt is empty")
+    offload = _offload(rpc, n_gpu_layers)
     path = resolve_model(model, on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     interactive = prompt is None and sys.stdin.isatty()
     sys.stdin.reconfigure(encoding="utf-8", errors="replace")  # bytes that are not UTF-8 become U+FFFD
-    with ChatSession(path, system=system, n_ctx=ctx_size, n_threads=threads, mode=mode.value, sampling=sampling) as session:
+    with ChatSession(path, system=system, n_ctx=ctx_size, n_threads=threads, mode=mode.value, sampling=sampling, offload=offload) as session:
         if session.format.warning:
             warn(session.format.warning)
         if interactive:
@@ -348,6 +364,8 @@ def perplexity(
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)] = None,
     mode: Annotated[EvalMode, typer.Option(help="DECO FFN evaluation: active experts only, or every expert (same result).")] = EvalMode.sparse,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    rpc: RpcServers = None,
+    n_gpu_layers: RpcLayers = None,
 ) -> None:
     """Perplexity on a text file, computed exactly as llama.cpp's llama-perplexity does.
 
@@ -362,6 +380,7 @@ def perplexity(
     from ..info import read_gguf
     from ..perplexity import perplexity as run_perplexity
 
+    offload = _offload(rpc, n_gpu_layers)
     path = resolve_model(model, on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
     trained = read_gguf(path).config.context_length  # a one-line error for anything but a DECO GGUF
     if ctx_size > trained:
@@ -380,7 +399,7 @@ def perplexity(
         progress.update(task, completed=i + 1, ppl=f"{ppl:.4f}")
 
     with progress:
-        result = run_perplexity(path, text_file, ctx_size=ctx_size, n_threads=threads, mode=mode.value, on_start=on_start, on_chunk=on_chunk)
+        result = run_perplexity(path, text_file, ctx_size=ctx_size, n_threads=threads, mode=mode.value, on_start=on_start, on_chunk=on_chunk, offload=offload)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return
@@ -423,6 +442,8 @@ def speed(
     vs_dense: Annotated[bool, typer.Option("--vs-dense", help="Also measure dense_eq: a random-weight Llama with the same d, layers, heads, vocab and tensor types and an FFN width giving the same N (built once into ~/.cache/deco-gguf/dense-eq).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout (schema below).")] = False,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of tokens/s by threads, sparse vs dense (and dense_eq).", dir_okay=False)] = None,
+    rpc: RpcServers = None,
+    n_gpu_layers: RpcLayers = None,
 ) -> None:
     """Prompt (pp) and generation (tg) tokens/s, DECO sparse vs dense in one run, with the bytes bound.
 
@@ -451,6 +472,7 @@ def speed(
     from ..speed import measure, plot
 
     counts = _thread_list(threads)
+    offload = _offload(rpc, n_gpu_layers)
     if plot_file is not None and not plot_file.parent.is_dir():
         raise DecoError(f"{plot_file.parent}: output directory does not exist")
     sample = text.read_text(encoding="utf-8", errors="replace") if text else None
@@ -463,7 +485,8 @@ def speed(
     with progress:
         task = progress.add_task("runs", total=None)
         report = measure(path, pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=counts, vs_dense=vs_dense,
-                         text=sample, on_status=status, on_step=lambda done, total: progress.update(task, completed=done, total=total))
+                         text=sample, on_status=status, on_step=lambda done, total: progress.update(task, completed=done, total=total),
+                         offload=offload)
     if plot_file is not None:
         plot(report, plot_file)
     if as_json:

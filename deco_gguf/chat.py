@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DecoError
+from .rpc import Offload
 
 STOP_STRINGS = ["<|im_end|>"]  # besides the end-of-generation token ids llama.cpp knows
 
@@ -211,6 +212,7 @@ class ChatSession:
         n_threads: int | None = None,
         mode: str = "sparse",
         sampling: Sampling | None = None,
+        offload: Offload | None = None,
     ):
         import llama_cpp
         from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
@@ -220,7 +222,7 @@ class ChatSession:
         self.sampling = sampling or Sampling()
         if self.sampling.temperature < 0:
             raise DecoError("--temperature must be >= 0")
-        self.rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(512, n_ctx), mode=mode)
+        self.rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(512, n_ctx), mode=mode, offload=offload)
         llm = self.llm = self.rt.llm
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         bos_id, eos_id = llm.token_bos(), llm.token_eos()

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DecoError
+from .rpc import Offload
 
 DEFAULT_BATCH = 512  # llama-perplexity's micro-batch
 
@@ -94,6 +95,7 @@ def perplexity(
     n_batch: int = DEFAULT_BATCH,
     on_start: Callable[[int, int], None] | None = None,
     on_chunk: Callable[[int, float], None] | None = None,
+    offload: Offload | None = None,
 ) -> PerplexityResult:
     """llama-perplexity's number for `model` on `text_path` with chunks of `ctx_size` tokens.
 
@@ -110,7 +112,7 @@ def perplexity(
     read_gguf(Path(model))  # a missing file or a non-DECO GGUF fails here, before the text is read
     text = read_text(text_path)
     n_batch = min(n_batch, ctx_size)
-    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=n_batch, mode=mode)
+    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=n_batch, mode=mode, offload=offload)
     try:
         llm, ctx = rt.llm, rt.llm.ctx
         vocab = llama_cpp.llama_model_get_vocab(llm.model)

@@ -21,6 +21,7 @@ import numpy as np
 from .errors import DecoError
 from .files import atomic_output, refuse_inputs
 from .info import read_gguf
+from .rpc import Offload, attach
 
 # How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the
 # active experts only, `dense` every expert with the same op, `ops` plain ggml ops (a dense reference).
@@ -125,6 +126,7 @@ class DecoRuntime:
 
     `mode` (sparse, dense, ops) is fixed per instance: llama.cpp reads it when it builds a graph.
     `exact=True` keeps the KV cache in F32 and flash attention off, for logits comparisons.
+    `offload` places layers on rpc-servers of other machines (docs/distributed.md).
     """
 
     def __init__(
@@ -138,13 +140,19 @@ class DecoRuntime:
         exact: bool = False,
         all_logits: bool = False,
         seed: int = 0,
+        offload: Offload | None = None,
     ):
         if mode not in MODES:
             raise DecoError(f"unknown evaluation mode {mode!r} (choose from {', '.join(MODES)})")
         self.path = Path(path)
         self.info = read_gguf(self.path)  # DecoError for a missing or non-DECO file
         self.lib = _library()
+        import llama_cpp
         from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
+
+        offload = self.offload = offload or Offload()
+        if offload.rpc:
+            attach(offload.rpc, Path(llama_cpp.__file__).parent / "lib")
 
         self.mode = mode
         self.lib.llama_deco_ffn_mode_set(MODES[mode])
@@ -158,6 +166,7 @@ class DecoRuntime:
                     n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                     flash_attn=not exact, type_k=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
                     type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16, logits_all=all_logits,
+                    n_gpu_layers=offload.n_gpu_layers,
                 )
         except (ValueError, RuntimeError) as e:
             raise DecoError(f"{self.path}: llama.cpp cannot load it: {_last_error(str(e))}") from None

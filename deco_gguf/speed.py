@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import DecoError
 from .files import atomic_output
+from .rpc import Offload
 
 # Ordinary English prose (written for this benchmark), repeated as needed.
 DEFAULT_TEXT = (
@@ -456,6 +457,7 @@ def measure(
     text: str | None = None,
     on_status: Callable[[str], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    offload: Offload | None = None,
 ) -> SpeedReport:
     """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
     import os
@@ -475,7 +477,7 @@ def measure(
     benches: list[_Bench] = []
     try:
         for mode in modes:
-            rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), mode=mode)
+            rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), mode=mode, offload=offload)
             benches.append(_Bench("deco", mode, rt.llm, rt))
         info = benches[0].rt.info
         tokens = _tokens(benches[0].llm, text or DEFAULT_TEXT, max(pp, tg))
@@ -489,7 +491,8 @@ def measure(
             try:
                 llm = Llama(model_path=str(eq.path), n_ctx=n_ctx, n_batch=min(pp, MAX_BATCH), n_ubatch=min(pp, MAX_BATCH),
                             n_threads=threads[0], n_threads_batch=threads[0], seed=0, verbose=False,
-                            flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16)
+                            flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
+                            n_gpu_layers=benches[0].rt.offload.n_gpu_layers)
             except (ValueError, RuntimeError) as e:
                 raise DecoError(f"{eq.path}: llama.cpp cannot load the dense_eq model: {e}") from None
             benches.append(_Bench("dense_eq", "dense", llm))

@@ -14,7 +14,8 @@
 #   3. apply ggml_patches/ (*.patch edits + plain new files) when the patch set changed;
 #   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
 #      ccache in ~/.cache/ccache): libllama/libggml*, llama-cli, llama-server,
-#      llama-perplexity, llama-bench, llama-quantize, test-backend-ops (+ our own test tools);
+#      llama-perplexity, llama-bench, llama-quantize, test-backend-ops, ggml-rpc-server (the RPC
+#      backend is on: docs/distributed.md) (+ our own test tools);
 #   5. pip-install llama-cpp-python into the venv with -DLLAMA_BUILD=OFF (no second compile of
 #      llama.cpp) and copy our shared libraries into its llama_cpp/lib; check that
 #      `import llama_cpp` loads them.
@@ -194,7 +195,8 @@ fi
 # 4. cmake configure (once) + build the libraries and tools we need
 # ---------------------------------------------------------------------------------------------
 TARGETS=(llama ggml ggml-base ggml-cpu mtmd
-         llama-cli llama-server llama-perplexity llama-bench llama-quantize test-backend-ops)
+         llama-cli llama-server llama-perplexity llama-bench llama-quantize test-backend-ops
+         ggml-rpc ggml-rpc-server)
 # our own test tools, present only in the patched tree
 if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn); fi
 
@@ -221,6 +223,8 @@ CMAKE_ARGS_DECO=(
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_LLGUIDANCE=OFF
     -DGGML_CCACHE=OFF
+    # ggml's RPC backend: layers on other machines (rpc-server there, --rpc here; docs/distributed.md)
+    -DGGML_RPC=ON
 )
 if [ -n "${DECO_CUDA_ARCH:-}" ]; then
     CMAKE_ARGS_DECO+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$DECO_CUDA_ARCH" -DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
