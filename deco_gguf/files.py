@@ -85,8 +85,9 @@ def _open_named(part: Path, output: Path) -> int:
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a path to write the output to; when the block succeeds it becomes `path` (replacing an
-    existing file in one step, with the permissions of a new file), otherwise it disappears.
+    """Yield a path for this process to write the output to; when the block succeeds it becomes
+    `path` (replacing an existing file in one step, with the permissions of a new file), otherwise
+    it disappears.
 
     A failure to write (full disk, quota) becomes a one-line DecoError."""
     if path.is_dir():
@@ -104,7 +105,8 @@ def atomic_output(path: Path) -> Iterator[Path]:
             try:
                 _link_unnamed(fd, path)  # the output did not exist: in place at once
             except FileExistsError:
-                # Linked beside it, then renamed over it; `part` is seen only between the two calls.
+                # Linked beside it, then renamed over it; `part` is seen only between the two calls
+                # (and an unnamed file can be linked only once: no trial link beforehand).
                 part.unlink(missing_ok=True)
                 _link_unnamed(fd, part)
                 os.replace(part, path)

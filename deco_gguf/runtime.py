@@ -97,10 +97,11 @@ def _chatml_while_loading():
 
     original = llama_chat_format.Jinja2ChatFormatter
 
-    def as_chatml(template: str, **kwargs):
-        return original(template=llama_chat_format.CHATML_CHAT_TEMPLATE, **kwargs)
+    class ChatMLFormatter(original):  # a subclass: the formatter reaches its nested classes through the module
+        def __init__(self, template: str, **kwargs):
+            super().__init__(llama_chat_format.CHATML_CHAT_TEMPLATE, **kwargs)
 
-    llama_chat_format.Jinja2ChatFormatter = as_chatml
+    llama_chat_format.Jinja2ChatFormatter = ChatMLFormatter
     try:
         yield
     finally:
