@@ -118,6 +118,7 @@ def quantize(
     dst: Annotated[Path, typer.Argument(help="GGUF file to write (replaced only when complete).")],
     preset: Annotated[str, typer.Argument(help="Q4_0, Q5_0, Q8_0, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, F16 or BF16.")],
     threads: Annotated[Optional[int], typer.Option(help="Threads; default: all cores.", min=1)] = None,
+    allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept an already quantized input (errors of both quantizations add up).")] = False,
 ) -> None:
     """Quantize a DECO GGUF with llama.cpp's presets (through the patched libllama).
 
@@ -125,10 +126,19 @@ def quantize(
     whose rows do not fit the preset's blocks (64-wide expert down projections
     under 256-wide K-quants) fall back to a fitting type; each one is listed.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from ..runtime import quantize as run_quantize
 
-    with console.status(f"quantizing to {preset.upper()}"):
-        fallbacks = run_quantize(src, dst, preset, threads)
+    progress = Progress(TextColumn(f"quantizing to {preset.upper()}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[tensor]}"), console=err_console, transient=True,
+                        disable=not err_console.is_terminal)
+    task = progress.add_task("tensors", total=None, tensor="")
+    with progress:
+        fallbacks = run_quantize(
+            src, dst, preset, threads, allow_requantize,
+            on_tensor=lambda i, n, name: progress.update(task, completed=i - 1, total=n, tensor=name),
+        )
     if fallbacks:
         table = Table("tensor", "row", "wanted", "written as", title=f"{len(fallbacks)} tensor(s) fell back: rows do not fit the blocks", title_justify="left")
         for f in fallbacks:

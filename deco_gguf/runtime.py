@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ MODES = {"sparse": 0, "dense": 1, "ops": 2}
 
 GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
 _errors: deque[str] = deque(maxlen=8)  # llama.cpp's recent error lines, for one-line messages
+_log_listeners: list[Callable[[str], None]] = []  # called with every line llama.cpp logs
 
 
 def _library():
@@ -60,6 +63,8 @@ def _route_logs(llama_cpp) -> None:
         line = text.decode("utf-8", "replace").strip()
         if level == GGML_LOG_LEVEL_ERROR and line:
             _errors.append(line)
+        for listen in _log_listeners:
+            listen(line)
         if os.environ.get("DECO_VERBOSE"):
             os.write(2, text)
 
@@ -252,11 +257,24 @@ def _preset_block_type(preset: str) -> gguf.GGMLQuantizationType:
     return gguf.GGMLQuantizationType[name]
 
 
-def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | None = None) -> list[Fallback]:
+# llama.cpp's quantizer logs "[  12/  57] blk.1.attn_q.weight - [...]" as it starts each tensor.
+TENSOR_LOG = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+
+
+def quantize(
+    src: str | Path,
+    dst: str | Path,
+    preset: str,
+    n_threads: int | None = None,
+    allow_requantize: bool = False,
+    on_tensor: Callable[[int, int, str], None] | None = None,
+) -> list[Fallback]:
     """Quantize a DECO GGUF with a libllama preset; the output appears only when complete.
 
-    Returns the tensors that fell back to another type because their rows do not fit the preset's
-    blocks (e.g. 64-wide expert down projections under 256-wide K-quants).
+    `allow_requantize` accepts an already quantized input (its quantization errors add up);
+    `on_tensor(i, n, name)` is called as the i-th of n tensors starts. Returns the tensors that fell
+    back to another type because their rows do not fit the preset's blocks (e.g. 64-wide expert down
+    projections under 256-wide K-quants).
     """
     src, dst = Path(src), Path(dst)
     preset = preset.upper()
@@ -270,10 +288,23 @@ def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, PRESETS[preset])
     params.nthread = n_threads or os.cpu_count() or 1
+    params.allow_requantize = allow_requantize
+
+    def progress(line: str) -> None:
+        if on_tensor and (m := TENSOR_LOG.match(line)):
+            on_tensor(int(m.group(1)), int(m.group(2)), m.group(3))
+
     with atomic_output(dst) as tmp:
         _errors.clear()
-        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-            raise DecoError(f"{src}: quantization failed: {_last_error('see DECO_VERBOSE=1 output')}")
+        _log_listeners.append(progress)
+        try:
+            failed = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0
+        finally:
+            _log_listeners.remove(progress)
+        if failed:
+            error = _last_error("see DECO_VERBOSE=1 output")
+            hint = " (--allow-requantize accepts it, at a cost in quality)" if "requantiz" in error else ""
+            raise DecoError(f"{src}: quantization failed: {error}{hint}")
     wanted = _preset_block_type(preset)
     block = gguf.GGML_QUANT_SIZES[wanted][0]
     return [

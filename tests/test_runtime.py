@@ -154,3 +154,17 @@ def test_quantize_cli(model, tmp_path):
     bad = CliRunner().invoke(app, ["quantize", str(paths["f16"]), str(tmp_path / "x.gguf"), "q9"])
     assert bad.exit_code == 1 and "unknown quantization type 'Q9'" in bad.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_quantize_reports_every_tensor_and_requantizes_only_when_asked(model, tmp_path):
+    _, paths, _ = model
+    q8, seen = tmp_path / "q8.gguf", []
+    quantize(paths["f16"], q8, "Q8_0", n_threads=2, on_tensor=lambda i, n, name: seen.append((i, n, name)))
+    names = [t.name for t in gguf.GGUFReader(q8).tensors]
+    assert seen == [(i + 1, len(names), name) for i, name in enumerate(names)]
+    with pytest.raises(DecoError, match="requantizing from type q8_0 is disabled.*--allow-requantize"):
+        quantize(q8, tmp_path / "q4.gguf", "Q4_0", n_threads=2)
+    assert not (tmp_path / "q4.gguf").exists()
+    quantize(q8, tmp_path / "q4.gguf", "Q4_0", n_threads=2, allow_requantize=True)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q4.gguf").tensors}
+    assert types["blk.1.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.Q4_0
