@@ -457,6 +457,8 @@ def speed(
 ) -> None:
     """Prompt (pp) and generation (tg) tokens/s, DECO sparse vs dense in one run, with the bytes bound.
 
+    TTFT: time to first token, the pp prompt evaluated and then one token decoded.
+
     Every configuration (sparse, dense, dense_eq × threads) gets --warmup
     untimed runs, then --repetitions timed runs interleaved with the others;
     reported: median, min and max. The activation rate is the DECO op's counters
@@ -467,7 +469,8 @@ def speed(
 
     --json schema: {model, settings: {pp, tg, repetitions, warmup, threads: list},
     results: list of {model: deco|dense_eq, mode: sparse|dense, threads, test: pp|tg,
-    tokens, samples: list of t/s, tokens_per_second: {median, min, max}},
+    tokens, samples: list of t/s, tokens_per_second: {median, min, max},
+    time_to_first_token_ms (pp only): {median, min, max}},
     activation: {layers: list of {layer, rate}, mean, source},
     bytes_per_token: {non_expert, expert_total, expert_by_layer: {layer: bytes},
     embedding_row_only, sparse, dense, dense_eq|null},
@@ -508,13 +511,19 @@ def speed(
     def cells(s) -> list[str]:
         return [f"{s.median:,.1f}", f"[dim]{min(s.samples):,.0f}-{max(s.samples):,.0f}[/]"] if s else ["-", ""]
 
-    table = Table("threads", "", f"pp{pp} t/s", "min-max", f"tg{tg} t/s", "min-max",
+    def first_token(s) -> str:
+        import statistics
+
+        return f"{statistics.median(s.first_token_ms):,.1f}" if s else "-"
+
+    table = Table("threads", "", f"pp{pp} t/s", "min-max", "TTFT ms", f"tg{tg} t/s", "min-max",
                   title=f"Speed of {path.name}: median of {repetitions} interleaved runs", title_justify="left")
     names = {("deco", "sparse"): "DECO sparse", ("deco", "dense"): "DECO dense", ("dense_eq", "dense"): "dense_eq"}
     for t in report.threads:
         for (m, md), name in names.items():
             if report.find(m, md, t, "tg"):
-                table.add_row(str(t), name, *cells(report.find(m, md, t, "pp")), *cells(report.find(m, md, t, "tg")))
+                prompt = report.find(m, md, t, "pp")
+                table.add_row(str(t), name, *cells(prompt), first_token(prompt), *cells(report.find(m, md, t, "tg")))
     console.print(table)
 
     b = report.bytes

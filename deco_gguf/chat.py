@@ -168,6 +168,7 @@ class ReplyStats:
     decoded_tokens: int = 0  # decoded one at a time (every sampled token but the last)
     decode_seconds: float = 0.0
     wall_seconds: float = 0.0
+    first_token_seconds: float | None = None  # request to first token: prompt evaluation and one sample
     finish_reason: str = ""  # stop, length, interrupted
     trimmed_turns: int = 0
     context_used: int = 0
@@ -304,6 +305,7 @@ class ChatSession:
             for chunk in stream:
                 choice = chunk["choices"][0]
                 if before_reply is None:
+                    stats.first_token_seconds = time.perf_counter() - start
                     before_reply = _counters(self.rt)  # the prompt is evaluated, the first token sampled
                 text = choice["delta"].get("content")
                 if text:
@@ -367,6 +369,8 @@ def stats_table(stats: ReplyStats | None):
 
     table.add_row("prompt", f"{stats.prompt_tokens} tokens, {stats.prompt_evaluated} evaluated (rest cached): {tps(stats.prompt_tps)}")
     table.add_row("reply", f"{stats.generated_tokens} tokens ({stats.finish_reason}): {tps(stats.decode_tps)} decode")
+    ttft = f"{stats.first_token_seconds * 1e3:,.1f} ms" if stats.first_token_seconds is not None else "-"
+    table.add_row("time to first token", ttft)
     table.add_row("wall time", f"{stats.wall_seconds:.2f} s")
     table.add_row("context", f"{stats.context_used} / {stats.n_ctx} tokens" + (f", {stats.trimmed_turns} oldest turn(s) dropped" if stats.trimmed_turns else ""))
     for label, rates in (("activation (prompt)", stats.prompt_activity), ("activation (reply)", stats.reply_activity)):

@@ -309,17 +309,23 @@ class Series:
     test: str  # pp or tg
     tokens: int
     samples: list[float] = field(default_factory=list)  # tokens/s, one per repetition
+    # pp only: time to first token (the prompt, then one decode), as llama-server's timings add it up
+    first_token_ms: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples)
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "model": self.model, "mode": self.mode, "threads": self.threads, "test": self.test,
             "tokens": self.tokens, "samples": self.samples,
             "tokens_per_second": {"median": self.median, "min": min(self.samples), "max": max(self.samples)},
         }
+        if self.first_token_ms:
+            ms = self.first_token_ms
+            out["time_to_first_token_ms"] = {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
+        return out
 
 
 @dataclass
@@ -422,13 +428,17 @@ class _Bench:
         if self.api.llama_decode(self.ctx, self.api.llama_batch_get_one(arr, len(tokens))) != 0:
             raise DecoError(f"llama_decode failed ({self.label}, {self.mode})")
 
-    def pp(self, tokens: list[int], threads: int) -> float:
+    def pp(self, tokens: list[int], threads: int) -> tuple[float, float]:
+        """Prompt tokens/s, and the seconds to the first token: the prompt, then one decode."""
         self._prepare(threads)
         start = time.perf_counter()
         for i in range(0, len(tokens), MAX_BATCH):
             self._decode(tokens[i:i + MAX_BATCH])
         self.api.llama_synchronize(self.ctx)
-        return len(tokens) / (time.perf_counter() - start)
+        prompt_seconds = time.perf_counter() - start
+        self._decode(tokens[:1])  # the first generated token; which one does not change the work
+        self.api.llama_synchronize(self.ctx)
+        return len(tokens) / prompt_seconds, time.perf_counter() - start
 
     def tg(self, tokens: list[int], threads: int) -> float:
         self._prepare(threads)
@@ -526,7 +536,10 @@ def measure(
                     step()
             for _ in range(repetitions):
                 for b in benches:
-                    series[(b.label, b.mode, t, "pp")].samples.append(b.pp(tokens[:pp], t))
+                    prompt = series[(b.label, b.mode, t, "pp")]
+                    tokens_per_second, first_token = b.pp(tokens[:pp], t)
+                    prompt.samples.append(tokens_per_second)
+                    prompt.first_token_ms.append(first_token * 1e3)
                     step()
                     if b is sparse:
                         sparse.rt.reset_activity()

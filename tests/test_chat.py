@@ -114,6 +114,8 @@ def test_reply_tokens_equal_direct_generation(gguf_path, expected):
         assert generated == expected["first_tokens"][:-1]
         assert s.last.generated_tokens == N and s.last.finish_reason == "length"
         assert s.last.decoded_tokens == N - 1 and s.last.decode_tps > 0 and s.last.prompt_tps > 0
+        # the first token comes after the prompt's evaluation and before the other N - 1 decodes
+        assert s.last.prompt_seconds < s.last.first_token_seconds < s.last.wall_seconds - s.last.decode_seconds * 0.9
         rates = [r.rate for r in s.last.reply_activity]
         assert len(rates) == 3 and all(0 < r < 1 for r in rates)
 
@@ -135,6 +137,7 @@ def test_piped_stdin_multi_turn_reset_stats_exit(gguf_path, expected):
     assert second == expected["second"]  # ... with the history of the first
     assert third == expected["first"]  # /reset: the same as a fresh session
     assert "tokens/s" in rest and "activation (reply)" in rest and f"{N} tokens (length)" in rest
+    assert "time to first token" in rest and " ms" in rest
     assert "history cleared" in r.stderr
     assert rest.rstrip().endswith("┘")  # the /stats table is the last output: nothing after /exit
 

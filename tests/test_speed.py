@@ -53,6 +53,10 @@ def test_json_schema_and_values(gguf_path, tmp_path):
         assert len(s["samples"]) == 1 and s["samples"][0] > 0
         tps = s["tokens_per_second"]
         assert tps["min"] == tps["median"] == tps["max"] == s["samples"][0]
+        if s["test"] == "pp":  # the prompt's own time (its tokens at the measured rate) plus one decode
+            assert s["time_to_first_token_ms"]["median"] > 1e3 * s["tokens"] / s["samples"][0]
+        else:
+            assert "time_to_first_token_ms" not in s
 
     layers = rep["activation"]["layers"]
     assert [x["layer"] for x in layers] == [1, 2, 3]  # the DECO layers of the bundled model
@@ -78,7 +82,7 @@ def test_json_schema_and_values(gguf_path, tmp_path):
 def test_table_output(gguf_path):
     r = cli("speed", gguf_path, *TINY)
     assert r.returncode == 0, r.stderr
-    for words in ("DECO sparse", "DECO dense", "pp16 t/s", "tg8 t/s", "expert activation", "bound", "Weight bytes"):
+    for words in ("DECO sparse", "DECO dense", "pp16 t/s", "TTFT ms", "tg8 t/s", "expert activation", "bound", "Weight bytes"):
         assert words in r.stdout
 
 
