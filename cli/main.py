@@ -15,14 +15,40 @@ from rich.table import Table
 from ..errors import DecoError
 from ..signals import Terminated
 
+ENVIRONMENT = "\n\n".join([
+    "Environment variables:",
+    "DECO_VERBOSE=1 prints llama.cpp's own log (model loading, buffers, devices) on stderr.",
+    "DECO_GGUF_CACHE=DIR holds HF checkpoints converted for chat, perplexity and speed, and speed's "
+    "dense_eq models (default: $XDG_CACHE_HOME/deco-gguf, else ~/.cache/deco-gguf).",
+    "DECO_FFN=sparse|dense|ops sets the DECO FFN evaluation of llama.cpp's own tools (llama-cli, "
+    "llama-server, llama-bench); deco-gguf's commands take --mode instead.",
+])
+
 app = typer.Typer(
     help="Convert, inspect and run DECO sparse mixture-of-experts models as GGUF.",
+    epilog=ENVIRONMENT,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ..version import version_lines
+
+        for line in version_lines():
+            console.print(line, highlight=False, soft_wrap=True)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True, help="Versions of deco-gguf and its llama.cpp, the ggml patches and build flags, and exit.")] = None,
+) -> None:
+    """Convert, inspect and run DECO sparse mixture-of-experts models as GGUF."""
 
 
 def friendly_errors(command):
@@ -48,6 +74,17 @@ def friendly_errors(command):
 
 def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _check_threads(*counts: Optional[int]) -> None:
+    """Warn about more threads than cores: ggml's threads wait on each other at every step, and an
+    oversubscribed run is slower by orders of magnitude, not by the ratio of threads to cores."""
+    from ..runtime import available_cores
+
+    cores = available_cores()
+    most = max((c for c in counts if c), default=0)
+    if most > cores:
+        warn(f"--threads {most} is more than the {cores} core(s) this process may use: expect a run many times slower")
 
 
 class OutType(str, Enum):
@@ -129,6 +166,8 @@ def quantize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..runtime import quantize as run_quantize
+
+    _check_threads(threads)
 
     progress = Progress(TextColumn(f"quantizing to {preset.upper()}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[tensor]}"), console=err_console, transient=True,
@@ -345,6 +384,7 @@ def chat(
     if prompt is not None and not prompt.strip():
         raise DecoError("--prompt is empty")
     offload = _offload(rpc, n_gpu_layers)
+    _check_threads(threads)
     path = resolve_model(model, on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     interactive = prompt is None and sys.stdin.isatty()
@@ -391,6 +431,7 @@ def perplexity(
     from ..perplexity import perplexity as run_perplexity
 
     offload = _offload(rpc, n_gpu_layers)
+    _check_threads(threads)
     path = resolve_model(model, on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
     trained = read_gguf(path).config.context_length  # a one-line error for anything but a DECO GGUF
     if ctx_size > trained:
@@ -485,6 +526,7 @@ def speed(
     from ..speed import measure, plot
 
     counts = _thread_list(threads)
+    _check_threads(*(counts or []))
     offload = _offload(rpc, n_gpu_layers)
     if plot_file is not None and not plot_file.parent.is_dir():
         raise DecoError(f"{plot_file.parent}: output directory does not exist")

@@ -34,6 +34,11 @@ _errors: deque[str] = deque(maxlen=8)  # llama.cpp's recent error lines, for one
 _log_listeners: list[Callable[[str], None]] = []  # called with every line llama.cpp logs
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), the default thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _library():
     """libllama as loaded by llama_cpp, with the DECO entry points typed; DecoError if it is stock."""
     try:
@@ -162,7 +167,7 @@ class DecoRuntime:
 
         self.mode = mode
         self.lib.llama_deco_ffn_mode_set(MODES[mode])
-        threads = n_threads or os.cpu_count() or 1
+        threads = n_threads or available_cores()
         _errors.clear()
         broken_template = any(template_error(t) for t in _chat_templates(self.path))
         try:
@@ -287,7 +292,7 @@ def quantize(
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, PRESETS[preset])
-    params.nthread = n_threads or os.cpu_count() or 1
+    params.nthread = n_threads or available_cores()
     params.allow_requantize = allow_requantize
 
     def progress(line: str) -> None:

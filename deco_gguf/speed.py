@@ -473,11 +473,11 @@ def measure(
     import os
 
     from .chat import cache_root
-    from .runtime import DecoRuntime
+    from .runtime import DecoRuntime, available_cores
 
     if pp < 1 or tg < 1 or repetitions < 1 or warmup < 0:
         raise DecoError("--pp, --tg and --repetitions must be at least 1, --warmup at least 0")
-    threads = threads or [os.cpu_count() or 1]
+    threads = threads or [available_cores()]
     if any(t < 1 for t in threads):
         raise DecoError("--threads: every count must be at least 1")
     if "sparse" not in modes:

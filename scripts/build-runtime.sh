@@ -262,6 +262,24 @@ for f in "$BUILD"/bin/lib*.so*; do
     fi
 done
 echo "$BUILD/bin" > "$PKG_DIR/lib/.deco-build-dir"
+# what `deco-gguf --version` reports about this build
+"$PY" - "$PKG_DIR/lib/deco-build.json" "$SRC" "$BUILD" "$LCP_VERSION" "$APPLY_PATCHES" "$PATCHES" <<'EOF'
+import json, re, sys
+from pathlib import Path
+out, src, build, version, patched, patches = sys.argv[1:]
+changelog = (Path(src) / "CHANGELOG.md").read_text(encoding="utf-8")
+section = changelog.split(f"## [{version}]", 1)[-1].split("## [", 1)[0]
+commit = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
+cache = dict(re.findall(r"^([A-Za-z_]+):[A-Z]+=(.*)$", (Path(build) / "CMakeCache.txt").read_text(), re.M))
+stamp = (Path(src) / ".deco-patch-stamp").read_text().strip()
+json.dump({
+    "llama_cpp_python": version,
+    "llama_cpp_commit": commit.group(1) if commit else None,
+    "patches": sorted(p.name for p in Path(patches).glob("patches/*.patch")) if patched == "1" else [],
+    "patch_set": stamp[:12] if patched == "1" else None,
+    "cmake": {k: cache.get(k) for k in ("CMAKE_BUILD_TYPE", "GGML_NATIVE", "GGML_CUDA", "CMAKE_CUDA_ARCHITECTURES", "GGML_RPC")},
+}, open(out, "w"), indent=2)
+EOF
 
 # check that `import llama_cpp` resolves to OUR libllama (same bytes as the build's)
 "$PY" - "$BUILD/bin" <<'EOF'
