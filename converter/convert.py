@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from ..accounting import account
 from ..checkpoint import HFCheckpoint
 from ..config import DecoConfig
 from ..errors import DecoError
@@ -59,6 +61,22 @@ class TensorPlan:
         return gguf.quants.quantize(data, self.qtype)
 
 
+def bulk_type(plans: list[TensorPlan]) -> Q:
+    """The type of most of the matrices' weights: what `general.file_type` names, as llama-quantize's
+    presets name the bulk of a file (routers, kept F32, do not count; docs/gguf-format.md)."""
+    weights: Counter[Q] = Counter()
+    for p in plans:
+        if len(p.shape) > 1 and p.name.split(".")[-2] not in F32_TENSORS:
+            weights[p.qtype] += math.prod(p.shape)
+    return weights.most_common(1)[0][0]
+
+
+def size_label(plans: list[TensorPlan]) -> str:
+    """N, the non-embedding parameters that DECO's model names give, in llama.cpp's notation."""
+    n = account({p.name: p.shape for p in plans}, 0, 0, 0, 0.0, "assumed").non_embedding_params
+    return gguf.model_weight_count_rounded_notation(n, min_digits=2)
+
+
 class DecoConverter:
     """One HF DECO checkpoint, described as GGUF metadata and a stream of tensors."""
 
@@ -82,10 +100,11 @@ class DecoConverter:
 
     # -- metadata -------------------------------------------------------------
 
-    def add_metadata(self, w: gguf.GGUFWriter, name: str) -> None:
+    def add_metadata(self, w: gguf.GGUFWriter, name: str, plans: list[TensorPlan]) -> None:
         c = self.config
         w.add_name(name)
-        w.add_file_type(FILE_TYPES[self.expert_type if any(c.moe_layers) else self.outtype])
+        w.add_size_label(size_label(plans))
+        w.add_file_type(FILE_TYPES[bulk_type(plans)])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_context_length(c.context_length)
         w.add_embedding_length(c.hidden_size)
@@ -213,7 +232,7 @@ def convert(
 
         with atomic_output(out_path) as tmp_path:
             writer = gguf.GGUFWriter(tmp_path, ARCH)
-            converter.add_metadata(writer, Path(hf_dir).resolve().name)
+            converter.add_metadata(writer, Path(hf_dir).resolve().name, plans)
             for p in plans:
                 writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
             writer.write_header_to_file()

@@ -209,11 +209,21 @@ def test_quantized_tensors_within_type_error(outtype, expert_type, fixture_dirs,
             np.testing.assert_array_equal(data, want[name])
         else:
             within_quant_error(qtype, data, want[name])
+    # general.file_type names the type of most matrix weights (docs/gguf-format.md); routers stay F32.
+    weights: dict[Q, int] = {}
+    for name, (qtype, data) in tensors.items():
+        if data.ndim > 1 and "ffn_gate_inp" not in name:
+            weights[qtype] = weights.get(qtype, 0) + data.size
+    bulk = max(weights, key=weights.get)
     assert fields["general.file_type"] == {
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-    }[expert_type]
+        Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+        Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+        Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.F32: gguf.LlamaFileType.ALL_F32,
+    }[bulk]
+    # general.size_label: N, the non-embedding parameters (the precomputed mean row is no parameter)
+    n = sum(data.size for name, (_, data) in tensors.items()
+            if name.split(".")[-2] not in ("token_embd", "output", "ffn_exps_mean"))
+    assert fields["general.size_label"] == gguf.model_weight_count_rounded_notation(n, min_digits=2)
 
 
 def test_stale_config_keys_are_reported(fixture_dirs, tmp_path):
