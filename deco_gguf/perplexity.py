@@ -29,7 +29,8 @@ import numpy as np
 from .errors import DecoError
 from .rpc import Offload
 
-DEFAULT_BATCH = 512  # llama-perplexity's micro-batch
+DEFAULT_BATCH = 2048  # llama-perplexity's -b: with a smaller context, several chunks per decode
+MICRO_BATCH = 512  # llama-perplexity's -ub
 
 
 @dataclass
@@ -78,11 +79,10 @@ def read_text(path: str | Path) -> bytes:
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, in float64."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
-    return lse - x[np.arange(len(targets)), targets]
+    """-log softmax(logits)[target] per row, as llama.cpp computes it: exp in float32, sums in float64."""
+    m = logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(axis=1, dtype=np.float64)) + m[:, 0]
+    return lse - logits[np.arange(len(targets)), targets]
 
 
 def perplexity(
@@ -111,10 +111,14 @@ def perplexity(
         raise DecoError(f"--ctx-size {ctx_size} is too small: at least 4 (half of each chunk is scored)")
     read_gguf(Path(model))  # a missing file or a non-DECO GGUF fails here, before the text is read
     text = read_text(text_path)
-    n_batch = min(n_batch, ctx_size)
-    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=n_batch, mode=mode, offload=offload)
+    # llama-perplexity's layout: n_seq = n_batch / ctx chunks side by side in one decode, each its own
+    # sequence in a context of n_seq * ctx tokens; a context over n_batch takes several decodes per chunk.
+    n_seq = max(1, n_batch // ctx_size)
+    n_batch = min(n_batch, n_seq * ctx_size)
+    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=min(n_batch, ctx_size), mode=mode, offload=offload)
+    ctx = None
     try:
-        llm, ctx = rt.llm, rt.llm.ctx
+        llm = rt.llm
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         if llama_cpp.llama_vocab_get_add_eos(vocab):
@@ -128,11 +132,25 @@ def perplexity(
             )
         n_chunks = len(tokens) // ctx_size
         first = ctx_size // 2
+        scored = ctx_size - 1 - first  # per chunk
         n_vocab = llm.n_vocab()
         if on_start:
             on_start(n_chunks, len(tokens))
 
+        # A context of llama.cpp's defaults (F16 KV cache, flash attention when it applies), as llama-perplexity's.
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_seq * ctx_size
+        params.n_batch = n_batch
+        params.n_ubatch = min(MICRO_BATCH, n_batch)
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = llm.context_params.n_threads
+        ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if not ctx:
+            raise DecoError(f"{model}: llama.cpp cannot create a context of {n_seq} x {ctx_size} tokens")
         batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # the batch's token, pos and logits arrays as numpy views; every token has one sequence id
+        fields = [np.ctypeslib.as_array(getattr(batch, name), shape=(n_batch,)) for name in ("token", "pos", "logits")]
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))[:] = 1
         memory = llama_cpp.llama_get_memory(ctx)
         nll_sum = nll2_sum = 0.0
         count = 0
@@ -140,38 +158,39 @@ def perplexity(
         rt.reset_activity()
         start = time.perf_counter()
         try:
-            for i in range(n_chunks):
-                chunk = tokens[i * ctx_size:(i + 1) * ctx_size].copy()
+            for i in range(0, n_chunks, n_seq):
+                chunks = tokens[i * ctx_size:min(i + n_seq, n_chunks) * ctx_size].reshape(-1, ctx_size).copy()
                 if add_bos:
-                    chunk[0] = bos
+                    chunks[:, 0] = bos
                 llama_cpp.llama_memory_clear(memory, True)
-                rows: list[np.ndarray] = []
+                rows: list[list[np.ndarray]] = [[] for _ in chunks]  # per sequence: logits of its positions >= first
                 for j in range(0, ctx_size, n_batch):
                     size = min(n_batch, ctx_size - j)
-                    n_out = 0
-                    for k in range(size):
-                        pos = j + k
-                        batch.token[k] = int(chunk[pos])
-                        batch.pos[k] = pos
-                        batch.n_seq_id[k] = 1
-                        batch.seq_id[k][0] = 0
-                        batch.logits[k] = pos >= first
-                        n_out += pos >= first
-                    batch.n_tokens = size
+                    n = len(chunks) * size
+                    positions = np.arange(j, j + size)
+                    fields[0][:n] = chunks[:, j:j + size].reshape(-1)
+                    fields[1][:n] = np.tile(positions, len(chunks))
+                    fields[2][:n] = np.tile(positions >= first, len(chunks))
+                    for k in range(n):
+                        batch.seq_id[k][0] = k // size
+                    batch.n_tokens = n
                     rc = llama_cpp.llama_decode(ctx, batch)
                     if rc != 0:
                         raise DecoError(f"{model}: llama_decode failed ({rc}) on chunk {i + 1}")
-                    if n_out:
-                        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n_out * n_vocab,))
-                        rows.append(out.reshape(n_out, n_vocab).copy())
-                logits = np.concatenate(rows)[: ctx_size - 1 - first]  # positions first .. n_ctx-2
-                nll = _nll(logits, chunk[first + 1:].astype(np.int64))  # the original tokens, never the BOS
-                nll_sum += float(nll.sum())
-                nll2_sum += float((nll * nll).sum())
-                count += len(nll)
-                chunk_ppl.append(math.exp(nll_sum / count))
-                if on_chunk:
-                    on_chunk(i, chunk_ppl[-1])
+                    per_seq = j + size - max(first, j)  # outputs of each sequence in this decode
+                    if per_seq > 0:
+                        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(chunks) * per_seq * n_vocab,))
+                        for seq, logits in enumerate(out.reshape(len(chunks), per_seq, n_vocab)):
+                            rows[seq].append(logits.copy())
+                for seq, chunk in enumerate(chunks):
+                    logits = np.concatenate(rows[seq])[:scored]  # positions first .. n_ctx-2
+                    nll = _nll(logits, chunk[first + 1:].astype(np.int64))  # the text's tokens, never the BOS
+                    nll_sum += float(nll.sum())
+                    nll2_sum += float((nll * nll).sum())
+                    count += len(nll)
+                    chunk_ppl.append(math.exp(nll_sum / count))
+                    if on_chunk:
+                        on_chunk(i + seq, chunk_ppl[-1])
         finally:
             llama_cpp.llama_batch_free(batch)
         seconds = time.perf_counter() - start
@@ -185,9 +204,11 @@ def perplexity(
         ]
         return PerplexityResult(
             model=str(model), text=str(text_path), ctx_size=ctx_size, mode=mode,
-            threads=int(llm.context_params.n_threads), tokens=len(tokens), chunks=n_chunks,
+            threads=int(params.n_threads), tokens=len(tokens), chunks=n_chunks,
             scored_tokens=count, add_bos=add_bos, ppl=ppl, ppl_error=err, mean_nll=mean, seconds=seconds,
             chunk_ppl=chunk_ppl, activation=layers, mean_activation=rt.mean_activation(),
         )
     finally:
+        if ctx:
+            llama_cpp.llama_free(ctx)
         rt.close()

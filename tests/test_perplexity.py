@@ -120,3 +120,15 @@ def test_errors(files, tmp_path):
     _one_line_error(cli("perplexity", llama, text), "not a DECO GGUF")
 
     _one_line_error(cli("perplexity", gguf, text, "--ctx-size", "4096"), "not enough tokens")
+
+
+def test_chunks_side_by_side_or_split_give_the_same_number(files):
+    """Many chunks per decode (the default, as llama-perplexity) and one chunk over several decodes."""
+    from deco_gguf.perplexity import perplexity
+
+    side_by_side = perplexity(files["gguf"], files["text"], ctx_size=CTX, n_threads=1)
+    split = perplexity(files["gguf"], files["text"], ctx_size=CTX, n_threads=1, n_batch=CTX // 4)
+    assert side_by_side.chunks == split.chunks >= 4
+    assert abs(side_by_side.ppl - split.ppl) / split.ppl < 1e-4
+    for a, b in zip(side_by_side.chunk_ppl, split.chunk_ppl, strict=True):
+        assert abs(a - b) / b < 1e-4

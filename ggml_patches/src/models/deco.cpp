@@ -204,8 +204,10 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
         deco_fail("vocab_size is 0");
     }
 
+    // The released shapes; the class names N, the non-embedding parameters (DECO-0.1B has N = 109M).
     switch (n_layer) {
-        case 27: type = LLM_TYPE_0_5B; break;
+        case 16: type = hparams.n_embd == 768  ? LLM_TYPE_109M : LLM_TYPE_UNKNOWN; break;
+        case 27: type = hparams.n_embd == 1280 ? LLM_TYPE_0_5B : LLM_TYPE_UNKNOWN; break;
         default: type = LLM_TYPE_UNKNOWN;
     }
 }
