@@ -215,10 +215,11 @@ class ChatSession:
         sampling: Sampling | None = None,
         offload: Offload | None = None,
     ):
+        from .runtime import DecoRuntime, library
+
+        library()  # one error line when the runtime is missing
         import llama_cpp
         from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
-
-        from .runtime import DecoRuntime
 
         self.sampling = sampling or Sampling()
         if self.sampling.temperature < 0:

@@ -102,10 +102,11 @@ def perplexity(
     `on_start(chunks, tokens)` is called once the text is tokenized, `on_chunk(i, running_ppl)`
     after each chunk.
     """
-    import llama_cpp
-
     from .info import read_gguf
-    from .runtime import DecoRuntime
+    from .runtime import DecoRuntime, library
+
+    library()  # one error line when the runtime is missing
+    import llama_cpp
 
     if ctx_size < 4:
         raise DecoError(f"--ctx-size {ctx_size} is too small: at least 4 (half of each chunk is scored)")

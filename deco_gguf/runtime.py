@@ -29,6 +29,7 @@ from .rpc import Offload, attach
 # active experts only, `dense` every expert with the same op, `ops` plain ggml ops (a dense reference).
 MODES = {"sparse": 0, "dense": 1, "ops": 2}
 
+GET_RUNTIME = "run `bash scripts/setup.sh` in a deco-gguf source tree (it builds llama.cpp with ggml_patches/)"
 GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
 _errors: deque[str] = deque(maxlen=8)  # llama.cpp's recent error lines, for one-line messages
 _log_listeners: list[Callable[[str], None]] = []  # called with every line llama.cpp logs
@@ -39,15 +40,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _library():
+def library():
     """libllama as loaded by llama_cpp, with the DECO entry points typed; DecoError if it is stock."""
     try:
         import llama_cpp
     except ImportError:
-        raise DecoError("llama-cpp-python is not installed: run scripts/build-runtime.sh") from None
+        raise DecoError(f"the patched llama.cpp runtime is not installed: {GET_RUNTIME}") from None
     lib = llama_cpp.llama_cpp._lib
     if not hasattr(lib, "llama_deco_stats_get"):
-        raise DecoError("the installed llama-cpp-python is not the patched DECO build: run scripts/build-runtime.sh")
+        raise DecoError(f"the installed llama-cpp-python is not the patched DECO build: {GET_RUNTIME}")
     if not getattr(lib, "_deco_typed", False):
         lib.llama_deco_stats_get.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
         lib.llama_deco_stats_get.restype = ctypes.c_bool
@@ -157,7 +158,7 @@ class DecoRuntime:
             raise DecoError(f"unknown evaluation mode {mode!r} (choose from {', '.join(MODES)})")
         self.path = Path(path)
         self.info = read_gguf(self.path)  # DecoError for a missing or non-DECO file
-        self.lib = _library()
+        self.lib = library()
         import llama_cpp
         from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
 
@@ -287,7 +288,7 @@ def quantize(
         raise DecoError(f"unknown quantization type {preset!r} (choose from {', '.join(PRESETS)})")
     read_gguf(src)  # a DECO GGUF, or a one-line error
     refuse_inputs(dst, [src])
-    _library()
+    library()
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()

@@ -473,7 +473,9 @@ def measure(
     import os
 
     from .chat import cache_root
-    from .runtime import DecoRuntime, available_cores
+    from .runtime import DecoRuntime, available_cores, library
+
+    library()  # one error line when the runtime is missing
 
     if pp < 1 or tg < 1 or repetitions < 1 or warmup < 0:
         raise DecoError("--pp, --tg and --repetitions must be at least 1, --warmup at least 0")

@@ -50,3 +50,22 @@ def test_more_threads_than_cores_is_warned():
     assert r.returncode == 1 and "missing.gguf" in r.stderr  # and then the command goes on as asked
     r = cli("quantize", "missing.gguf", "out.gguf", "Q4_0", "--threads", str(cores))
     assert "warning" not in r.stderr
+
+
+# The CLI in a Python where llama_cpp cannot be imported (as after a plain `pip install .`).
+WITHOUT_RUNTIME = "import sys; sys.modules['llama_cpp'] = None; from deco_gguf.cli import run; sys.argv[0] = 'deco-gguf'; run()"
+
+
+@pytest.mark.parametrize("command", [["chat", "-p", "hi"], ["perplexity", "TEXT"], ["speed"], ["quantize", "OUT", "Q4_0"],
+                                     ["info", "--measure", "TEXT"]])
+def test_runtime_commands_without_the_runtime_say_how_to_get_it(command, tmp_path):
+    from deco_gguf.converter import convert
+
+    model, text = tmp_path / "m.gguf", tmp_path / "t.txt"
+    convert(REPO / "models" / "deco-tiny", model, "f16")
+    text.write_text("In the beginning God created the heaven and the earth. " * 50)
+    args = [str(text) if a == "TEXT" else str(tmp_path / "o.gguf") if a == "OUT" else a for a in command]
+    r = subprocess.run([sys.executable, "-c", WITHOUT_RUNTIME, command[0], str(model), *args[1:]],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "COLUMNS": "300"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: the patched llama.cpp runtime is not installed: run `bash scripts/setup.sh`"), r.stderr

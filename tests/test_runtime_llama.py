@@ -23,11 +23,11 @@ from deco_gguf.converter.convert import convert
 from deco_gguf.fixtures import VARIANTS as FIXTURES
 from deco_gguf.fixtures import write_fixture
 from deco_gguf.reference import DecoModel
-from deco_gguf.runtime import MODES, _library
+from deco_gguf.runtime import MODES, library
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_BIN = REPO / ".deps" / "build" / "bin"
-_lib = _library()  # the patched libllama with its DECO entry points typed; llama.cpp's logs kept quiet
+_lib = library()  # the patched libllama with its DECO entry points typed; llama.cpp's logs kept quiet
 TOL = 1e-4
 
 llama_cpp.llama_backend_init()
