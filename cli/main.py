@@ -153,11 +153,12 @@ def _config_overrides(items: list[str]) -> dict:
 def quantize(
     src: Annotated[Path, typer.Argument(help="A DECO GGUF (typically F16 or F32 from `convert`).")],
     dst: Annotated[Path, typer.Argument(help="GGUF file to write (replaced only when complete).")],
-    preset: Annotated[str, typer.Argument(help="Q4_0, Q5_0, Q8_0, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, F16 or BF16.")],
+    preset: Annotated[str, typer.Argument(help="Q4_0, Q5_0, Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS, F16 or BF16.")],
     threads: Annotated[Optional[int], typer.Option(help="Threads; default: all cores.", min=1)] = None,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept an already quantized input (errors of both quantizations add up).")] = False,
+    imatrix: Annotated[Optional[Path], typer.Option(help="Importance matrix from `deco-gguf imatrix` (recommended for Q2_K, Q3_K_*, IQ4_XS).", dir_okay=False)] = None,
 ) -> None:
-    """Quantize a DECO GGUF with llama.cpp's presets (through the patched libllama).
+    """Quantize a DECO GGUF with llama.cpp's presets (the patched llama-quantize).
 
     Routers, router scales, norms and the NormSiLU mean row stay F32. Tensors
     whose rows do not fit the preset's blocks (64-wide expert down projections
@@ -175,7 +176,7 @@ def quantize(
     task = progress.add_task("tensors", total=None, tensor="")
     with progress:
         fallbacks = run_quantize(
-            src, dst, preset, threads, allow_requantize,
+            src, dst, preset, threads, allow_requantize, imatrix,
             on_tensor=lambda i, n, name: progress.update(task, completed=i - 1, total=n, tensor=name),
         )
     if fallbacks:
@@ -184,6 +185,32 @@ def quantize(
             table.add_row(f.tensor, str(f.row), f.wanted, f.got)
         console.print(table)
     console.print(f"wrote [bold]{dst}[/] ({dst.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+@friendly_errors
+def imatrix(
+    model: Annotated[Path, typer.Argument(help="A DECO GGUF, F16 or F32 (the unquantized weights).")],
+    text_file: Annotated[Path, typer.Argument(help="Text like the model's use (UTF-8), a few hundred KB.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Importance matrix to write (GGUF; replaced only when complete).")],
+    ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="Chunk length in tokens.", min=16)] = 512,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)] = None,
+    chunks: Annotated[Optional[int], typer.Option(help="Use only this many chunks of the text.", min=1)] = None,
+) -> None:
+    """Importance matrix for low-bit quantization (llama-imatrix through the DECO routing).
+
+    Expert e's up and gate projections get statistics only from the tokens the
+    router sends to e, as llama.cpp does for MoE experts; the expert down
+    projections get none (their inputs exist only inside the DECO op) and are
+    quantized without one. Then: deco-gguf quantize IN OUT Q3_K_M --imatrix FILE.
+    """
+    from ..runtime import imatrix as run_imatrix
+
+    _check_threads(threads)
+    with err_console.status("computing the importance matrix") as status:
+        run_imatrix(model, text_file, output, ctx_size, threads, chunks,
+                    on_start=lambda n: status.update(f"computing the importance matrix over {n} chunks of {ctx_size} tokens"))
+    console.print(f"wrote [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)")
 
 
 @app.command()

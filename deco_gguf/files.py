@@ -85,9 +85,9 @@ def _open_named(part: Path, output: Path) -> int:
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a path for this process to write the output to; when the block succeeds it becomes
-    `path` (replacing an existing file in one step, with the permissions of a new file), otherwise
-    it disappears.
+    """Yield a path to write the output to (from this process or a child); when the block succeeds
+    it becomes `path` (replacing an existing file in one step, with the permissions of a new file),
+    otherwise it disappears.
 
     A failure to write (full disk, quota) becomes a one-line DecoError."""
     if path.is_dir():
@@ -100,7 +100,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     if fd is None:
         fd = _open_named(part, path)
     try:
-        yield Path(f"/proc/self/fd/{fd}") if unnamed else part
+        yield Path(f"/proc/{os.getpid()}/fd/{fd}") if unnamed else part  # also for child processes
         if unnamed:
             try:
                 _link_unnamed(fd, path)  # the output did not exist: in place at once

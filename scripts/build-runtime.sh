@@ -14,10 +14,11 @@
 #   3. apply ggml_patches/ (*.patch edits + plain new files) when the patch set changed;
 #   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
 #      ccache in ~/.cache/ccache): libllama/libggml*, llama-cli, llama-server,
-#      llama-perplexity, llama-bench, llama-quantize, test-backend-ops, ggml-rpc-server (the RPC
-#      backend is on: docs/distributed.md) (+ our own test tools);
+#      llama-perplexity, llama-bench, llama-quantize, llama-imatrix, test-backend-ops, ggml-rpc-server
+#      (the RPC backend is on: docs/distributed.md) (+ our own test tools);
 #   5. pip-install llama-cpp-python into the venv with -DLLAMA_BUILD=OFF (no second compile of
-#      llama.cpp) and copy our shared libraries into its llama_cpp/lib; check that
+#      llama.cpp) and copy our shared libraries, llama-quantize, llama-imatrix and ggml-rpc-server into
+#      its llama_cpp/lib; check that
 #      `import llama_cpp` loads them.
 #
 # Environment knobs:
@@ -195,7 +196,7 @@ fi
 # 4. cmake configure (once) + build the libraries and tools we need
 # ---------------------------------------------------------------------------------------------
 TARGETS=(llama ggml ggml-base ggml-cpu mtmd
-         llama-cli llama-server llama-perplexity llama-bench llama-quantize test-backend-ops
+         llama-cli llama-server llama-perplexity llama-bench llama-quantize llama-imatrix test-backend-ops
          ggml-rpc ggml-rpc-server)
 # our own test tools, present only in the patched tree
 if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn); fi
@@ -260,6 +261,10 @@ for f in "$BUILD"/bin/lib*.so*; do
     elif ! cmp -s "$f" "$PKG_DIR/lib/$base"; then
         cp -f "$f" "$PKG_DIR/lib/$base.tmp" && mv -f "$PKG_DIR/lib/$base.tmp" "$PKG_DIR/lib/$base"
     fi
+done
+# the tools deco-gguf runs (quantize, imatrix, rpc-server) beside the libraries, which they find through $ORIGIN
+for tool in llama-quantize llama-imatrix ggml-rpc-server; do
+    cmp -s "$BUILD/bin/$tool" "$PKG_DIR/lib/$tool" || cp -f "$BUILD/bin/$tool" "$PKG_DIR/lib/$tool"
 done
 echo "$BUILD/bin" > "$PKG_DIR/lib/.deco-build-dir"
 # what `deco-gguf --version` reports about this build

@@ -25,6 +25,7 @@ area() {
         ggml/*)                         echo 0001-ggml-deco-moe-op ;;
         src/*)                          echo 0003-llama-deco-arch ;;
         tests/*)                        echo 0004-tests-deco ;;
+        tools/imatrix/*)                echo 0006-imatrix-deco ;;
         *)                              echo 0006-misc ;;
     esac
 }

@@ -168,3 +168,49 @@ def test_quantize_reports_every_tensor_and_requantizes_only_when_asked(model, tm
     quantize(q8, tmp_path / "q4.gguf", "Q4_0", n_threads=2, allow_requantize=True)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q4.gguf").tensors}
     assert types["blk.1.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.Q4_0
+
+
+IMATRIX_TEXT = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+    "darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And God "
+    "said, Let there be light: and there was light. And God saw the light, that it was good: and God divided "
+    "the light from the darkness."
+)
+
+
+def test_imatrix_follows_the_deco_routing(tmp_path):
+    """llama-imatrix on the bundled model: per expert, the sum of x² over exactly the tokens the router
+    sends to that expert (the reference model's routing), and no statistics for the down projections."""
+    from pathlib import Path
+
+    from deco_gguf.runtime import imatrix
+
+    bundled = Path(__file__).resolve().parents[1] / "models" / "deco-tiny"
+    ctx = 64
+    model, text, out = tmp_path / "m.gguf", tmp_path / "t.txt", tmp_path / "imatrix.gguf"
+    convert(bundled, model, "f32")
+    text.write_text(IMATRIX_TEXT + " " + IMATRIX_TEXT)  # llama-imatrix wants two chunks of text; it reads one
+    imatrix(model, text, out, ctx_size=ctx, n_threads=2, chunks=1)
+    stats = {t.name: np.array(t.data, dtype=np.float64) for t in gguf.GGUFReader(out).tensors}
+    assert not any("ffn_down_exps" in name for name in stats)
+
+    with DecoRuntime(model, n_ctx=ctx) as rt:
+        ids = rt.llm.tokenize(IMATRIX_TEXT.encode(), add_bos=True)[:ctx]  # the first chunk, BOS in front
+    assert len(ids) == ctx
+    ref = DecoModel.from_pretrained(bundled)
+    c = ref.config
+    with torch.no_grad():
+        x = ref.embed(torch.tensor([ids]))
+        for i in range(c.num_layers):
+            x = ref.attn_block(i, x)
+            if c.moe_layers[i]:
+                h = ref.ffn_input(i, x)[0].double()
+                active = ref.route(i, h.float())[1].double()  # [T, E]
+                want_counts, want_sums = active.sum(0).numpy(), (active.T @ h.square()).numpy()  # [E], [E, d]
+                counts = stats[f"blk.{i}.ffn_up_exps.weight.counts"].reshape(-1)
+                sums = stats[f"blk.{i}.ffn_up_exps.weight.in_sum2"].reshape(c.num_experts, c.hidden_size)
+                # routing decisions within float rounding of zero may differ: at most one in a thousand
+                assert np.abs(counts - want_counts).sum() <= max(1, active.numel() // 1000), (counts, want_counts)
+                same = counts == want_counts
+                np.testing.assert_allclose(sums[same], want_sums[same], rtol=1e-3, atol=1e-3 * want_sums.max())
+            x, _ = ref.ffn_block(i, x)

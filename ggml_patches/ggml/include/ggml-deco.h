@@ -108,6 +108,13 @@ GGML_API const char * ggml_deco_moe_check(
 
 GGML_API struct ggml_deco_moe_params ggml_deco_moe_get_params(const struct ggml_tensor * op);
 
+// the router's decision for one token (raw: its [E] logits; bias: [E], only read with an expert bias):
+// active[e] = raw[e] > 0, or raw[e] + b[e]*k > 0 with an expert bias; returns how many active experts also
+// have raw[e] > 0, i.e. a non-zero routed score: the experts the op computes for the token (the count the
+// activity counters add). Shared by the CPU op and tools that follow the routing (llama-imatrix).
+GGML_API int64_t ggml_deco_moe_router_active(const struct ggml_deco_moe_params * p, int64_t n_expert, const float * raw,
+                                             const float * bias, uint8_t * active);
+
 //
 // activity counters: every evaluation of a GGML_OP_DECO_MOE node with layer >= 0 adds its token count and
 // the number of active experts (router decision, also in dense mode) for that layer. Process-wide, thread-safe.

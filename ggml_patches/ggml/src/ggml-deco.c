@@ -5,6 +5,7 @@
 #include "ggml-impl.h"
 
 #include <stdatomic.h>
+#include <math.h>
 #include <string.h>
 
 static bool deco_is_f32_vec(const struct ggml_tensor * t, int64_t n) {
@@ -102,6 +103,23 @@ struct ggml_tensor * ggml_deco_moe(
     result->src[8] = bias;
 
     return result;
+}
+
+int64_t ggml_deco_moe_router_active(const struct ggml_deco_moe_params * p, int64_t n_expert, const float * raw,
+                                    const float * bias, uint8_t * active) {
+    // decided by the ReLU, optionally shifted by the expert bias; never by the learned scale
+    float k = 1.0f;
+    if (p->bias_mode == GGML_DECO_BIAS_RMS) {
+        double ss = 0.0;
+        for (int64_t e = 0; e < n_expert; ++e) ss += (double) raw[e] * raw[e];
+        k = (float) sqrt(ss / (double) n_expert);
+    }
+    int64_t n_active = 0;
+    for (int64_t e = 0; e < n_expert; ++e) {
+        active[e] = p->bias_mode == GGML_DECO_BIAS_NONE ? raw[e] > 0.0f : raw[e] + bias[e] * k > 0.0f;
+        n_active += active[e] && raw[e] > 0.0f; // counted like the reference: a non-zero routed score
+    }
+    return n_active;
 }
 
 struct ggml_deco_moe_params ggml_deco_moe_get_params(const struct ggml_tensor * op) {

@@ -143,21 +143,11 @@ extern "C" bool ggml_cpu_deco_moe_supported(const ggml_tensor * node) {
 static int64_t deco_route_token(const ggml_deco_moe_params & p, int64_t E, const float * raw,
                                 const float * scale, int64_t n_scale, const float * bias,
                                 bool dense, float * s, uint8_t * flag) {
-    // activity: decided by the ReLU (optionally shifted by the expert bias), never by the learned scale
-    float k = 1.0f;
-    if (p.bias_mode == GGML_DECO_BIAS_RMS) {
-        double ss = 0.0;
-        for (int64_t e = 0; e < E; ++e) ss += (double) raw[e] * raw[e];
-        k = (float) sqrt(ss / (double) E);
-    }
-    int64_t n_active = 0;
+    const int64_t n_active = ggml_deco_moe_router_active(&p, E, raw, bias, flag);
     for (int64_t e = 0; e < E; ++e) {
-        const bool act = p.bias_mode == GGML_DECO_BIAS_NONE ? raw[e] > 0.0f : raw[e] + bias[e] * k > 0.0f;
         float r = raw[e] > 0.0f ? raw[e] : 0.0f;
         if (p.router_act == GGML_DECO_ROUTER_SQRELU) r *= r;
-        s[e]    = act ? r : 0.0f;
-        flag[e] = act ? 1 : 0;
-        n_active += act && raw[e] > 0.0f; // counted like the reference: a non-zero routed score
+        s[e] = flag[e] ? r : 0.0f;
     }
     switch (p.router_norm) {
         case GGML_DECO_RNORM_NONE: break;
