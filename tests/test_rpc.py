@@ -26,10 +26,11 @@ if not hasattr(llama_cpp.llama_cpp._lib, "llama_deco_stats_get"):
 
 from deco_gguf.errors import DecoError  # noqa: E402
 from deco_gguf.rpc import PROTOCOL_MAJOR, protocol_version  # noqa: E402
+from deco_gguf.runtime import tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
-SERVER = Path((Path(llama_cpp.__file__).parent / "lib" / ".deco-build-dir").read_text().strip()) / "ggml-rpc-server"
+SERVER = tool("ggml-rpc-server")
 QUESTION = "Who is the LORD?"
 
 
