@@ -79,12 +79,6 @@ def _last_error(default: str) -> str:
     return _errors[-1] if _errors else default
 
 
-def _chat_templates(path: Path) -> list[str]:
-    """The GGUF's chat templates: the default and any named ones."""
-    reader = gguf.GGUFReader(path)
-    return [f.contents() for name, f in reader.fields.items() if name.startswith("tokenizer.chat_template")]
-
-
 def template_error(template: str) -> str | None:
     """Why llama-cpp-python cannot compile `template`; None when it can."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -167,7 +161,7 @@ class DecoRuntime:
         self.lib.llama_deco_ffn_mode_set(MODES[mode])
         threads = n_threads or available_cores()
         _errors.clear()
-        broken_template = any(template_error(t) for t in _chat_templates(self.path))
+        broken_template = any(template_error(t) for t in self.info.chat_templates)
         try:
             with _chatml_while_loading() if broken_template else contextlib.nullcontext():
                 self.llm = Llama(
