@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wall time of `deco-gguf perplexity` against llama.cpp's llama-perplexity on the same file, context and
-# threads, runs alternating, medians compared; the two final estimates must agree.
+# threads, runs alternating, medians compared; the two final estimates must agree (to 1e-6 relative).
 #
 #   bash benchmarks/perplexity-vs-llama.sh MODEL.gguf TEXT [CTX] [THREADS] [RUNS]
 #   bash benchmarks/perplexity-vs-llama.sh                      # the bundled model, 60 KB of held-out KJV
@@ -45,6 +45,6 @@ for name, samples in times.items():
 ratio = statistics.median(times["deco-gguf perplexity"]) / statistics.median(times["llama-perplexity"])
 print(f"  wall-time ratio deco-gguf / llama-perplexity: {ratio:.2f}")
 print(f"  PPL: deco-gguf {ours['ppl']:.4f}, llama-perplexity {theirs:.4f}")
-if f"{ours['ppl']:.4f}" != f"{theirs:.4f}":
+if abs(ours["ppl"] - theirs) > max(5e-5, 1e-6 * theirs):  # llama-perplexity prints 4 decimals
     sys.exit("the final estimates differ")
 PY
