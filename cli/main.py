@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DecoError
+from ..rpc import Offload
 from ..signals import Terminated
 
 ENVIRONMENT = "\n\n".join([
@@ -359,9 +360,7 @@ RpcServers = Annotated[Optional[str], typer.Option("--rpc", metavar="HOST:PORT[,
 RpcLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", help="How many layers go to the --rpc servers, the last ones (llama.cpp's -ngl); default: all.", min=0)]
 
 
-def _offload(rpc: Optional[str], layers: Optional[int]):
-    from ..rpc import Offload
-
+def _offload(rpc: Optional[str], layers: Optional[int]) -> Offload:
     if layers is not None and not rpc:
         raise DecoError("--n-gpu-layers places layers on --rpc servers: give --rpc HOST:PORT too")
     return Offload.parse(rpc, layers)
@@ -415,7 +414,8 @@ def chat(
     path = resolve_model(model, on_status=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
     sampling = Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens)
     interactive = prompt is None and sys.stdin.isatty()
-    sys.stdin.reconfigure(encoding="utf-8", errors="replace")  # bytes that are not UTF-8 become U+FFFD
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="replace")  # bytes that are not UTF-8 become U+FFFD
     with ChatSession(path, system=system, n_ctx=ctx_size, n_threads=threads, mode=mode.value, sampling=sampling, offload=offload) as session:
         if session.format.warning:
             warn(session.format.warning)

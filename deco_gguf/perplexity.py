@@ -6,7 +6,8 @@ The method of llama.cpp's tools/perplexity (its default mode, no stride), re-imp
   the vocabulary's special tokens added (a BOS in front when the model adds one) and special-token
   text left as plain text;
 - fewer than 2 × n_ctx tokens is an error; otherwise the tokens are cut into floor(n / n_ctx)
-  non-overlapping chunks of n_ctx tokens (the tail is dropped), each evaluated from an empty KV cache;
+  non-overlapping chunks of n_ctx tokens (the tail is dropped), each evaluated from an empty KV cache,
+  2048 / n_ctx of them side by side in one decode as separate sequences (llama-perplexity's n_seq);
 - when the model adds a BOS, the first token of every chunk is replaced by BOS for the evaluation;
 - only the second half of each chunk is scored: the logits at positions n_ctx/2 … n_ctx-2 predict
   the tokens at n_ctx/2+1 … n_ctx-1 (n_ctx - 1 - n_ctx/2 tokens per chunk), so every scored token

@@ -1,9 +1,11 @@
 """Running DECO GGUF files with the patched llama.cpp (through llama-cpp-python).
 
 `scripts/build-runtime.sh` builds llama.cpp with `ggml_patches/` and installs
-llama-cpp-python on top of those libraries. This module is the layer the CLI
-uses: open a model (threads, context, sparse/dense evaluation), read the
-per-layer active-expert counters, and quantize with libllama's presets.
+llama-cpp-python on top of those libraries, with llama-quantize, llama-imatrix and
+ggml-rpc-server beside them. This module is the layer the CLI uses: open a model
+(threads, context, sparse/dense evaluation, layers on rpc-servers), read the
+per-layer active-expert counters, quantize with llama-quantize's presets and
+compute importance matrices.
 """
 
 from __future__ import annotations
@@ -243,10 +245,9 @@ def _preset_block_type(preset: str) -> gguf.GGMLQuantizationType:
     return gguf.GGMLQuantizationType[name]
 
 
-# llama.cpp's quantizer logs "[  12/  57] blk.1.attn_q.weight - [...]" as it starts each tensor.
+# llama.cpp's quantizer logs "[  12/  57] blk.1.attn_q.weight - [...]" as it starts each tensor;
+# its tools prefix log lines with the time and the level ("0.00.040.363 E ").
 TENSOR_LOG = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
-
-
 LOG_PREFIX = re.compile(r"^[\d.]+ [A-Z] ")
 
 
@@ -281,7 +282,7 @@ def run_tool(args: list, on_line: Callable[[str], None], what: str, env: dict | 
         proc.wait()
     if proc.returncode != 0:
         failed = [line for line in lines if "failed" in line or "error" in line.lower()] or list(lines)[-1:] or [""]
-        reason = LOG_PREFIX.sub("", failed[0]).strip()  # without llama.cpp's "0.00.040.363 E " prefix
+        reason = LOG_PREFIX.sub("", failed[0]).strip()
         raise DecoError(f"{what} failed: {reason or f'exit code {proc.returncode}'}")
 
 
