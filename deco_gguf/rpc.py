@@ -3,7 +3,8 @@
 Each remote machine runs `rpc-server` from the patched build (scripts/setup.sh builds it);
 `attach()` registers their devices with ggml in this process, after checking that each server
 answers with the patched protocol, so that a model loaded with `n_gpu_layers` places those layers
-there (llama.cpp's `--rpc` and `-ngl`).
+there (llama.cpp's `--rpc` and `-ngl`). ggml keeps attached servers for the life of the process and
+reaches them again at every model load: a server that has gone away by then aborts the process.
 """
 
 from __future__ import annotations
