@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -145,11 +144,8 @@ def test_required_variants_exist():
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_layout(name: str, tmp_path: Path, sp: spm.SentencePieceProcessor):
     spec = VARIANTS[name]
-    t0 = time.perf_counter()
     out = write_fixture(tmp_path / name, name, seed=0)
-    elapsed = time.perf_counter() - t0
     assert out == tmp_path / name
-    assert elapsed < 3.0, f"{name} took {elapsed:.2f} s"
 
     # ---- tensors
     vocab = spec.vocab_size or sp.get_piece_size()
