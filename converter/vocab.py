@@ -152,9 +152,14 @@ def load_vocab(path: Path, raw_config: dict) -> Vocab:
 
     tok_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     decoder = tok_config.get("added_tokens_decoder") or {}
-    for key, added in sorted(decoder.items(), key=lambda item: int(item[0])):
-        if key.isdigit() and isinstance(added, dict) and isinstance(added.get("content"), str):
-            vocab.declare_added(int(key), added["content"], bool(added.get("special")))
+    declared = [(int(key), added) for key, added in decoder.items()
+                if key.isdigit() and isinstance(added, dict) and isinstance(added.get("content"), str)]
+    limit = len(vocab.tokens) + len(declared)  # added tokens extend the model, they leave no wide gaps
+    for i, added in sorted(declared, key=lambda item: item[0]):
+        if i >= limit:
+            raise DecoError(f"{path / 'tokenizer_config.json'}: added token {added['content']!r} has id {i}, "
+                            f"past the {limit} tokens of the tokenizer and its added tokens")
+        vocab.declare_added(i, added["content"], bool(added.get("special")))
     lookup = {piece: i for i, piece in enumerate(vocab.tokens)}
     for attr in ("bos", "eos", "unk", "pad"):
         content = _token_content(tok_config.get(f"{attr}_token"))

@@ -316,3 +316,14 @@ def test_write_failure_is_one_error_line(pristine, tmp_path):
     assert len(errors) == 1 and "cannot write it: File too large" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and out.read_bytes() == b"previous contents"
+
+
+def test_added_token_far_past_the_vocabulary_is_refused(pristine, tmp_path):
+    hf_dir = tmp_path / "ckpt"
+    shutil.copytree(pristine["base"], hf_dir)
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["99999999"] = {"content": "<|far|>", "special": True}
+    config["added_tokens_decoder"]["not-a-number"] = {"content": "<|odd|>", "special": True}
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    result = run_convert([str(hf_dir), "-o", str(tmp_path / "m.gguf"), "--quiet"])
+    assert result.exit_code == 1 and "'<|far|>' has id 99999999" in result.output, result.output
