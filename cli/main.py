@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import statistics
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -580,20 +581,17 @@ def speed(
     def cells(s) -> list[str]:
         return [f"{s.median:,.1f}", f"[dim]{min(s.samples):,.0f}-{max(s.samples):,.0f}[/]"] if s else ["-", ""]
 
-    def first_token(s) -> str:
-        import statistics
-
-        return f"{statistics.median(s.first_token_ms):,.1f}" if s else "-"
-
-    table = Table("threads", "", f"pp{pp} t/s", "min-max", "TTFT ms", f"tg{tg} t/s", "min-max",
+    table = Table("threads", "", f"pp{pp} t/s", "min-max", f"tg{tg} t/s", "min-max",
                   title=f"Speed of {path.name}: median of {repetitions} interleaved runs", title_justify="left")
     names = {("deco", "sparse"): "DECO sparse", ("deco", "dense"): "DECO dense", ("dense_eq", "dense"): "dense_eq"}
     for t in report.threads:
         for (m, md), name in names.items():
             if report.find(m, md, t, "tg"):
-                prompt = report.find(m, md, t, "pp")
-                table.add_row(str(t), name, *cells(prompt), first_token(prompt), *cells(report.find(m, md, t, "tg")))
+                table.add_row(str(t), name, *cells(report.find(m, md, t, "pp")), *cells(report.find(m, md, t, "tg")))
     console.print(table)
+    first_tokens = ", ".join(f"{names[(s.model, s.mode)]} t{s.threads} {statistics.median(s.first_token_ms):,.1f} ms"
+                             for s in report.series if s.test == "pp")
+    console.print(f"time to first token (pp{pp} prompt, then one decode): {first_tokens}", highlight=False)
 
     b = report.bytes
     layers = ", ".join(f"L{k} {v:.1%}" for k, v in sorted(report.layer_rates.items()))

@@ -82,7 +82,7 @@ def test_json_schema_and_values(gguf_path, tmp_path):
 def test_table_output(gguf_path):
     r = cli("speed", gguf_path, *TINY)
     assert r.returncode == 0, r.stderr
-    for words in ("DECO sparse", "DECO dense", "pp16 t/s", "TTFT ms", "tg8 t/s", "expert activation", "bound", "Weight bytes"):
+    for words in ("DECO sparse", "DECO dense", "pp16 t/s", "time to first token", "tg8 t/s", "expert activation", "bound", "Weight bytes"):
         assert words in r.stdout
 
 
