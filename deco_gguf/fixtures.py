@@ -14,8 +14,9 @@ O(1); router calibration (to the ~20% activation of trained models) is not
 done here: pass `state_dict_hook` (in-memory path) or `router_hook` (any path,
 per router matrix) to `write_fixture`, or change `router_rows`.
 
-Command line:  python -m deco_gguf.fixtures OUT_DIR --variant base
-               python -m deco_gguf.fixtures OUT_DIR --preset deco-0.5b
+Command line:  deco-gguf fixture base OUT_DIR
+               deco-gguf fixture deco-0.5b OUT_DIR --calibrate 0.2
+               deco-gguf fixture --list
 """
 
 from __future__ import annotations
