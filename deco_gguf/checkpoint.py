@@ -34,8 +34,8 @@ BIN_SINGLE = "pytorch_model.bin"
 # Tokenizer files the converter (and gguf's SentencePiece reader) may read.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json")
 
-DEFAULT_CONTEXT = 4096
-MUP_KEYS = ("scale_emb", "scale_depth", "dim_model_base")  # DECO's training context
+DEFAULT_CONTEXT = 4096  # DECO's training context
+MUP_KEYS = ("scale_emb", "scale_depth", "dim_model_base")
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -436,7 +436,8 @@ def expected_shapes(config: DecoConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensor_shapes(config: DecoConfig, ckpt: HFCheckpoint) -> None:
-    """Every expected tensor present with its shape; anything else is reported and skipped."""
+    """Every expected tensor present with its shape and a floating-point type; anything else is
+    reported and skipped."""
     expected = expected_shapes(config)
     for name, shape in expected.items():
         if not ckpt.has(name):

@@ -41,6 +41,14 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def lib_dir() -> Path:
+    """Where llama-cpp-python keeps the libraries, and where scripts/build-runtime.sh puts our build's
+    libraries and tools (ImportError without llama-cpp-python)."""
+    import llama_cpp
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
 def library():
     """libllama as loaded by llama_cpp, with the DECO entry points typed; DecoError if it is stock."""
     try:
@@ -152,12 +160,11 @@ class DecoRuntime:
         self.path = Path(path)
         self.info = read_gguf(self.path)  # DecoError for a missing or non-DECO file
         self.lib = library()
-        import llama_cpp
         from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
 
         offload = self.offload = offload or Offload()
         if offload.rpc:
-            attach(offload.rpc, Path(llama_cpp.__file__).parent / "lib")
+            attach(offload.rpc, lib_dir())
 
         self.mode = mode
         self.lib.llama_deco_ffn_mode_set(MODES[mode])
@@ -254,9 +261,7 @@ LOG_PREFIX = re.compile(r"^[\d.]+ [A-Z] ")
 def tool(name: str) -> Path:
     """A llama.cpp tool of the patched build, installed beside its libraries (scripts/build-runtime.sh)."""
     library()
-    import llama_cpp
-
-    path = Path(llama_cpp.__file__).parent / "lib" / name
+    path = lib_dir() / name
     if not path.is_file():
         raise DecoError(f"{name} is not installed with the runtime: {GET_RUNTIME}")
     return path
@@ -307,9 +312,9 @@ def quantize(
     if preset not in PRESETS:
         raise DecoError(f"unknown quantization type {preset!r} (choose from {', '.join(PRESETS)})")
     read_gguf(src)  # a DECO GGUF, or a one-line error
-    refuse_inputs(dst, [src] + ([Path(imatrix)] if imatrix else []))
     if imatrix is not None and not Path(imatrix).is_file():
         raise DecoError(f"{imatrix}: file not found")
+    refuse_inputs(dst, [src] + ([Path(imatrix)] if imatrix else []))
     binary = tool("llama-quantize")
 
     def progress(line: str) -> None:

@@ -117,10 +117,9 @@ def _ggml_base():
     """libggml-base as installed with llama-cpp-python, with ggml_quantize_chunk typed."""
     import ctypes
 
-    import llama_cpp
+    from .runtime import lib_dir
 
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    found = sorted(lib_dir.glob("libggml-base.*")) or sorted(lib_dir.glob("ggml-base.*"))
+    found = sorted(lib_dir().glob("libggml-base.*")) or sorted(lib_dir().glob("ggml-base.*"))
     if not found:
         return None
     lib = ctypes.CDLL(str(found[0]))
@@ -470,8 +469,6 @@ def measure(
     offload: Offload | None = None,
 ) -> SpeedReport:
     """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
-    import os
-
     from .chat import cache_root
     from .runtime import DecoRuntime, available_cores, library
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ctypes
 import json
 import re
-from pathlib import Path
 
 from . import __version__
+from .runtime import lib_dir
 
 
 def version_lines() -> list[str]:
@@ -17,12 +17,11 @@ def version_lines() -> list[str]:
         import llama_cpp
     except ImportError:
         return lines + ["runtime: not installed (bash scripts/setup.sh builds and installs the patched llama.cpp)"]
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    build_file = lib_dir / "deco-build.json"
+    build_file = lib_dir() / "deco-build.json"
     if not build_file.is_file():
         return lines + [f"runtime: llama-cpp-python {llama_cpp.__version__}, not this project's build (bash scripts/setup.sh)"]
     build = json.loads(build_file.read_text())
-    ggml = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    ggml = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
     ggml.ggml_version.restype = ctypes.c_char_p
     cmake = build["cmake"]
     cuda = f"on (archs {cmake['CMAKE_CUDA_ARCHITECTURES']})" if cmake.get("GGML_CUDA") == "ON" else "off"

@@ -214,3 +214,12 @@ def test_imatrix_follows_the_deco_routing(tmp_path):
                 same = counts == want_counts
                 np.testing.assert_allclose(sums[same], want_sums[same], rtol=1e-3, atol=1e-3 * want_sums.max())
             x, _ = ref.ffn_block(i, x)
+
+
+def test_quantize_with_a_missing_imatrix_is_one_error(model, tmp_path):
+    _, paths, _ = model
+    out = tmp_path / "q.gguf"
+    out.write_bytes(b"previous contents")
+    with pytest.raises(DecoError, match="missing.imatrix: file not found"):
+        quantize(paths["f16"], out, "Q4_0", imatrix=tmp_path / "missing.imatrix")
+    assert out.read_bytes() == b"previous contents"
