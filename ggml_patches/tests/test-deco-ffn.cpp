@@ -1,13 +1,16 @@
 // Direct check of GGML_OP_DECO_MOE (CPU) against a naive double-precision reference.
 //
-//  - every supported weight type, odd shapes, expert counts 1..180, De 32/64/256, 1..33 tokens
+//  - every supported weight type, odd shapes, expert counts 1..180, De 32/64/256, 1..33 tokens, and the
+//    small batches of speculative verification (2, 3, 5, 8, 16 tokens, and 17: past the small-batch kernels)
 //  - all router / activation / bias variants, gated and non-gated experts
 //  - all-inactive and all-active tokens
 //  - exactness of the sparsity: experts that are inactive for every token get NaN weights; the sparse
 //    result must still be finite and correct (so those weights were never read)
 //  - dense mode (GGML_DECO_FLAG_DENSE) must give the same result as sparse mode
 //  - expert weights in the plain CPU buffer and in the CPU_REPACK buffer (interleaved rows, read by ggml's
-//    repacked gemv/gemm) where the type has a repacked layout on this CPU
+//    repacked gemv/gemm and the small-batch kernels) where the type has a repacked layout on this CPU
+//  - ggml_mul_mat of 1..17 and 33 vectors with weights in the CPU_REPACK buffer equals the same product with
+//    the weights in the plain buffer (ggml's vec_dot): the dense matmuls of a verification batch
 //
 // The reference emulates the op's activation quantization (x and v are rounded through the weights'
 // vec_dot_type), so the tolerances are tight. Usage: test-deco-ffn [-v] [n_threads]
@@ -330,6 +333,55 @@ bool run_case(const case_params & c, int n_threads) {
     return ok;
 }
 
+// ggml_mul_mat of n vectors with weights in the CPU_REPACK buffer against the same weights in the plain buffer
+bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_threads) {
+    std::mt19937 rng(99 + (unsigned) n);
+    ggml_init_params ipw = { 2 * ggml_tensor_overhead(), nullptr, true };
+    ggml_context * ctx_w = ggml_init(ipw);
+    expert_weight w_plain, w_repacked;
+    w_plain.t = ggml_new_tensor_2d(ctx_w, type, k, rows);
+    ggml_backend_buffer_t buf_plain = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, ggml_backend_cpu_buffer_type());
+    ggml_context * ctx_r = ggml_init(ipw);
+    w_repacked.t = ggml_new_tensor_2d(ctx_r, type, k, rows);
+    ggml_backend_buffer_t buf_repacked = ggml_backend_alloc_ctx_tensors_from_buft(ctx_r, deco_repack_buffer_type());
+    fill_weights(w_plain, rng, 1.0f / sqrtf((float) k));
+    w_repacked.host = w_plain.host;
+    w_repacked.upload();
+
+    const size_t mem = (size_t) (k * n * 8 + rows * n * 8) * sizeof(float) + 16 * ggml_tensor_overhead() +
+                       ggml_graph_overhead() + (1 << 20);
+    ggml_init_params ip = { mem, nullptr, false };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
+    std::uniform_real_distribution<float> U(-1.0f, 1.0f);
+    for (int64_t i = 0; i < k * n; ++i) ((float *) x->data)[i] = U(rng);
+    auto run = [&](ggml_tensor * w) {
+        ggml_tensor * out = ggml_mul_mat(ctx, w, x);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+        return std::vector<float>((float *) out->data, (float *) out->data + rows * n);
+    };
+    const std::vector<float> want = run(w_plain.t);
+    const std::vector<float> got  = run(w_repacked.t);
+    double ymax = 1e-30, dmax = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        ymax = std::max(ymax, (double) fabsf(want[i]));
+        dmax = std::isfinite(got[i]) ? std::max(dmax, (double) fabsf(got[i] - want[i])) : INFINITY;
+    }
+    const bool ok = dmax / ymax <= 1e-5;
+    if (!ok || g_verbose) {
+        printf("  %s mul_mat type=%s(repacked) k=%lld rows=%lld n=%lld: nerr=%.3g (tol 1e-05)\n", ok ? "ok  " : "FAIL",
+               ggml_type_name(type), (long long) k, (long long) rows, (long long) n, dmax / ymax);
+    }
+    ggml_backend_buffer_free(buf_plain);
+    ggml_backend_buffer_free(buf_repacked);
+    ggml_free(ctx_w);
+    ggml_free(ctx_r);
+    ggml_free(ctx);
+    return ok;
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
@@ -401,6 +453,19 @@ int main(int argc, char ** argv) {
         cases.push_back({t, 96, 32, 21, 9, GGML_DECO_ACT_NORM_SILU, true, GGML_DECO_ROUTER_RELU, GGML_DECO_RNORM_RMS, false, GGML_DECO_BIAS_NONE, 0, true});
     }
 
+    // small batches (a speculative verification batch, a short prompt), around the small-batch kernels' limit
+    for (int64_t T : {2, 3, 5, 8, 16, 17}) {
+        for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_F16 }) {
+            for (bool repacked : {false, true}) {
+                if (repacked && !deco_repack_accepts(t, 128, 64, 40)) continue;
+                for (int lm : {0, 2}) {
+                    cases.push_back({t, 128, 64, 40, T, GGML_DECO_ACT_NORM_SILU, T == 5, GGML_DECO_ROUTER_RELU,
+                                     GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, lm, repacked});
+                }
+            }
+        }
+    }
+
     int n_ok = 0, n_fail = 0;
     for (const auto & c : cases) {
         (run_case(c, n_threads) ? n_ok : n_fail)++;
@@ -414,6 +479,13 @@ int main(int argc, char ** argv) {
             c.T = 1;
             (run_case(c, nt) ? n_ok : n_fail)++;
         }
+    }
+    for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_IQ4_NL }) {
+        if (!deco_repack_accepts(t, 256, 64, 1)) continue;
+        for (int64_t n = 1; n <= 17; ++n) {
+            (run_mul_mat_case(t, 256, 96, n, n_threads) ? n_ok : n_fail)++;
+        }
+        (run_mul_mat_case(t, 256, 96, 33, n_threads) ? n_ok : n_fail)++;
     }
     printf("test-deco-ffn: %d passed, %d failed (repacked weights:%s)\n", n_ok, n_fail,
            repacked_types.empty() ? " none on this CPU" : repacked_types.c_str());

@@ -28,6 +28,7 @@
 #include "ggml-cpu-impl.h"
 #include "ggml-impl.h"
 #include "repack.h"
+#include "repack-small-batch.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -51,7 +52,7 @@ struct deco_layout {
     ggml_type vdt_up, vdt_down;
     size_t row_x, row_v;
     size_t off_xq, off_s, off_mean, off_flag, off_nact, off_cnt, off_off, off_ptok, off_u, off_g, off_vq;
-    size_t off_xg, off_cb, off_stage, stage, off_priv, priv, seg, gb_size;
+    size_t off_xg, off_cb, off_stage, stage, off_priv, priv, seg, gb_size, off_bpriv, bpriv;
     int nth;
     size_t total;
 };
@@ -101,6 +102,9 @@ deco_layout make_layout(const ggml_tensor * node, int nth) {
                + pad64((L.E + 1) * sizeof(int64_t)) + pad64(L.E * L.row_v) + pad64(L.E * L.De * sizeof(float)) + L.gb_size
                + pad64(L.d * sizeof(float));
     L.off_priv = o; o = pad64(o + (L.T == 1 ? L.nth * L.priv : 0));
+    // small batches: per-thread list of the active experts and gather buffer of one expert's x rows
+    L.bpriv    = pad64(L.E * sizeof(int32_t)) + pad64(L.T * L.row_x);
+    L.off_bpriv = o; o = pad64(o + (L.T >= 2 && L.T <= GGML_REPACK_SMALL_BATCH_MAX ? L.nth * L.bpriv : 0));
     L.total = o + 64; // slack for aligning wdata
     return L;
 }
@@ -350,16 +354,20 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
         }
     };
 
-    // rows [r0, r1) of expert e of w times one quantized vector q: out[r - r0]
-    auto rows_dot = [](const ggml_tensor * w, const product_traits * pt, ggml_vec_dot_t vec_dot, int64_t k,
-                       int64_t e, int64_t r0, int64_t r1, const void * q, float * out) {
+    // rows [r0, r1) of expert e of w times n quantized vectors q (row_q bytes apart; the layout pt->mul reads):
+    // out[v * ldo + r - r0]. Each row is read once for all vectors.
+    auto rows_mul = [](const ggml_tensor * w, const product_traits * pt, ggml_vec_dot_t vec_dot, int64_t k,
+                       int64_t e, int64_t r0, int64_t r1, const char * q, int64_t n, size_t row_q, float * out,
+                       size_t ldo) {
         const char * w0 = (const char *) w->data + e * w->nb[2] + r0 * w->nb[1];
         if (pt) {
-            pt->mul(k, w0, r1 - r0, q, 1, out, 0);
+            pt->mul(k, w0, r1 - r0, q, n, out, ldo);
             return;
         }
         for (int64_t r = r0; r < r1; ++r) {
-            vec_dot((int) k, out + (r - r0), 0, w0 + (r - r0) * w->nb[1], 0, q, 0, 1);
+            for (int64_t v = 0; v < n; ++v) {
+                vec_dot((int) k, out + v * ldo + (r - r0), 0, w0 + (r - r0) * w->nb[1], 0, q + v * row_q, 0, 1);
+            }
         }
     };
 
@@ -367,9 +375,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
         const float * raw = (const float *) ((const char *) logits->data + t * logits->nb[1]);
         st.NACT[t] = (int32_t) deco_route_token(p, E, raw, scale_d, n_scale, bias_d, dense, st.S + t * E, st.FLAG + t * E);
         const float * xt = (const float *) ((const char *) x->data + t * x->nb[1]);
-        if (T == 1 || !pt_a) { // the repacked prefill quantizes each expert's x rows itself, in the gemm's layout
-            from_float_x(xt, st.xq + t * L.row_x, d);
-        }
+        from_float_x(xt, st.xq + t * L.row_x, d);
         float m = 0.0f;
         if (mean) {
             ggml_vec_dot_f32((int) d, &m, 0, (const float *) mean->data, 0, xt, 0, 1);
@@ -416,9 +422,9 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
                 if (k + 1 < np && (k + 1) * De < g1) {
                     prefetch_rows(wa, EXP[k + 1], 0);
                 }
-                rows_dot(wa, pt_a, vec_dot_up, d, EXP[k], r0, r1, st.xq, U + gr);
+                rows_mul(wa, pt_a, vec_dot_up, d, EXP[k], r0, r1, st.xq, 1, L.row_x, U + gr, 0);
                 if (gate) {
-                    rows_dot(up, pt_up, vec_dot_up, d, EXP[k], r0, r1, st.xq, G + gr);
+                    rows_mul(up, pt_up, vec_dot_up, d, EXP[k], r0, r1, st.xq, 1, L.row_x, G + gr, 0);
                 }
                 gr += r1 - r0;
             }
@@ -449,7 +455,8 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
                     if (k + 1 < np) {
                         prefetch_rows(down, EXP[k + 1], i0);
                     }
-                    rows_dot(down, pt_down, vec_dot_down, De, EXP[k], i0, i1, vq1 + k * L.row_v, k == 0 ? y + i0 : y1);
+                    rows_mul(down, pt_down, vec_dot_down, De, EXP[k], i0, i1, vq1 + k * L.row_v, 1, L.row_v,
+                             k == 0 ? y + i0 : y1, 0);
                     if (k > 0) {
                         ggml_vec_acc_f32((int) (i1 - i0), y + i0, y1);
                     }
@@ -508,16 +515,57 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     }
     ggml_barrier(params->threadpool);
 
-    // phase 3: per expert U_e[cnt x De] = X_e[cnt x d] . W_e^T, with ggml's gemm (repacked gemm, or llamafile
-    // sgemm) where it applies, else vec_dot with the De rows split over threads. X_e (the expert's tokens' x
-    // rows, converted) is gathered into one of two buffers that alternate, so one barrier per expert suffices.
-    {
+    // phase 3, small batches (a verification batch, a short prompt): each expert's tokens are few enough to be
+    // read as plain rows, so the tokens' x rows converted in phase 1 serve every expert as they are. The up (gate)
+    // row groups of all active experts are split over the threads by their work: a row group of an expert with
+    // n tokens costs about 2 + 3n (the weights unpacked once, then one pass per token: the small-batch kernel's
+    // cost measured at n = 1, 2, 4). A thread gathers the x rows of each expert it works on into its own buffer
+    // and computes all of that expert's tokens in one pass over its rows. No barrier per expert.
+    const bool small = T <= GGML_REPACK_SMALL_BATCH_MAX && (!pt_a || pt_a->plain_rows(T)) && (!pt_up || pt_up->plain_rows(T));
+    if (small) {
+        char * pr = wbase + L.off_bpriv + (size_t) ith * L.bpriv;
+        int32_t * EXP = (int32_t *) pr;                   // the active experts, in order
+        char    * X   = pr + pad64(E * sizeof(int32_t));  // their x rows, one expert at a time
+        int64_t np = 0;
+        for (int64_t e = 0; e < E; ++e) {
+            if (CNT[e]) EXP[np++] = (int32_t) e;
+        }
+        auto group_cost = [&](int64_t k) { return 2 + 3 * (int64_t) CNT[EXP[k]]; };
+        const int64_t groups = De / unit_up;
+        int64_t total = 0;
+        for (int64_t k = 0; k < np; ++k) {
+            total += groups * group_cost(k);
+        }
+        const int64_t w0 = total * ith / nth, w1 = total * (ith + 1) / nth;
+        int64_t done = 0; // work of the experts before EXP[k]
+        for (int64_t k = 0; k < np; ++k) {
+            const int64_t e = EXP[k], cnt = CNT[e], cost = group_cost(k);
+            // how many of this expert's row groups start before work w
+            auto starting_before = [&](int64_t w) { return w <= done ? 0 : std::min(groups, (w - done + cost - 1) / cost); };
+            const int64_t r0 = starting_before(w0) * unit_up, r1 = starting_before(w1) * unit_up;
+            done += groups * cost;
+            if (r0 == r1) continue;
+            for (int64_t j = 0; j < cnt; ++j) {
+                memcpy(X + j * L.row_x, st.xq + PTOK[OFF[e] + j] * L.row_x, L.row_x);
+            }
+            rows_mul(wa, pt_a, vec_dot_up, d, e, r0, r1, X, cnt, L.row_x, U + OFF[e] * De + r0, De);
+            if (gate) {
+                rows_mul(up, pt_up, vec_dot_up, d, e, r0, r1, X, cnt, L.row_x, G + OFF[e] * De + r0, De);
+            }
+        }
+    }
+
+    // phase 3, otherwise: per expert U_e[cnt x De] = X_e[cnt x d] . W_e^T, with ggml's gemm (repacked gemm, or
+    // llamafile sgemm) where it applies, else vec_dot with the De rows split over threads. X_e (the expert's
+    // tokens' x rows, converted) is gathered into one of two buffers that alternate, so one barrier per expert
+    // suffices.
+    if (!small) {
         int buf = 0;
         for (int64_t e = 0; e < E; ++e) {
             const int64_t cnt = CNT[e];
             if (cnt == 0) continue;
             char * X = XG + (size_t) buf * T * L.row_x;
-            if (pt_a) {
+            if (pt_a && !pt_a->plain_rows(cnt)) {
                 // the repacked gemm reads groups of 4 rows interleaved: quantize x rows 4 at a time
                 for (int64_t g = ith; 4 * g < cnt; g += nth) {
                     const int64_t n = std::min<int64_t>(4, cnt - 4 * g);
@@ -580,7 +628,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
                     deco_activate(p, De, U + pi * De, gate ? G + pi * De : nullptr, st.MEAN[t], nw, st.S[t * E + e], stage + j * De);
                 }
                 char * vq = VQ + (OFF[e] + k0) * L.row_v;
-                if (pt_down) {
+                if (pt_down && !pt_down->plain_rows(CNT[e])) {
                     pt_down->quantize(stage, n, De, vq);
                 } else {
                     for (int64_t j = 0; j < n; ++j) {
