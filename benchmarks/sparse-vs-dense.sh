@@ -6,8 +6,10 @@
 #
 # 1. The FFN layer alone (.deps/build/bin/bench-deco-ffn: router mat-vec + GGML_OP_DECO_MOE + shared expert,
 #    exactly 20% of the experts active per token, a stack of layers with their own weights so that they stream
-#    from memory, sparse and dense runs alternating; time per layer): decode (1 token, bound = weight bytes)
-#    and prefill (512 tokens, bound = multiply-adds).
+#    from memory, sparse and dense runs alternating; time per layer): decode (1 token, bound = weight bytes),
+#    small batches (2, 4, 8, 16 tokens: speculative verification; beside the bytes bound of the union of the
+#    experts the batch activates, the multiply-add bound, and the batch's cost in one-token steps) and prefill
+#    (512 tokens, bound = multiply-adds).
 # 2. The whole model (deco-gguf speed --vs-dense): random-weight fixtures in the released shapes with routers
 #    calibrated to ~20% activation on text, F16-converted then quantized; pp512 and tg64, sparse, dense and a
 #    stock Llama of equal N (dense_eq), interleaved repetitions; bound = weight bytes per decoded token.
@@ -40,7 +42,7 @@ for shape in $SHAPES; do
     for type in $TYPES; do
         for t in $THREADS; do
             # shellcheck disable=SC2046
-            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 1 \
+            "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 1,2,4,8,16 \
                 | sed "s/^{/{\"shape\": \"$shape\", /" >> "$OUT/ffn.jsonl"
             # shellcheck disable=SC2046
             "$BENCH_FFN" $(ffn_args "$shape") --type "$type" --threads "$t" --tokens 512 --reps 3 --layers 4 \
@@ -70,14 +72,16 @@ out = Path(sys.argv[1])
 sep = sys.argv.index("--")
 shapes, types = sys.argv[2:sep], sys.argv[sep + 1:]
 
-print("\nFFN layer alone (router + DECO op + shared expert), median µs, sparse vs dense")
-print(f"{'shape':10} {'type':5} {'repack':6} {'thr':>3} {'tokens':>6} {'rate':>5} {'sparse':>10} {'dense':>10} "
-      f"{'ratio':>6} {'bound':>6} {'of bound':>8}")
+print("\nFFN layer alone (router + DECO op + shared expert), median µs, sparse vs dense; union: experts some token of "
+      "the batch activates; steps: sparse time over that of one token")
+print(f"{'shape':10} {'type':5} {'repack':6} {'thr':>3} {'tokens':>6} {'rate':>5} {'union':>5} {'sparse':>10} {'dense':>10} "
+      f"{'ratio':>6} {'bytes bd':>8} {'MACs bd':>7} {'steps':>5}")
 for line in (out / "ffn.jsonl").read_text().splitlines():
     r = json.loads(line)
+    steps = f"{r['steps']:>5.2f}" if r.get("steps") is not None else f"{'':>5}"
     print(f"{r['shape']:10} {r['type']:5} {str(r['repacked']):6} {r['threads']:>3} {r['tokens']:>6} {r['rate']:>5.3f} "
-          f"{r['sparse_us']:>10.1f} {r['dense_us']:>10.1f} {r['ratio']:>6.2f} {r['bound']:>6.2f} "
-          f"{r['of_bound']:>8.2f}  ({r['bound_kind']})")
+          f"{r['union']:>5.3f} {r['sparse_us']:>10.1f} {r['dense_us']:>10.1f} {r['ratio']:>6.2f} "
+          f"{r['bound_bytes']:>8.2f} {r['bound_macs']:>7.2f} {steps}")
 
 print("\nWhole model, median tokens/s (pp512, tg64), sparse vs dense and vs dense_eq (stock Llama, equal N)")
 print(f"{'shape':10} {'type':5} {'thr':>3} {'rate':>5} {'tg sparse':>9} {'tg dense':>8} {'tg eq':>6} {'tg ratio':>8} "

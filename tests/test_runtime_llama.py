@@ -9,16 +9,20 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
 
+from deco_gguf.calibrate import fixture_hook
 from deco_gguf.converter.convert import convert
 from deco_gguf.fixtures import VARIANTS as FIXTURES
 from deco_gguf.fixtures import write_fixture
@@ -175,6 +179,59 @@ def test_quantized_experts_sparse_equals_dense(models):
         assert _rel_err(out["sparse"], out["dense"]) < 1e-5
         assert _rel_err(out["sparse"], out["ops"]) < 1e-2  # ops quantizes activations per full row
         assert _rel_err(out["sparse"], want) < tol
+
+
+def _poison_experts(src: Path, dst: Path, inactive: dict[int, np.ndarray]) -> Path:
+    """A copy of the Q4_0-expert GGUF src whose experts inactive[layer] have NaN weights (every block scale)."""
+    shutil.copyfile(src, dst)
+    reader = gguf.GGUFReader(dst, "r+")
+    for t in reader.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.ffn_(up|gate|down)_exps\.weight", t.name)
+        if not m or int(m[1]) not in inactive:
+            continue
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+        blocks = t.data.reshape(t.data.shape[0], -1, 18)  # [expert, block, bytes]: an F16 scale, then 16 bytes
+        blocks[inactive[int(m[1])], :, 0:2] = np.frombuffer(np.float16(np.nan).tobytes(), dtype=np.uint8)
+    reader.data.flush()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sparse_model(tmp_path_factory) -> tuple[Path, DecoModel]:
+    """180 experts with routers calibrated to ~5% activation: a few tokens leave many experts unused."""
+    d = tmp_path_factory.mktemp("e180-q4_0")
+    write_fixture(d / "hf", "e180", state_dict_hook=fixture_hook(0.05))
+    convert(d / "hf", d / "m.gguf", outtype="f32", expert_type="q4_0")
+    return d / "m.gguf", DecoModel.from_pretrained(d / "hf")
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 8, 16])
+def test_verification_batch_equals_one_token_at_a_time(sparse_model, tmp_path, k):
+    """After a 4-token prompt, k tokens in one batch (a speculative verification) give, row by row, the logits of
+    decoding them one at a time, and of dense evaluation; in the batched run the experts that no token activates
+    have NaN weights, so any read of them would show."""
+    path, ref = sparse_model
+    ids = _ids(ref, 4 + k, seed=10 + k)
+    out = ref(ids)
+    inactive = {il: np.flatnonzero(~a[0].any(0).numpy()) for il, a in enumerate(out.activation) if a is not None}
+    assert sum(len(v) for v in inactive.values()) > 0
+    poisoned = _poison_experts(path, tmp_path / "poisoned.gguf", inactive)
+
+    def run(model: Path, mode: str, batched: bool) -> np.ndarray:
+        rt = Runtime(model, mode=mode)
+        try:
+            rt.decode([ids[:4]])
+            if batched:
+                return np.stack(rt.decode([ids[4:]], start=[4], all_logits=True))
+            return np.stack([rt.decode([[tok]], start=[4 + j])[0] for j, tok in enumerate(ids[4:])])
+        finally:
+            rt.close()
+
+    batch = run(poisoned, "sparse", batched=True)
+    assert np.isfinite(batch).all()
+    assert _rel_err(batch, run(path, "sparse", batched=False)) < 1e-5
+    assert _rel_err(batch, run(path, "dense", batched=True)) < 1e-5
+    assert _rel_err(batch, out.logits[0, 4:].float().numpy()) < 1e-1  # Q4_0 experts against the F32 reference
 
 
 @pytest.mark.parametrize("variant", ["base", "expert_bias_rms", "router_sqrelu"])

@@ -545,6 +545,9 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
             const int64_t r0 = starting_before(w0) * unit_up, r1 = starting_before(w1) * unit_up;
             done += groups * cost;
             if (r0 == r1) continue;
+            if (r1 == De && k + 1 < np && done < w1) {
+                prefetch_rows(wa, EXP[k + 1], 0); // this thread goes on with the next expert
+            }
             for (int64_t j = 0; j < cnt; ++j) {
                 memcpy(X + j * L.row_x, st.xq + PTOK[OFF[e] + j] * L.row_x, L.row_x);
             }
