@@ -10,7 +10,8 @@
 //  - expert weights in the plain CPU buffer and in the CPU_REPACK buffer (interleaved rows, read by ggml's
 //    repacked gemv/gemm and the small-batch kernels) where the type has a repacked layout on this CPU
 //  - ggml_mul_mat of 1..17 and 33 vectors with weights in the CPU_REPACK buffer equals the same product with
-//    the weights in the plain buffer (ggml's vec_dot): the dense matmuls of a verification batch
+//    the weights in the plain buffer (ggml's vec_dot), and with Q6_K weights (the output head of a Q4_0 model)
+//    the Q6_K vec_dot called row by row: the dense matmuls of a verification batch
 //
 // The reference emulates the op's activation quantization (x and v are rounded through the weights'
 // vec_dot_type), so the tolerances are tight. Usage: test-deco-ffn [-v] [n_threads]
@@ -382,6 +383,50 @@ bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_
     return ok;
 }
 
+// ggml_mul_mat of n vectors with Q6_K weights against the type's vec_dot called for every row and vector
+bool run_q6_K_mul_mat_case(int64_t k, int64_t rows, int64_t n, int n_threads) {
+    std::mt19937 rng(7 + (unsigned) n);
+    const size_t mem = (size_t) (k * n * 8 + rows * n * 8) * sizeof(float) + ggml_row_size(GGML_TYPE_Q6_K, k) * rows +
+                       16 * ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20);
+    ggml_init_params ip = { mem, nullptr, false };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * w = ggml_new_tensor_2d(ctx, GGML_TYPE_Q6_K, k, rows);
+    ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
+    std::uniform_real_distribution<float> U(-1.0f, 1.0f);
+    std::vector<float> row(k);
+    for (int64_t r = 0; r < rows; ++r) {
+        for (auto & v : row) v = U(rng) / sqrtf((float) k);
+        ggml_quantize_chunk(GGML_TYPE_Q6_K, row.data(), (char *) w->data + r * w->nb[1], 0, 1, k, nullptr);
+    }
+    for (int64_t i = 0; i < k * n; ++i) ((float *) x->data)[i] = U(rng);
+
+    const auto * tr = ggml_get_type_traits_cpu(GGML_TYPE_Q6_K);
+    std::vector<float> want(rows * n);
+    for (int64_t v = 0; v < n; ++v) {
+        const std::vector<uint8_t> q = quantize_row(tr->vec_dot_type, (const float *) x->data + v * k, k);
+        for (int64_t r = 0; r < rows; ++r) {
+            tr->vec_dot((int) k, &want[v * rows + r], 0, (const char *) w->data + r * w->nb[1], 0, q.data(), 0, 1);
+        }
+    }
+    ggml_tensor * out = ggml_mul_mat(ctx, w, x);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+    double ymax = 1e-30, dmax = 0;
+    for (int64_t i = 0; i < rows * n; ++i) {
+        const float got = ((const float *) out->data)[i];
+        ymax = std::max(ymax, (double) fabsf(want[i]));
+        dmax = std::isfinite(got) ? std::max(dmax, (double) fabsf(got - want[i])) : INFINITY;
+    }
+    const bool ok = dmax / ymax <= 1e-5;
+    if (!ok || g_verbose) {
+        printf("  %s mul_mat type=q6_K k=%lld rows=%lld n=%lld: nerr=%.3g (tol 1e-05)\n", ok ? "ok  " : "FAIL",
+               (long long) k, (long long) rows, (long long) n, dmax / ymax);
+    }
+    ggml_free(ctx);
+    return ok;
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
@@ -487,6 +532,10 @@ int main(int argc, char ** argv) {
         }
         (run_mul_mat_case(t, 256, 96, 33, n_threads) ? n_ok : n_fail)++;
     }
+    for (int64_t n = 1; n <= 17; ++n) {
+        (run_q6_K_mul_mat_case(512, 80, n, n_threads) ? n_ok : n_fail)++;
+    }
+    (run_q6_K_mul_mat_case(512, 80, 33, n_threads) ? n_ok : n_fail)++;
     printf("test-deco-ffn: %d passed, %d failed (repacked weights:%s)\n", n_ok, n_fail,
            repacked_types.empty() ? " none on this CPU" : repacked_types.c_str());
     return n_fail == 0 ? 0 : 1;

@@ -28,7 +28,7 @@
 #include "ggml-cpu-impl.h"
 #include "ggml-impl.h"
 #include "repack.h"
-#include "repack-small-batch.h"
+#include "small-batch.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -104,7 +104,7 @@ deco_layout make_layout(const ggml_tensor * node, int nth) {
     L.off_priv = o; o = pad64(o + (L.T == 1 ? L.nth * L.priv : 0));
     // small batches: per-thread list of the active experts and gather buffer of one expert's x rows
     L.bpriv    = pad64(L.E * sizeof(int32_t)) + pad64(L.T * L.row_x);
-    L.off_bpriv = o; o = pad64(o + (L.T >= 2 && L.T <= GGML_REPACK_SMALL_BATCH_MAX ? L.nth * L.bpriv : 0));
+    L.off_bpriv = o; o = pad64(o + (L.T >= 2 && L.T <= GGML_SMALL_BATCH_MAX ? L.nth * L.bpriv : 0));
     L.total = o + 64; // slack for aligning wdata
     return L;
 }
@@ -521,7 +521,7 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     // n tokens costs about 2 + 3n (the weights unpacked once, then one pass per token: the small-batch kernel's
     // cost measured at n = 1, 2, 4). A thread gathers the x rows of each expert it works on into its own buffer
     // and computes all of that expert's tokens in one pass over its rows. No barrier per expert.
-    const bool small = T <= GGML_REPACK_SMALL_BATCH_MAX && (!pt_a || pt_a->plain_rows(T)) && (!pt_up || pt_up->plain_rows(T));
+    const bool small = T <= GGML_SMALL_BATCH_MAX && (!pt_a || pt_a->plain_rows(T)) && (!pt_up || pt_up->plain_rows(T));
     if (small) {
         char * pr = wbase + L.off_bpriv + (size_t) ith * L.bpriv;
         int32_t * EXP = (int32_t *) pr;                   // the active experts, in order

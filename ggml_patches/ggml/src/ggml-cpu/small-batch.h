@@ -1,0 +1,39 @@
+#pragma once
+
+// Products of quantized weights with a few vectors at once (1..16 tokens: a decode step, a speculative
+// verification batch, a short prompt, the tokens of one expert). ggml's repacked Q4_0 gemm handles vectors in
+// groups of 4 (the rest one by one, each reading the weights again) and, like its gemv and the Q6_K vec_dot,
+// is compute-bound on AVX-512 CPUs; these kernels unpack each block of weights once, keep it in registers
+// while every vector is dotted with it, and use VNNI (vpdpbusd) for the integer dot products.
+//
+// The vectors are plain rows of the vec_dot type (ggml's from_float). Each vector's result depends only on that
+// vector: a token gets the same value whatever batch it is evaluated in.
+
+#include "ggml.h"
+
+#include <stddef.h>
+
+#define GGML_SMALL_BATCH_MAX 16
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GGML_SMALL_BATCH_Q4_0_8X8 1
+#define GGML_SMALL_BATCH_Q6_K     1
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// s[v * bs + r] = row r of vx (block_q4_0x8, interleave 8) . row v of vy (block_q8_0), for r < nc, v < n_vec;
+// n: row length (a multiple of 32), nc: a multiple of 8, n_vec <= GGML_SMALL_BATCH_MAX
+void ggml_gemm_q4_0_8x8_q8_0_small(int n, float * s, size_t bs, const void * vx, const void * vy, int n_vec, int nc);
+
+// s[v * bs + r] = row r of vx (block_q6_K, rows bx bytes apart) . row v of vy (block_q8_K, rows by bytes apart),
+// for r < nr, v < n_vec; n: row length (a multiple of 256), n_vec <= GGML_SMALL_BATCH_MAX
+void ggml_gemm_q6_K_q8_K_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
+                               int n_vec, int nr);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
