@@ -350,7 +350,7 @@ bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_
     w_repacked.upload();
 
     const size_t mem = (size_t) (k * n * 8 + rows * n * 8) * sizeof(float) + 16 * ggml_tensor_overhead() +
-                       ggml_graph_overhead() + (1 << 20);
+                       ggml_graph_overhead() + ((size_t) (n_threads + 1) << 20); // + the work buffer, which grows with the threads
     ggml_init_params ip = { mem, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
@@ -387,7 +387,7 @@ bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_
 bool run_q6_K_mul_mat_case(int64_t k, int64_t rows, int64_t n, int n_threads) {
     std::mt19937 rng(7 + (unsigned) n);
     const size_t mem = (size_t) (k * n * 8 + rows * n * 8) * sizeof(float) + ggml_row_size(GGML_TYPE_Q6_K, k) * rows +
-                       16 * ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20);
+                       16 * ggml_tensor_overhead() + ggml_graph_overhead() + ((size_t) (n_threads + 1) << 20);
     ggml_init_params ip = { mem, nullptr, false };
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * w = ggml_new_tensor_2d(ctx, GGML_TYPE_Q6_K, k, rows);

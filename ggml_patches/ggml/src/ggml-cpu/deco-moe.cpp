@@ -14,10 +14,13 @@
 //   per expert, its tokens' x rows are gathered and U_e = X_e . W_e^T is computed by llamafile_sgemm
 //   (ggml's tinyBLAS, as in mul_mat) or vec_dot; activations per pair; per expert C_e = V_e . W_down_e^T
 //   by llamafile_sgemm, then every thread adds its output columns of C_e into the tokens' rows.
+//   Small batches (T <= 16, a speculative verification) whose weights are read as plain rows: the active
+//   experts' row groups are split over the threads by their work and no phase waits per expert.
 //
 // Expert weights in the CPU_REPACK buffer (types with an interleaved layout on this CPU, e.g. Q4_0 on AVX2 or
-// NEON) are read with ggml's repacked gemv/gemm through ggml_repack_product_traits (repack.h): per active expert,
-// a gemv over whole row groups (decode) or a gemm over its tokens (prefill), instead of the gather + vec_dot.
+// NEON) are read with ggml's repacked gemv/gemm or the small-batch kernels (small-batch.h) through
+// ggml_repack_product_traits (repack.h): per active expert, over whole row groups, all its tokens at once,
+// instead of the gather + vec_dot.
 // All other dot products go through ggml's type traits (vec_dot / from_float of vec_dot_type) or llamafile's
 // gemm, so every SIMD path of ggml (AVX2, AVX-512, NEON, ...) is used as is.
 
@@ -295,83 +298,102 @@ void deco_count(const ggml_deco_moe_params & p, int64_t T, const int32_t * NACT)
 
 } // namespace
 
-extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params, ggml_tensor * dst) {
-    const ggml_tensor * up     = dst->src[0];
-    const ggml_tensor * down   = dst->src[1];
-    const ggml_tensor * gate   = dst->src[2];
-    const ggml_tensor * x      = dst->src[3];
-    const ggml_tensor * logits = dst->src[4];
-    const ggml_tensor * mean   = dst->src[5];
-    const ggml_tensor * norm   = dst->src[6];
-    const ggml_tensor * scale  = dst->src[7];
-    const ggml_tensor * bias   = dst->src[8];
+namespace {
 
-    const ggml_deco_moe_params p = ggml_deco_moe_get_params(dst);
-    const bool dense = (p.flags & GGML_DECO_FLAG_DENSE) != 0;
+using ggml::cpu::repack::product_traits;
 
-    const int ith = params->ith;
-    const int nth = params->nth;
+// the next expert's rows start where the hardware prefetcher has no stream yet: ask for their first lines
+void prefetch_rows(const ggml_tensor * w, int64_t e, int64_t r0) {
+    const char * p0 = (const char *) w->data + e * w->nb[2] + r0 * w->nb[1];
+    for (int off = 0; off < 2048; off += 64) {
+        __builtin_prefetch(p0 + off);
+    }
+}
 
-    const deco_layout L = make_layout(dst, nth);
-    const int64_t d = L.d, De = L.De, E = L.E, T = L.T;
-
-    GGML_ASSERT(params->wsize >= L.total);
-    char * wbase = (char *) (((uintptr_t) params->wdata + 63) & ~(uintptr_t) 63);
-
-    float * U  = (float *) (wbase + L.off_u);
-    float * G  = (float *) (wbase + L.off_g);
-    char  * VQ = wbase + L.off_vq;
-
-    const auto * tr_up    = ggml_get_type_traits_cpu(up->type);
-    const auto * tr_down  = ggml_get_type_traits_cpu(down->type);
-    const ggml_from_float_t from_float_x = ggml_get_type_traits_cpu(L.vdt_up)->from_float;
-    const ggml_from_float_t from_float_v = ggml_get_type_traits_cpu(L.vdt_down)->from_float;
-    const ggml_vec_dot_t vec_dot_up   = tr_up->vec_dot;
-    const ggml_vec_dot_t vec_dot_down = tr_down->vec_dot;
-
-    const ggml_tensor * wa = gate ? gate : up;      // the matrix the activation reads
-    const float * scale_d = scale ? (const float *) scale->data : nullptr;
-    const float * bias_d  = bias  ? (const float *) bias->data  : nullptr;
-    const int64_t n_scale = scale ? ggml_nelements(scale) : 0;
-    const float * nw      = norm  ? (const float *) norm->data  : nullptr;
-
-    // expert weights in the CPU_REPACK buffer are read with ggml's repacked gemv/gemm (row ranges must cover
-    // whole row groups); the others with vec_dot / llamafile_sgemm
-    using ggml::cpu::repack::product_traits;
-    const product_traits * pt_a    = ggml_repack_product_traits(wa);
-    const product_traits * pt_up   = gate ? ggml_repack_product_traits(up) : nullptr;
-    const product_traits * pt_down = ggml_repack_product_traits(down);
-    GGML_ASSERT(!gate || (pt_a == nullptr) == (pt_up == nullptr)); // gate and up share one x layout
-    auto row_unit = [](const product_traits * pt) { return pt ? pt->row_group() : (int64_t) 1; };
-    const int64_t unit_up   = std::max(row_unit(pt_a), row_unit(pt_up));
-    const int64_t unit_down = row_unit(pt_down);
-
-    // the next expert's rows start where the hardware prefetcher has no stream yet: ask for their first lines
-    auto prefetch_rows = [](const ggml_tensor * w, int64_t e, int64_t r0) {
-        const char * p0 = (const char *) w->data + e * w->nb[2] + r0 * w->nb[1];
-        for (int off = 0; off < 2048; off += 64) {
-            __builtin_prefetch(p0 + off);
+// rows [r0, r1) of expert e of w times n quantized vectors q (row_q bytes apart; the layout pt->mul reads):
+// out[v * ldo + r - r0]. Each row is read once for all vectors.
+void rows_mul(const ggml_tensor * w, const product_traits * pt, ggml_vec_dot_t vec_dot, int64_t k, int64_t e,
+              int64_t r0, int64_t r1, const char * q, int64_t n, size_t row_q, float * out, size_t ldo) {
+    const char * w0 = (const char *) w->data + e * w->nb[2] + r0 * w->nb[1];
+    if (pt) {
+        pt->mul(k, w0, r1 - r0, q, n, out, ldo);
+        return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t v = 0; v < n; ++v) {
+            vec_dot((int) k, out + v * ldo + (r - r0), 0, w0 + (r - r0) * w->nb[1], 0, q + v * row_q, 0, 1);
         }
-    };
+    }
+}
 
-    // rows [r0, r1) of expert e of w times n quantized vectors q (row_q bytes apart; the layout pt->mul reads):
-    // out[v * ldo + r - r0]. Each row is read once for all vectors.
-    auto rows_mul = [](const ggml_tensor * w, const product_traits * pt, ggml_vec_dot_t vec_dot, int64_t k,
-                       int64_t e, int64_t r0, int64_t r1, const char * q, int64_t n, size_t row_q, float * out,
-                       size_t ldo) {
-        const char * w0 = (const char *) w->data + e * w->nb[2] + r0 * w->nb[1];
-        if (pt) {
-            pt->mul(k, w0, r1 - r0, q, n, out, ldo);
-            return;
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-            for (int64_t v = 0; v < n; ++v) {
-                vec_dot((int) k, out + v * ldo + (r - r0), 0, w0 + (r - r0) * w->nb[1], 0, q + v * row_q, 0, 1);
-            }
-        }
-    };
+// One thread's evaluation of one GGML_OP_DECO_MOE node: the tensors, types, work-buffer layout and weight
+// layouts every path needs, set up once; decode() for one token, batch() for several.
+struct deco_op {
+    const ggml_compute_params * params;
+    ggml_tensor * dst;
+    const ggml_tensor * up, * down, * gate, * x, * logits, * mean;
+    const ggml_tensor * wa;  // the matrix the activation reads: gate if gated, else up
+    ggml_deco_moe_params p;
+    bool dense;
+    int ith, nth;
+    deco_layout L;
+    int64_t d, De, E, T;
+    char  * wbase;
+    float * U, * G;
+    char  * VQ;
+    ggml_from_float_t from_float_x, from_float_v;
+    ggml_vec_dot_t vec_dot_up, vec_dot_down;
+    const float * scale_d, * bias_d, * nw;
+    int64_t n_scale;
+    // expert weights in the CPU_REPACK buffer are read with ggml's repacked gemv/gemm or the small-batch kernels
+    // (row ranges must cover whole row groups); the others with vec_dot / llamafile_sgemm
+    const product_traits * pt_a, * pt_up, * pt_down;
+    int64_t unit_up, unit_down;
 
-    auto route_and_quantize = [&](const deco_state & st, int64_t t) {
+    deco_op(const ggml_compute_params * params, ggml_tensor * dst) : params(params), dst(dst) {
+        up     = dst->src[0];
+        down   = dst->src[1];
+        gate   = dst->src[2];
+        x      = dst->src[3];
+        logits = dst->src[4];
+        mean   = dst->src[5];
+        wa     = gate ? gate : up;
+        const ggml_tensor * norm  = dst->src[6];
+        const ggml_tensor * scale = dst->src[7];
+        const ggml_tensor * bias  = dst->src[8];
+
+        p     = ggml_deco_moe_get_params(dst);
+        dense = (p.flags & GGML_DECO_FLAG_DENSE) != 0;
+        ith   = params->ith;
+        nth   = params->nth;
+        L     = make_layout(dst, nth);
+        d = L.d, De = L.De, E = L.E, T = L.T;
+
+        GGML_ASSERT(params->wsize >= L.total);
+        wbase = (char *) (((uintptr_t) params->wdata + 63) & ~(uintptr_t) 63);
+        U  = (float *) (wbase + L.off_u);
+        G  = (float *) (wbase + L.off_g);
+        VQ = wbase + L.off_vq;
+
+        from_float_x = ggml_get_type_traits_cpu(L.vdt_up)->from_float;
+        from_float_v = ggml_get_type_traits_cpu(L.vdt_down)->from_float;
+        vec_dot_up   = ggml_get_type_traits_cpu(up->type)->vec_dot;
+        vec_dot_down = ggml_get_type_traits_cpu(down->type)->vec_dot;
+        scale_d = scale ? (const float *) scale->data : nullptr;
+        bias_d  = bias  ? (const float *) bias->data  : nullptr;
+        n_scale = scale ? ggml_nelements(scale) : 0;
+        nw      = norm  ? (const float *) norm->data  : nullptr;
+
+        pt_a    = ggml_repack_product_traits(wa);
+        pt_up   = gate ? ggml_repack_product_traits(up) : nullptr;
+        pt_down = ggml_repack_product_traits(down);
+        GGML_ASSERT(!gate || (pt_a == nullptr) == (pt_up == nullptr)); // gate and up share one x layout
+        auto row_unit = [](const product_traits * pt) { return pt ? pt->row_group() : (int64_t) 1; };
+        unit_up   = std::max(row_unit(pt_a), row_unit(pt_up));
+        unit_down = row_unit(pt_down);
+    }
+
+    void route_and_quantize(const deco_state & st, int64_t t) const {
         const float * raw = (const float *) ((const char *) logits->data + t * logits->nb[1]);
         st.NACT[t] = (int32_t) deco_route_token(p, E, raw, scale_d, n_scale, bias_d, dense, st.S + t * E, st.FLAG + t * E);
         const float * xt = (const float *) ((const char *) x->data + t * x->nb[1]);
@@ -381,10 +403,11 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
             ggml_vec_dot_f32((int) d, &m, 0, (const float *) mean->data, 0, xt, 0, 1);
         }
         st.MEAN[t] = m;
-    };
+    }
 
-    if (T == 1) {
-        // ================= decode: one barrier per op =================
+    // T == 1, one barrier: up (gate) rows of the active experts split over the threads, then every thread computes
+    // the activations and its share of the output rows
+    void decode() const {
         // routing and x quantization are tiny: every thread does them into its private area
         char * pr = wbase + L.off_priv + (size_t) ith * L.priv;
         auto take = [&](size_t n) { char * r = pr; pr += pad64(n); return r; };
@@ -479,41 +502,47 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
                 }
             }
         }
-        return;
     }
 
-    // ================= batch (T >= 2) =================
-    deco_state st;
-    st.xq   = wbase + L.off_xq;
-    st.S    = (float   *) (wbase + L.off_s);
-    st.MEAN = (float   *) (wbase + L.off_mean);
-    st.FLAG = (uint8_t *) (wbase + L.off_flag);
-    st.NACT = (int32_t *) (wbase + L.off_nact);
-    st.CNT  = (int32_t *) (wbase + L.off_cnt);
-    st.OFF  = (int64_t *) (wbase + L.off_off);
-    st.PTOK = (int32_t *) (wbase + L.off_ptok);
-    char  * XG = wbase + L.off_xg;
-    float * CB = (float *) (wbase + L.off_cb);
-    float * stage = (float *) (wbase + L.off_stage + (size_t) ith * L.stage);
-    const int32_t * CNT  = st.CNT;
-    const int64_t * OFF  = st.OFF;
-    const int32_t * PTOK = st.PTOK;
+    // T >= 2, grouped by expert: routing (tokens split over threads), grouping, up (gate) rows, activations,
+    // down projection, with a barrier between phases
+    void batch() const {
+        deco_state st;
+        st.xq   = wbase + L.off_xq;
+        st.S    = (float   *) (wbase + L.off_s);
+        st.MEAN = (float   *) (wbase + L.off_mean);
+        st.FLAG = (uint8_t *) (wbase + L.off_flag);
+        st.NACT = (int32_t *) (wbase + L.off_nact);
+        st.CNT  = (int32_t *) (wbase + L.off_cnt);
+        st.OFF  = (int64_t *) (wbase + L.off_off);
+        st.PTOK = (int32_t *) (wbase + L.off_ptok);
 
-    // phase 1: routing + x quantization, tokens split over threads
-    {
-        const int64_t t0 = T * ith / nth, t1 = T * (ith + 1) / nth;
-        for (int64_t t = t0; t < t1; ++t) {
-            route_and_quantize(st, t);
+        // phase 1: routing + x quantization, tokens split over threads
+        {
+            const int64_t t0 = T * ith / nth, t1 = T * (ith + 1) / nth;
+            for (int64_t t = t0; t < t1; ++t) {
+                route_and_quantize(st, t);
+            }
         }
-    }
-    ggml_barrier(params->threadpool);
+        ggml_barrier(params->threadpool);
 
-    // phase 2: group the (expert, token) pairs by expert
-    if (ith == 0) {
-        deco_group(E, T, st.FLAG, st.CNT, st.OFF, st.PTOK);
-        deco_count(p, T, st.NACT);
+        // phase 2: group the (expert, token) pairs by expert
+        if (ith == 0) {
+            deco_group(E, T, st.FLAG, st.CNT, st.OFF, st.PTOK);
+            deco_count(p, T, st.NACT);
+        }
+        ggml_barrier(params->threadpool);
+
+        if (small_batch()) {
+            up_small(st);
+        } else {
+            up_per_expert(st);
+        }
+        ggml_barrier(params->threadpool);
+        activations(st);
+        ggml_barrier(params->threadpool);
+        down_batch(st);
     }
-    ggml_barrier(params->threadpool);
 
     // phase 3, small batches (a verification batch, a short prompt): each expert's tokens are few enough to be
     // read as plain rows, so the tokens' x rows converted in phase 1 serve every expert as they are. The up (gate)
@@ -521,8 +550,14 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     // n tokens costs about 2 + 3n (the weights unpacked once, then one pass per token: the small-batch kernel's
     // cost measured at n = 1, 2, 4). A thread gathers the x rows of each expert it works on into its own buffer
     // and computes all of that expert's tokens in one pass over its rows. No barrier per expert.
-    const bool small = T <= GGML_SMALL_BATCH_MAX && (!pt_a || pt_a->plain_rows(T)) && (!pt_up || pt_up->plain_rows(T));
-    if (small) {
+    bool small_batch() const {
+        return T <= GGML_SMALL_BATCH_MAX && (!pt_a || pt_a->plain_rows(T)) && (!pt_up || pt_up->plain_rows(T));
+    }
+
+    void up_small(const deco_state & st) const {
+        const int32_t * CNT = st.CNT;
+        const int64_t * OFF = st.OFF;
+        const int32_t * PTOK = st.PTOK;
         char * pr = wbase + L.off_bpriv + (size_t) ith * L.bpriv;
         int32_t * EXP = (int32_t *) pr;                   // the active experts, in order
         char    * X   = pr + pad64(E * sizeof(int32_t));  // their x rows, one expert at a time
@@ -562,7 +597,12 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
     // llamafile sgemm) where it applies, else vec_dot with the De rows split over threads. X_e (the expert's
     // tokens' x rows, converted) is gathered into one of two buffers that alternate, so one barrier per expert
     // suffices.
-    if (!small) {
+    void up_per_expert(const deco_state & st) const {
+        const int32_t * CNT = st.CNT;
+        const int64_t * OFF = st.OFF;
+        const int32_t * PTOK = st.PTOK;
+        char  * XG = wbase + L.off_xg;
+        float * stage = (float *) (wbase + L.off_stage + (size_t) ith * L.stage);
         int buf = 0;
         for (int64_t e = 0; e < E; ++e) {
             const int64_t cnt = CNT[e];
@@ -596,12 +636,12 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
                     continue;
                 }
                 bool done = false;
-#ifdef GGML_USE_LLAMAFILE
+    #ifdef GGML_USE_LLAMAFILE
                 done = llamafile_sgemm(params, De, cnt, d / ggml_blck_size(w->type),
                                        A, w->nb[1] / ggml_type_size(w->type),
                                        X, L.row_x / ggml_type_size(L.vdt_up),
                                        C, De, w->type, L.vdt_up, GGML_TYPE_F32);
-#endif
+    #endif
                 if (!done) {
                     const int64_t r0 = De * ith / nth, r1 = De * (ith + 1) / nth;
                     for (int64_t r = r0; r < r1; ++r) {
@@ -615,88 +655,109 @@ extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params
             buf ^= 1;
         }
     }
-    ggml_barrier(params->threadpool);
 
-    // phase 4: activation per pair, scaled by s_e, converted to the down vec_dot type; in groups of up to 4
-    // pairs of one expert (the row groups of the repacked gemm), groups split over threads
-    {
-        int64_t group = 0;
-        for (int64_t e = 0; e < E; ++e) {
-            for (int64_t k0 = 0; k0 < CNT[e]; k0 += 4, ++group) {
-                if (group % nth != ith) continue;
-                const int64_t n = std::min<int64_t>(4, CNT[e] - k0);
-                for (int64_t j = 0; j < n; ++j) {
-                    const int64_t pi = OFF[e] + k0 + j;
-                    const int64_t t  = PTOK[pi];
-                    deco_activate(p, De, U + pi * De, gate ? G + pi * De : nullptr, st.MEAN[t], nw, st.S[t * E + e], stage + j * De);
-                }
-                char * vq = VQ + (OFF[e] + k0) * L.row_v;
-                if (pt_down && !pt_down->plain_rows(CNT[e])) {
-                    pt_down->quantize(stage, n, De, vq);
-                } else {
+    void activations(const deco_state & st) const {
+        const int32_t * CNT = st.CNT;
+        const int64_t * OFF = st.OFF;
+        const int32_t * PTOK = st.PTOK;
+        float * stage = (float *) (wbase + L.off_stage + (size_t) ith * L.stage);
+        // phase 4: activation per pair, scaled by s_e, converted to the down vec_dot type; in groups of up to 4
+        // pairs of one expert (the row groups of the repacked gemm), groups split over threads
+        {
+            int64_t group = 0;
+            for (int64_t e = 0; e < E; ++e) {
+                for (int64_t k0 = 0; k0 < CNT[e]; k0 += 4, ++group) {
+                    if (group % nth != ith) continue;
+                    const int64_t n = std::min<int64_t>(4, CNT[e] - k0);
                     for (int64_t j = 0; j < n; ++j) {
-                        from_float_v(stage + j * De, vq + j * L.row_v, De);
+                        const int64_t pi = OFF[e] + k0 + j;
+                        const int64_t t  = PTOK[pi];
+                        deco_activate(p, De, U + pi * De, gate ? G + pi * De : nullptr, st.MEAN[t], nw, st.S[t * E + e], stage + j * De);
+                    }
+                    char * vq = VQ + (OFF[e] + k0) * L.row_v;
+                    if (pt_down && !pt_down->plain_rows(CNT[e])) {
+                        pt_down->quantize(stage, n, De, vq);
+                    } else {
+                        for (int64_t j = 0; j < n; ++j) {
+                            from_float_v(stage + j * De, vq + j * L.row_v, De);
+                        }
                     }
                 }
             }
         }
     }
-    ggml_barrier(params->threadpool);
 
-    // phase 5: down projection. Each thread owns the output columns [i0, i1) of every token.
-    // Repacked W_down: per expert, the thread's C_e columns by the repacked gemm, added to the tokens' outputs.
-    // Otherwise per expert: C_e[cnt x d] = V_e . W_down_e^T by gemm (all threads), barrier, then each thread adds
-    // its columns of C_e (C alternates between two buffers, so one barrier per expert); without gemm, vec_dot on
-    // the owned columns directly.
-    {
-        const auto [i0, i1] = thread_rows(d, unit_down, ith, nth);
-        for (int64_t t = 0; t < T; ++t) {
-            float * y = (float *) ((char *) dst->data + t * dst->nb[1]);
-            memset(y + i0, 0, (i1 - i0) * sizeof(float));
-        }
-        int buf = 0;
-        for (int64_t e = 0; e < E; ++e) {
-            const int64_t cnt = CNT[e];
-            if (cnt == 0) continue;
-            const char * A = (const char *) down->data + e * down->nb[2];
-            if (pt_down) {
-                if (i1 == i0) continue;
-                float * C = CB + T * i0; // this thread's part of the C buffers: cnt x (i1 - i0)
-                pt_down->mul(De, A + i0 * down->nb[1], i1 - i0, VQ + OFF[e] * L.row_v, cnt, C, i1 - i0);
-                for (int64_t k = 0; k < cnt; ++k) {
-                    float * y = (float *) ((char *) dst->data + PTOK[OFF[e] + k] * dst->nb[1]);
-                    ggml_vec_acc_f32((int) (i1 - i0), y + i0, C + k * (i1 - i0));
-                }
-                continue;
+    void down_batch(const deco_state & st) const {
+        const int32_t * CNT = st.CNT;
+        const int64_t * OFF = st.OFF;
+        const int32_t * PTOK = st.PTOK;
+        float * CB = (float *) (wbase + L.off_cb);
+        // phase 5: down projection. Each thread owns the output columns [i0, i1) of every token.
+        // Repacked W_down: per expert, the thread's C_e columns by the repacked gemm, added to the tokens' outputs.
+        // Otherwise per expert: C_e[cnt x d] = V_e . W_down_e^T by gemm (all threads), barrier, then each thread adds
+        // its columns of C_e (C alternates between two buffers, so one barrier per expert); without gemm, vec_dot on
+        // the owned columns directly.
+        {
+            const auto [i0, i1] = thread_rows(d, unit_down, ith, nth);
+            for (int64_t t = 0; t < T; ++t) {
+                float * y = (float *) ((char *) dst->data + t * dst->nb[1]);
+                memset(y + i0, 0, (i1 - i0) * sizeof(float));
             }
-            bool done = false;
-#ifdef GGML_USE_LLAMAFILE
-            float * C = CB + (size_t) buf * T * d;
-            done = llamafile_sgemm(params, d, cnt, De / ggml_blck_size(down->type),
-                                   A, down->nb[1] / ggml_type_size(down->type),
-                                   VQ + OFF[e] * L.row_v, L.row_v / ggml_type_size(L.vdt_down),
-                                   C, d, down->type, L.vdt_down, GGML_TYPE_F32);
-            if (done) {
-                ggml_barrier(params->threadpool);
-                for (int64_t k = 0; k < cnt; ++k) {
-                    float * y = (float *) ((char *) dst->data + PTOK[OFF[e] + k] * dst->nb[1]);
-                    ggml_vec_acc_f32((int) (i1 - i0), y + i0, C + k * d + i0);
-                }
-                buf ^= 1;
-            }
-#endif
-            if (!done) {
-                for (int64_t i = i0; i < i1; ++i) {
-                    const char * drow = A + i * down->nb[1];
+            int buf = 0;
+            for (int64_t e = 0; e < E; ++e) {
+                const int64_t cnt = CNT[e];
+                if (cnt == 0) continue;
+                const char * A = (const char *) down->data + e * down->nb[2];
+                if (pt_down) {
+                    if (i1 == i0) continue;
+                    float * C = CB + T * i0; // this thread's part of the C buffers: cnt x (i1 - i0)
+                    pt_down->mul(De, A + i0 * down->nb[1], i1 - i0, VQ + OFF[e] * L.row_v, cnt, C, i1 - i0);
                     for (int64_t k = 0; k < cnt; ++k) {
-                        const int64_t pi = OFF[e] + k;
-                        float sum;
-                        vec_dot_down((int) De, &sum, 0, drow, 0, VQ + pi * L.row_v, 0, 1);
-                        float * y = (float *) ((char *) dst->data + PTOK[pi] * dst->nb[1]);
-                        y[i] += sum;
+                        float * y = (float *) ((char *) dst->data + PTOK[OFF[e] + k] * dst->nb[1]);
+                        ggml_vec_acc_f32((int) (i1 - i0), y + i0, C + k * (i1 - i0));
+                    }
+                    continue;
+                }
+                bool done = false;
+    #ifdef GGML_USE_LLAMAFILE
+                float * C = CB + (size_t) buf * T * d;
+                done = llamafile_sgemm(params, d, cnt, De / ggml_blck_size(down->type),
+                                       A, down->nb[1] / ggml_type_size(down->type),
+                                       VQ + OFF[e] * L.row_v, L.row_v / ggml_type_size(L.vdt_down),
+                                       C, d, down->type, L.vdt_down, GGML_TYPE_F32);
+                if (done) {
+                    ggml_barrier(params->threadpool);
+                    for (int64_t k = 0; k < cnt; ++k) {
+                        float * y = (float *) ((char *) dst->data + PTOK[OFF[e] + k] * dst->nb[1]);
+                        ggml_vec_acc_f32((int) (i1 - i0), y + i0, C + k * d + i0);
+                    }
+                    buf ^= 1;
+                }
+    #endif
+                if (!done) {
+                    for (int64_t i = i0; i < i1; ++i) {
+                        const char * drow = A + i * down->nb[1];
+                        for (int64_t k = 0; k < cnt; ++k) {
+                            const int64_t pi = OFF[e] + k;
+                            float sum;
+                            vec_dot_down((int) De, &sum, 0, drow, 0, VQ + pi * L.row_v, 0, 1);
+                            float * y = (float *) ((char *) dst->data + PTOK[pi] * dst->nb[1]);
+                            y[i] += sum;
+                        }
                     }
                 }
             }
         }
+    }
+};
+
+} // namespace
+
+extern "C" void ggml_compute_forward_deco_moe(const ggml_compute_params * params, ggml_tensor * dst) {
+    const deco_op op(params, dst);
+    if (op.T == 1) {
+        op.decode();
+    } else {
+        op.batch();
     }
 }
