@@ -325,7 +325,10 @@ bool run_case(const case_params & c, int n_threads) {
                      : c.type == GGML_TYPE_F16 && ggml_cpu_has_fp16_va()  ? 5e-3
                      : ggml_is_quantized(vdt_down)                        ? 1e-3
                      :                                                      2e-4;
-    const bool ok = finite && nerr <= tol && nerr_dense <= 1e-6;
+    // dense and sparse evaluation give an expert different numbers of tokens; with F16 accumulators the gemm's
+    // tiling (which depends on that number) changes the rounding; elsewhere they agree to float rounding
+    const double tol_dense = c.type == GGML_TYPE_F16 && ggml_cpu_has_fp16_va() ? 2e-3 : 1e-6;
+    const bool ok = finite && nerr <= tol && nerr_dense <= tol_dense;
     if (!ok || g_verbose) {
         printf("  %s %s: nerr=%.3g (tol %.1g) dense-vs-sparse=%.3g finite=%d\n", ok ? "ok  " : "FAIL",
                describe(c).c_str(), nerr, tol, nerr_dense, (int) finite);
