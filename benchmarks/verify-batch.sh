@@ -40,7 +40,7 @@ from llama_cpp import GGML_TYPE_F16, Llama
 
 from deco_gguf.chat import cache_root
 from deco_gguf.runtime import DecoRuntime
-from deco_gguf.speed import build_dense_eq
+from deco_gguf.dense_eq import build_dense_eq
 
 model, threads, batches, rounds, logits = sys.argv[1:]
 threads = [int(t) for t in threads.split()]
