@@ -307,7 +307,7 @@ def _print_info(found, acct, list_tensors: bool) -> None:
         console.print(table)
 
     a = acct
-    res = Table(title="Resource accounting (spec: N, N_a, r_a, R_c)", show_header=False, title_justify="left")
+    res = Table(title="Resource accounting (docs/deco.md: N, N_a, r_a, R_c)", show_header=False, title_justify="left")
     res.add_row("N (non-embedding params)", f"{a.non_embedding_params / 1e6:.2f} M")
     res.add_row("  of which routed experts", f"{a.routed_expert_params / 1e6:.2f} M")
     res.add_row("embedding + output params", f"{a.embedding_params / 1e6:.2f} M")

@@ -190,7 +190,7 @@ class DecoConverter:
             read = self._read(f"{mlp}.expert_down_proj.weight")
             yield plan(f"{blk}.ffn_down_exps.weight", (E, d, De), lambda r=read: r().reshape(d, E, De).transpose(1, 0, 2))
             if c.has_mean_row:
-                # mean(u) = w_mean . h, w_mean = mean of the rows the activation reads (spec: DECO FFN).
+                # mean(u) = w_mean . h, w_mean = mean of the rows the activation reads (docs/deco.md, DECO FFN).
                 read = self._read(f"{mlp}.expert_{'gate' if c.expert_gated else 'up'}_proj.weight")
                 yield plan(f"{blk}.ffn_exps_mean.weight", (d,), lambda r=read: r().astype(np.float64).mean(axis=0))
             if c.has_block_norm:

@@ -170,7 +170,7 @@ def load_vocab(path: Path, raw_config: dict) -> Vocab:
     template = tok_config.get("chat_template")
     vocab.chat_template = template if isinstance(template, str) else None
 
-    # config.json's ids are template values: compare, never trust (spec: config pitfalls).
+    # config.json's ids are template values: compare, never trust (docs/deco.md, Released checkpoints).
     end_ids = {vocab.eos_id, vocab.eot_id} - {None}
     declared_eos = raw_config.get("eos_token_id")
     declared_eos = set(declared_eos) if isinstance(declared_eos, list) else {declared_eos} - {None}

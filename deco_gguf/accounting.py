@@ -1,4 +1,4 @@
-"""Resource accounting (spec: "Resource accounting"): N, N_a, r_a and R_c.
+"""Resource accounting (docs/deco.md, "Resource accounting"): N, N_a, r_a and R_c.
 
 Counts come from tensor shapes in GGUF naming, so a GGUF file and an HF
 checkpoint (through the converter's tensor plan) are counted the same way.

@@ -5,7 +5,7 @@ are memory-mapped, `pytorch_model.bin` is loaded with `weights_only` and
 `mmap`), resolves the `DecoConfig` and checks every tensor's shape, so a bad
 checkpoint fails before anything is computed or written.
 
-Resolution follows the spec's "Config pitfalls": shapes come from the
+Resolution follows docs/deco.md, "Released checkpoints": shapes come from the
 tensors, the rest from the Megatron keys; the HF-style keys are template
 values and are only compared, with a warning naming both values when they
 disagree.
@@ -342,8 +342,8 @@ def resolve_config(raw: dict, ckpt: HFCheckpoint) -> DecoConfig:
             logit_scale = d / float(raw["dim_model_base"])
         except (TypeError, ValueError, ZeroDivisionError):
             raise DecoError(f"use_mup scales must be non-zero numbers: {', '.join(f'{k}={raw[k]!r}' for k in MUP_KEYS)}") from None
-        # The authors' converter copies these from a template, never from the training run (spec:
-        # config pitfalls): values that differ from training give wrong logits without any error.
+        # The authors' converter copies these from a template, never from the training run
+        # (docs/deco.md, Released checkpoints): values that differ from training give wrong logits without any error.
         from_file = [k for k in MUP_KEYS if k not in ckpt.overrides]
         if from_file:
             values = ", ".join(f"{k}={raw[k]!r}" for k in MUP_KEYS)

@@ -52,7 +52,7 @@ class DecoConfig:
 
     @property
     def has_mean_row(self) -> bool:
-        """The activation subtracts mean(u) over all E*De entries (spec: DECO FFN)."""
+        """The activation subtracts mean(u) over all E*De entries (docs/deco.md, DECO FFN)."""
         return self.expert_act in ("norm_silu", "norm_silu_norms")
 
     @property

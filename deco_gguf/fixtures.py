@@ -2,8 +2,7 @@
 
 `write_fixture(out_dir, spec)` writes a directory that looks like what the
 authors' converter (thunlp/DECO `tools/checkpoint/dist_ckpt_to_hf_minicpm.py`)
-produces: the HF tensor names and shapes of the spec's "HF checkpoint
-format", a config.json that is a MiniCPM template with the Megatron keys
+produces: the HF tensor names and shapes of docs/deco.md, "Released checkpoints", a config.json that is a MiniCPM template with the Megatron keys
 added on top (including the template's stale values, see `hf_config`), and a
 real SentencePiece tokenizer trained on `fixture_corpus()`.
 
@@ -69,7 +68,7 @@ TOKENIZER_FORMATS = ("model", "json", "both")
 
 @dataclass(frozen=True)
 class FixtureSpec:
-    """One checkpoint shape/variant. Field names follow the spec, not config.json."""
+    """One checkpoint shape/variant. Field names follow docs/deco.md, not config.json."""
 
     name: str
     num_layers: int

@@ -6,8 +6,8 @@ attention on every call, every expert computed densely and weighted by its
 router score (an inactive expert's score is exactly 0, so its contribution is
 exactly 0, as in the authors' BlockFFNLayer.forward).
 
-Section names ("Layer stack", "DECO FFN", ...) refer to docs/spec deco.md
-(/work/shared/spec/deco.md). Where the spec is silent the authors' training
+Section names ("Layer stack", "DECO FFN", ...) refer to docs/deco.md. Where
+it is silent the authors' training
 code (thunlp/DECO, megatron/core/transformer/blockffn/) decides; those places
 say so.
 
@@ -50,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half (NeoX) RoPE over the whole head of x [B, T, H, hd], positions 0..T-1 (spec: Layer stack).
+    """Rotate-half (NeoX) RoPE over the whole head of x [B, T, H, hd], positions 0..T-1 (docs/deco.md, Layer stack).
 
     Entry j is rotated together with entry j + hd/2 by the angle pos * theta^(-2j/hd).
     """
@@ -93,7 +93,7 @@ class DecoModel:
         config.validate()
         self.config = config
         self.dtype = dtype
-        self.router_dtype = _compute_dtype(dtype)  # spec: router logits in at least fp32
+        self.router_dtype = _compute_dtype(dtype)  # docs/deco.md, DECO FFN: router logits in F32 at least
         self.w: dict[str, torch.Tensor] = {}
         for name in expected_shapes(config):
             if name not in state:
@@ -113,7 +113,7 @@ class DecoModel:
     # -- one layer ------------------------------------------------------------
 
     def attention(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Causal GQA self-attention of layer i on h [B, T, d] (spec: Layer stack)."""
+        """Causal GQA self-attention of layer i on h [B, T, d] (docs/deco.md, Layer stack)."""
         c, p = self.config, f"model.layers.{i}.self_attn."
         B, T, _ = h.shape
         q = F.linear(h, self.w[p + "q_proj.weight"]).view(B, T, c.num_heads, c.head_dim)
@@ -144,7 +144,7 @@ class DecoModel:
         score = F.relu(raw) if c.router_act == "relu" else F.relu(raw).square()  # sqrelu = relu^2
         if c.expert_bias != "none":
             # Expert bias changes only the routing decision, never the score
-            # (spec: DECO FFN; moe/loss_free.py LossFreeBalance.apply_expert_bias).
+            # (docs/deco.md, DECO FFN; moe/loss_free.py LossFreeBalance.apply_expert_bias).
             bias = self.w[p + "expert_bias"]
             if c.expert_bias == "rms":
                 bias = bias * raw.pow(2).mean(-1, keepdim=True).sqrt()
@@ -173,7 +173,7 @@ class DecoModel:
         c = self.config
         if c.expert_act == "relu":
             return F.relu(a)
-        if c.has_mean_row:  # mean over ALL E*De entries, active experts or not (spec: DECO FFN)
+        if c.has_mean_row:  # mean over ALL E*De entries, active experts or not (docs/deco.md, DECO FFN)
             a = a - a.mean(-1, keepdim=True)
         if c.has_block_norm:  # RMSNorm over each expert's De entries, act_norm weight shared by all experts
             blocks = a.unflatten(-1, (c.num_experts, c.expert_ffn_size))
@@ -181,7 +181,7 @@ class DecoModel:
         return F.silu(a)  # norm_silu, norm_silu_nomean, norm_silu_norms, silu
 
     def deco_ffn(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """DECO FFN of layer i on h [.., d]: (output [.., d], active mask [.., E]) (spec: DECO FFN)."""
+        """DECO FFN of layer i on h [.., d]: (output [.., d], active mask [.., E]) (docs/deco.md, DECO FFN)."""
         c, p = self.config, f"model.layers.{i}.mlp."
         score, active = self.route(i, h)
         u = F.linear(h, self.w[p + "expert_up_proj.weight"])

@@ -8,7 +8,7 @@ order of multi-threaded CPU kernels, so a re-run lands close to, not exactly
 on, the shipped weights (docs/bundled-model.md). The corpus comes from Debian
 (corpus.py); the log goes to /tmp/deco-tiny-train/ unless --log-dir.
 
-What is trained is DECO as published (spec: docs/spec deco.md, "Layer stack"
+What is trained is DECO as published (docs/deco.md, "Layer stack"
 and "DECO FFN"): layer 0 a dense SwiGLU, every other layer a DECO FFN with a
 ReLU router, the learned expert-wise router scale (`simple` router norm),
 non-gated NormSiLU experts and an unscaled SwiGLU shared expert; GQA, NeoX
@@ -345,7 +345,7 @@ def make_hf_keys_consistent(out: Path, shape: Shape, dtype: str) -> None:
     """Give config.json's HF-style keys this model's values.
 
     fixtures.hf_config reproduces the released files, whose HF-style keys are
-    stale MiniCPM template values (spec: "Config pitfalls"); the converter
+    stale MiniCPM template values (docs/deco.md, "Released checkpoints"); the converter
     then warns about each one. The bundled model keeps both key families but
     makes them agree, so converting it prints no warnings. eos ids: </s> and
     <|im_end|>, as the released [2, 73440] are.

@@ -1,8 +1,8 @@
-"""The fixture generator writes the released HF layout (spec: "HF checkpoint format").
+"""The fixture generator writes the released HF layout (docs/deco.md, "Released checkpoints").
 
 Everything here is read back with independent readers (safetensors.safe_open,
 torch.load(weights_only=True), json, sentencepiece) and checked against
-expectations derived from the spec, not from the generator's own tables.
+expectations derived from docs/deco.md, not from the generator's own tables.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.flo
 
 
 def expected_layout(spec: FixtureSpec, vocab: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names, shapes and dtypes straight from the spec's tensor list."""
+    """Names, shapes and dtypes straight from the tensor list of docs/deco.md."""
     d, E, De, Ds = spec.hidden_size, spec.num_experts, spec.expert_ffn, spec.shared_ffn
     w, rd = DT[spec.dtype], DT[spec.router_dtype]
     qd, kvd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
