@@ -51,51 +51,51 @@ inline __m512i broadcast_8_bytes(const int8_t * p) {
 
 // NT vectors against the rows of vx. A block_q4_0x8 holds one 32-weight block of 8 rows: qs[0, 64) are the
 // bytes 0..7 of the rows' q4_0 blocks, row r in bytes [8r, 8r + 8), qs[64, 128) their bytes 8..15; each byte is
-// the q4_0 byte xor 0x88. A q4_0 byte j holds weights j (low nibble) and j + 16 (high nibble) as u + 8, u in
-// [0, 16). So after undoing the xor, the 32-bit lanes 2r and 2r+1 of the four nibble vectors hold row r's
+// the q4_0 byte xor 0x88. A q4_0 byte j holds weights j (low nibble) and j + 16 (high nibble) as w + 8, w in
+// [-8, 8). So after undoing the xor, the 32-bit lanes 2r and 2r+1 of the four nibble vectors hold row r's
 // weights 0-7, 16-23, 8-15 and 24-31 (+8), and one dpbusd per nibble vector against the matching 8 bytes of
 // the vector, broadcast, sums row r's block into those two lanes. The +8 is removed exactly by starting the
 // lanes at -4 * sum(x) each (-8 * sum(x) per row). Block scales are applied in F32 per block.
 template <int NT> struct gemm_q4_0_8x8_q8_0_nt {
-static void run(int nb, float * s, size_t bs, const block_q4_0x8 * vx, const block_q8_0 * vy,
-                const float * scale, const int32_t * offset, int nc) {
-    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-    const __m512i undo_xor    = _mm512_set1_epi8((char) 0x88);
-    const __m512i row_of_lane = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    static void run(int nb, float * s, size_t bs, const block_q4_0x8 * vx, const block_q8_0 * vy,
+                    const float * scale, const int32_t * offset, int nc) {
+        const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+        const __m512i undo_xor    = _mm512_set1_epi8((char) 0x88);
+        const __m512i row_of_lane = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
 
-    for (int g = 0; g < nc / 8; ++g) {
-        const block_q4_0x8 * w = vx + (size_t) g * nb;
-        __m512 acc[NT];
-        for (int v = 0; v < NT; ++v) {
-            acc[v] = _mm512_setzero_ps();
-        }
-        for (int b = 0; b < nb; ++b) {
-            const __m512i lo_bytes = _mm512_xor_si512(_mm512_loadu_si512(w[b].qs), undo_xor);
-            const __m512i hi_bytes = _mm512_xor_si512(_mm512_loadu_si512(w[b].qs + 64), undo_xor);
-            const __m512i w0_7   = _mm512_and_si512(lo_bytes, low_nibbles);
-            const __m512i w16_23 = _mm512_and_si512(_mm512_srli_epi16(lo_bytes, 4), low_nibbles);
-            const __m512i w8_15  = _mm512_and_si512(hi_bytes, low_nibbles);
-            const __m512i w24_31 = _mm512_and_si512(_mm512_srli_epi16(hi_bytes, 4), low_nibbles);
-            const __m512  row_scale = _mm512_permutexvar_ps(
-                row_of_lane, _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) w[b].d))));
+        for (int g = 0; g < nc / 8; ++g) {
+            const block_q4_0x8 * w = vx + (size_t) g * nb;
+            __m512 acc[NT];
             for (int v = 0; v < NT; ++v) {
-                const block_q8_0 & x = vy[(size_t) v * nb + b];
-                __m512i dot = _mm512_set1_epi32(offset[(size_t) v * nb + b]);
-                dot = _mm512_dpbusd_epi32(dot, w0_7,   broadcast_8_bytes(x.qs));
-                dot = _mm512_dpbusd_epi32(dot, w8_15,  broadcast_8_bytes(x.qs + 8));
-                dot = _mm512_dpbusd_epi32(dot, w16_23, broadcast_8_bytes(x.qs + 16));
-                dot = _mm512_dpbusd_epi32(dot, w24_31, broadcast_8_bytes(x.qs + 24));
-                const __m512 block_scale = _mm512_mul_ps(row_scale, _mm512_set1_ps(scale[(size_t) v * nb + b]));
-                acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), block_scale, acc[v]);
+                acc[v] = _mm512_setzero_ps();
+            }
+            for (int b = 0; b < nb; ++b) {
+                const __m512i lo_bytes = _mm512_xor_si512(_mm512_loadu_si512(w[b].qs), undo_xor);
+                const __m512i hi_bytes = _mm512_xor_si512(_mm512_loadu_si512(w[b].qs + 64), undo_xor);
+                const __m512i w0_7   = _mm512_and_si512(lo_bytes, low_nibbles);
+                const __m512i w16_23 = _mm512_and_si512(_mm512_srli_epi16(lo_bytes, 4), low_nibbles);
+                const __m512i w8_15  = _mm512_and_si512(hi_bytes, low_nibbles);
+                const __m512i w24_31 = _mm512_and_si512(_mm512_srli_epi16(hi_bytes, 4), low_nibbles);
+                const __m512  row_scale = _mm512_permutexvar_ps(
+                    row_of_lane, _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) w[b].d))));
+                for (int v = 0; v < NT; ++v) {
+                    const block_q8_0 & x = vy[(size_t) v * nb + b];
+                    __m512i dot = _mm512_set1_epi32(offset[(size_t) v * nb + b]);
+                    dot = _mm512_dpbusd_epi32(dot, w0_7,   broadcast_8_bytes(x.qs));
+                    dot = _mm512_dpbusd_epi32(dot, w8_15,  broadcast_8_bytes(x.qs + 8));
+                    dot = _mm512_dpbusd_epi32(dot, w16_23, broadcast_8_bytes(x.qs + 16));
+                    dot = _mm512_dpbusd_epi32(dot, w24_31, broadcast_8_bytes(x.qs + 24));
+                    const __m512 block_scale = _mm512_mul_ps(row_scale, _mm512_set1_ps(scale[(size_t) v * nb + b]));
+                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), block_scale, acc[v]);
+                }
+            }
+            for (int v = 0; v < NT; ++v) {
+                // lanes 2r and 2r+1 -> row r
+                const __m512 pair_sum = _mm512_add_ps(acc[v], _mm512_permute_ps(acc[v], 0xB1));
+                _mm256_storeu_ps(s + v * bs + 8 * g, _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, pair_sum)));
             }
         }
-        for (int v = 0; v < NT; ++v) {
-            // lanes 2r and 2r+1 -> row r
-            const __m512 pair_sum = _mm512_add_ps(acc[v], _mm512_permute_ps(acc[v], 0xB1));
-            _mm256_storeu_ps(s + v * bs + 8 * g, _mm512_castps512_ps256(_mm512_maskz_compress_ps(0x5555, pair_sum)));
-        }
     }
-}
 };
 
 // F<n>::run(args...), for 1 <= n <= sizeof...(NT)
@@ -130,52 +130,52 @@ struct q8_K_block_offsets {
 // scale) is l / 4. The -32 offset is removed exactly by starting the lanes at -32 * the sums of the vector's
 // quants over the same 4 weights; the scales (times the block's d) multiply the lanes in F32.
 template <int NT> struct gemm_q6_K_q8_K_nt {
-static void run(int nb, float * s, size_t bs, const char * vx, size_t bx, const char * vy, size_t by,
-                const int32_t * offsets, int nr) {
-    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-    const __m512i bits_4_5    = _mm512_set1_epi8(0x30);
-    // qh bits to bits 4-5 of each byte: << 4 (bytes 0-31) and << 2 (32-63) for weights 0-63, >> 0 and >> 2 for 64-127
-    const __m512i to_4_5_lo = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
-    const __m512i to_4_5_hi = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_setzero_si512(), _mm512_set1_epi16(2));
-    const __m512i group_of_lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    static void run(int nb, float * s, size_t bs, const char * vx, size_t bx, const char * vy, size_t by,
+                    const int32_t * offsets, int nr) {
+        const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+        const __m512i bits_4_5    = _mm512_set1_epi8(0x30);
+        // qh bits to bits 4-5 of each byte: << 4 (bytes 0-31) and << 2 (32-63) for weights 0-63, >> 0 and >> 2 for 64-127
+        const __m512i to_4_5_lo = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
+        const __m512i to_4_5_hi = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_setzero_si512(), _mm512_set1_epi16(2));
+        const __m512i group_of_lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
 
-    for (int r = 0; r < nr; ++r) {
-        const block_q6_K * w = (const block_q6_K *) (vx + r * bx);
-        __m512 acc[NT];
-        for (int v = 0; v < NT; ++v) {
-            acc[v] = _mm512_setzero_ps();
-        }
-        for (int b = 0; b < nb; ++b) {
-            const __m512 scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) w[b].scales))),
-                                                _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(w[b].d)));
-            __m512i q[4];      // weights 0-63 and 64-127 of each half
-            __m512  scale[4];  // their lanes' scales
-            for (int h = 0; h < 2; ++h) {
-                const __m512i ql = _mm512_loadu_si512(w[b].ql + 64 * h);
-                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (w[b].qh + 32 * h)));
-                // (a & b) | c as one ternary-logic op: 0xEA
-                q[2 * h]     = _mm512_ternarylogic_epi32(ql, low_nibbles, _mm512_and_si512(_mm512_sllv_epi16(qh, to_4_5_lo), bits_4_5), 0xEA);
-                q[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), low_nibbles,
-                                                         _mm512_and_si512(_mm512_srlv_epi16(qh, to_4_5_hi), bits_4_5), 0xEA);
-                scale[2 * h]     = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h)), scales);
-                scale[2 * h + 1] = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h + 4)), scales);
+        for (int r = 0; r < nr; ++r) {
+            const block_q6_K * w = (const block_q6_K *) (vx + r * bx);
+            __m512 acc[NT];
+            for (int v = 0; v < NT; ++v) {
+                acc[v] = _mm512_setzero_ps();
+            }
+            for (int b = 0; b < nb; ++b) {
+                const __m512 scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) w[b].scales))),
+                                                    _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(w[b].d)));
+                __m512i q[4];      // weights 0-63 and 64-127 of each half
+                __m512  scale[4];  // their lanes' scales
+                for (int h = 0; h < 2; ++h) {
+                    const __m512i ql = _mm512_loadu_si512(w[b].ql + 64 * h);
+                    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (w[b].qh + 32 * h)));
+                    // (a & b) | c as one ternary-logic op: 0xEA
+                    q[2 * h]     = _mm512_ternarylogic_epi32(ql, low_nibbles, _mm512_and_si512(_mm512_sllv_epi16(qh, to_4_5_lo), bits_4_5), 0xEA);
+                    q[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), low_nibbles,
+                                                             _mm512_and_si512(_mm512_srlv_epi16(qh, to_4_5_hi), bits_4_5), 0xEA);
+                    scale[2 * h]     = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h)), scales);
+                    scale[2 * h + 1] = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h + 4)), scales);
+                }
+                for (int v = 0; v < NT; ++v) {
+                    const block_q8_K & x = ((const block_q8_K *) (vy + v * by))[b];
+                    const int32_t * off = offsets + ((size_t) v * nb + b) * 4 * 16;
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int c = 0; c < 4; ++c) {
+                        const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(off + 16 * c), q[c], _mm512_loadu_si512(x.qs + 64 * c));
+                        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale[c], sum);
+                    }
+                    acc[v] = _mm512_fmadd_ps(sum, _mm512_set1_ps(x.d), acc[v]);
+                }
             }
             for (int v = 0; v < NT; ++v) {
-                const block_q8_K & x = ((const block_q8_K *) (vy + v * by))[b];
-                const int32_t * off = offsets + ((size_t) v * nb + b) * 4 * 16;
-                __m512 sum = _mm512_setzero_ps();
-                for (int c = 0; c < 4; ++c) {
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(off + 16 * c), q[c], _mm512_loadu_si512(x.qs + 64 * c));
-                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale[c], sum);
-                }
-                acc[v] = _mm512_fmadd_ps(sum, _mm512_set1_ps(x.d), acc[v]);
+                s[v * bs + r] = _mm512_reduce_add_ps(acc[v]);
             }
         }
-        for (int v = 0; v < NT; ++v) {
-            s[v * bs + r] = _mm512_reduce_add_ps(acc[v]);
-        }
     }
-}
 };
 
 } // namespace
