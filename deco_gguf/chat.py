@@ -22,10 +22,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from .errors import DecoError
 from .rpc import Offload
+
+if TYPE_CHECKING:
+    from .runtime import LayerActivity
 
 STOP_STRINGS = ["<|im_end|>"]  # besides the end-of-generation token ids llama.cpp knows
 
@@ -148,18 +152,6 @@ class Sampling:
 
 
 @dataclass
-class LayerRate:
-    layer: int
-    tokens: int
-    active: int
-    num_experts: int
-
-    @property
-    def rate(self) -> float:
-        return self.active / (self.tokens * self.num_experts) if self.tokens else 0.0
-
-
-@dataclass
 class ReplyStats:
     prompt_tokens: int = 0  # the whole prompt (history included)
     prompt_evaluated: int = 0  # the part not already in the KV cache
@@ -173,8 +165,8 @@ class ReplyStats:
     trimmed_turns: int = 0
     context_used: int = 0
     n_ctx: int = 0
-    prompt_activity: list[LayerRate] = field(default_factory=list)
-    reply_activity: list[LayerRate] = field(default_factory=list)
+    prompt_activity: list[LayerActivity] = field(default_factory=list)  # DECO layers only
+    reply_activity: list[LayerActivity] = field(default_factory=list)
 
     @property
     def prompt_tps(self) -> float | None:
@@ -184,21 +176,6 @@ class ReplyStats:
     def decode_tps(self) -> float | None:
         return self.decoded_tokens / self.decode_seconds if self.decode_seconds > 0 else None
 
-    @staticmethod
-    def mean_rate(rates: list[LayerRate]) -> float | None:
-        used = [r.rate for r in rates if r.tokens]
-        return sum(used) / len(used) if used else None
-
-
-def _counters(rt) -> dict[int, tuple[int, int]]:
-    return {a.layer: (a.tokens, a.active) for a in rt.activity() if a is not None}
-
-
-def _rates(after: dict, before: dict, num_experts: int) -> list[LayerRate]:
-    return [
-        LayerRate(layer, t - before.get(layer, (0, 0))[0], a - before.get(layer, (0, 0))[1], num_experts)
-        for layer, (t, a) in sorted(after.items())
-    ]
 
 
 class ChatSession:
@@ -291,7 +268,7 @@ class ChatSession:
         s = self.sampling
         room = self.n_ctx - len(prompt)  # _fit leaves at least one token
         stats = ReplyStats(prompt_tokens=len(prompt), trimmed_turns=dropped, n_ctx=self.n_ctx)
-        ctx, e = self.llm.ctx, self.rt.config.num_experts
+        ctx = self.llm.ctx
         llama_cpp.llama_perf_context_reset(ctx)
         self.rt.reset_activity()
         start, before_reply = time.perf_counter(), None
@@ -307,7 +284,7 @@ class ChatSession:
                 choice = chunk["choices"][0]
                 if before_reply is None:
                     stats.first_token_seconds = time.perf_counter() - start
-                    before_reply = _counters(self.rt)  # the prompt is evaluated, the first token sampled
+                    before_reply = self._activity()  # the prompt is evaluated, the first token sampled
                 text = choice["delta"].get("content")
                 if text:
                     pieces.append(text)
@@ -331,11 +308,14 @@ class ChatSession:
             stats.decode_seconds = perf.t_eval_ms / 1e3 if stats.decoded_tokens else 0.0
             stats.prompt_evaluated = perf.n_p_eval if perf.t_p_eval_ms > 0 else 0
             stats.prompt_seconds = perf.t_p_eval_ms / 1e3
-            after = _counters(self.rt)
-            zero = {k: (0, 0) for k in after}
-            stats.prompt_activity = _rates(before_reply if before_reply is not None else after, zero, e)
-            stats.reply_activity = _rates(after, before_reply if before_reply is not None else after, e)
+            after = self._activity()
+            stats.prompt_activity = before_reply if before_reply is not None else after
+            stats.reply_activity = [a - b for a, b in zip(after, stats.prompt_activity)]
             self.last = stats
+
+    def _activity(self) -> list[LayerActivity]:
+        """The DECO op's counters of every DECO layer since the turn began."""
+        return [a for a in self.rt.activity() if a is not None]
 
     def close(self) -> None:
         self.rt.close()
@@ -360,6 +340,8 @@ def stats_table(stats: ReplyStats | None):
     """The `/stats` table (rich)."""
     from rich.table import Table
 
+    from .runtime import mean_rate
+
     table = Table(title="last reply", show_header=False, title_justify="left")
     if stats is None:
         table.add_row("no reply yet", "")
@@ -375,7 +357,7 @@ def stats_table(stats: ReplyStats | None):
     table.add_row("wall time", f"{stats.wall_seconds:.2f} s")
     table.add_row("context", f"{stats.context_used} / {stats.n_ctx} tokens" + (f", {stats.trimmed_turns} oldest turn(s) dropped" if stats.trimmed_turns else ""))
     for label, rates in (("activation (prompt)", stats.prompt_activity), ("activation (reply)", stats.reply_activity)):
-        mean = ReplyStats.mean_rate(rates)
+        mean = mean_rate(rates)
         most = max((r.tokens for r in rates), default=0)
         # llama.cpp runs the last layer only on positions whose logits are needed: say how few
         layers = ", ".join(f"L{r.layer} {r.rate:.1%}" + (f" of {r.tokens} token(s)" if r.tokens < most else "") for r in rates if r.tokens)

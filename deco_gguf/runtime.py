@@ -15,7 +15,7 @@ import ctypes
 import os
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,18 +120,46 @@ def _chatml_while_loading():
         llama_chat_format.Jinja2ChatFormatter = original
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerActivity:
+    """What the DECO op counted in one layer: the tokens routed through it and their active experts.
+
+    `a + b` pools two counts of the same layer; `after - before` is what happened between two readings
+    of the counters (its min/max per token are unknown: None).
+    """
+
     layer: int
     tokens: int  # tokens routed through this layer
     active: int  # active experts summed over those tokens
-    min_active: int  # fewest active experts of one token
-    max_active: int  # most active experts of one token
+    min_active: int | None  # fewest active experts of one token
+    max_active: int | None  # most active experts of one token
     num_experts: int
 
     @property
     def rate(self) -> float:
         return self.active / (self.tokens * self.num_experts) if self.tokens else 0.0
+
+    def __add__(self, other: LayerActivity) -> LayerActivity:
+        assert (self.layer, self.num_experts) == (other.layer, other.num_experts)
+        if not other.tokens:
+            return self
+        if not self.tokens:
+            return other
+        known = None not in (self.min_active, self.max_active, other.min_active, other.max_active)
+        return LayerActivity(self.layer, self.tokens + other.tokens, self.active + other.active,
+                             min(self.min_active, other.min_active) if known else None,
+                             max(self.max_active, other.max_active) if known else None, self.num_experts)
+
+    def __sub__(self, other: LayerActivity) -> LayerActivity:
+        assert (self.layer, self.num_experts) == (other.layer, other.num_experts)
+        return LayerActivity(self.layer, self.tokens - other.tokens, self.active - other.active, None, None,
+                             self.num_experts)
+
+
+def mean_rate(activity: Iterable[LayerActivity | None]) -> float | None:
+    """The mean over the layers that saw tokens of their expert activation rates."""
+    rates = [a.rate for a in activity if a is not None and a.tokens]
+    return sum(rates) / len(rates) if rates else None
 
 
 class DecoRuntime:
@@ -213,8 +241,7 @@ class DecoRuntime:
         self.lib.llama_deco_stats_reset()
 
     def mean_activation(self) -> float | None:
-        rates = [a.rate for a in self.activity() if a is not None and a.tokens]
-        return sum(rates) / len(rates) if rates else None
+        return mean_rate(self.activity())
 
     def close(self) -> None:
         self.llm.close()

@@ -265,7 +265,7 @@ def measure(
 ) -> SpeedReport:
     """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
     from .chat import cache_root
-    from .runtime import DecoRuntime, available_cores, library
+    from .runtime import DecoRuntime, LayerActivity, available_cores, library
 
     library()  # one error line when the runtime is missing
 
@@ -313,7 +313,7 @@ def measure(
         }
         total, done = len(threads) * len(benches) * 2 * (warmup + repetitions), 0
         sparse = benches[0]
-        counted: dict[int, list[int]] = {}
+        counted: dict[int, LayerActivity] = {}  # over the sparse tg runs
 
         def step() -> None:
             nonlocal done
@@ -342,11 +342,8 @@ def measure(
                     if b is sparse:
                         for a in sparse.rt.activity():
                             if a is not None:
-                                acc = counted.setdefault(a.layer, [0, 0])
-                                acc[0] += a.tokens
-                                acc[1] += a.active
-        e = info.config.num_experts
-        rates = {layer: active / (n * e) for layer, (n, active) in counted.items() if n}
+                                counted[a.layer] = counted[a.layer] + a if a.layer in counted else a
+        rates = {layer: a.rate for layer, a in counted.items() if a.tokens}
         return SpeedReport(
             model=str(model), pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=list(threads),
             series=list(series.values()), layer_rates=rates, bytes=weight_bytes(info.tensors),
