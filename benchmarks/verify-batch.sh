@@ -38,7 +38,7 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp import GGML_TYPE_F16, Llama
 
-from deco_gguf.chat import cache_root
+from deco_gguf.cache import cache_root
 from deco_gguf.runtime import DecoRuntime
 from deco_gguf.dense_eq import build_dense_eq
 

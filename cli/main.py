@@ -406,7 +406,8 @@ def chat(
     """
     import sys
 
-    from ..chat import ChatSession, Sampling, resolve_model, run_chat
+    from ..cache import resolve_model
+    from ..chat import ChatSession, Sampling, run_chat
 
     if prompt is not None and not prompt.strip():
         raise DecoError("--prompt is empty")
@@ -454,7 +455,7 @@ def perplexity(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..chat import resolve_model
+    from ..cache import resolve_model
     from ..info import read_gguf
     from ..perplexity import perplexity as run_perplexity
 
@@ -550,7 +551,7 @@ def speed(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..chat import resolve_model
+    from ..cache import resolve_model
     from ..speed import measure, plot
 
     counts = _thread_list(threads)

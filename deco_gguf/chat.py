@@ -6,24 +6,20 @@ BOS in front, a BOS the template writes itself is not doubled), and the reply is
 `Llama.create_chat_completion` with llama.cpp's sampler chain (top-k, top-p, min-p, temperature,
 repeat penalty). Generation ends on an end-of-generation token (EOS, `<|im_end|>`), at
 `max_tokens`, or when the context is full. Before every turn the oldest turns are dropped (the system
-prompt is kept) until the prompt leaves room for a reply.
-
-`resolve_model` also accepts an HF checkpoint directory: it is converted once (F16) into a cache
-keyed by the directory's files (names, sizes, mtimes) and the converter's source.
+prompt is kept) until the prompt leaves room for a reply. The model is a GGUF or an HF checkpoint
+directory (deco_gguf.cache.resolve_model).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DecoError
 from .rpc import Offload
@@ -38,61 +34,6 @@ def valid_text(text: str) -> str:
     """`text` with bytes that were not UTF-8 (kept by Python as surrogates, e.g. in argv) replaced by
     U+FFFD, so that it can be encoded for the tokenizer."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-# -- models: a GGUF, or an HF directory converted on the fly --------------------------------------
-
-
-def cache_root() -> Path:
-    """`DECO_GGUF_CACHE`, else `$XDG_CACHE_HOME/deco-gguf` (default ~/.cache/deco-gguf)."""
-    env = os.environ.get("DECO_GGUF_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deco-gguf"
-
-
-def _converter_fingerprint() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("deco_gguf.converter")  # located, not imported (that would load torch)
-    h = hashlib.sha256()
-    for source in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
-        h.update(source.name.encode())
-        h.update(source.read_bytes())
-    return h.hexdigest()
-
-
-def dir_fingerprint(hf_dir: Path, outtype: str = "f16") -> str:
-    """A key for the conversion of `hf_dir`: every file's relative path, size and mtime, the outtype
-    and the converter's source (a changed converter converts again)."""
-    h = hashlib.sha256(f"deco-gguf-converted/v1/{outtype}/".encode())
-    h.update(_converter_fingerprint().encode())
-    for path in sorted(p for p in hf_dir.rglob("*") if p.is_file()):
-        st = path.stat()
-        h.update(f"{path.relative_to(hf_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
-
-
-def resolve_model(path: str | Path, on_status: Callable[[str], None] | None = None) -> Path:
-    """A GGUF file as is; an HF directory converted to F16 into the cache (reused when unchanged)."""
-    path = Path(path)
-    if not path.exists():
-        raise DecoError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        return path
-    out_dir = cache_root() / "converted"
-    out = out_dir / f"{path.resolve().name}-{dir_fingerprint(path)}.gguf"
-    if out.is_file():
-        if on_status:
-            on_status(f"using the cached conversion {out}")
-        return out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if on_status:
-        on_status(f"converting {path} to {out} (F16, once)")
-    from .converter import convert  # imports torch: only when converting
-
-    convert(path, out, "f16", None, show_progress=False)
-    return out
 
 
 # -- templates -------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache import cache_root
 from .errors import DecoError
 
 PACKAGES = ("bible-kjv-text", "bible-kjv")
@@ -52,10 +53,9 @@ _VERSE_RE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 
 def default_cache_dir() -> Path:
+    """`DECO_CORPUS_CACHE`, else the corpus folder of the user's cache (deco_gguf.cache)."""
     env = os.environ.get("DECO_CORPUS_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deco-gguf" / "corpus"
+    return Path(env) if env else cache_root() / "corpus"
 
 
 @dataclass

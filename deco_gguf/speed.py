@@ -264,7 +264,7 @@ def measure(
     offload: Offload | None = None,
 ) -> SpeedReport:
     """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
-    from .chat import cache_root
+    from .cache import cache_root
     from .runtime import DecoRuntime, LayerActivity, available_cores, library
 
     library()  # one error line when the runtime is missing

@@ -29,7 +29,8 @@ if not hasattr(llama_cpp.llama_cpp._lib, "llama_deco_stats_get"):
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
-from deco_gguf.chat import ChatSession, Sampling, dir_fingerprint, resolve_model  # noqa: E402
+from deco_gguf.cache import dir_fingerprint, resolve_model  # noqa: E402
+from deco_gguf.chat import ChatSession, Sampling  # noqa: E402
 from deco_gguf.runtime import DecoRuntime  # noqa: E402
 
 N = 24  # reply length: short, and the bundled model rarely ends a reply by itself
