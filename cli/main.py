@@ -20,8 +20,9 @@ from ..signals import Terminated
 ENVIRONMENT = "\n\n".join([
     "Environment variables:",
     "DECO_VERBOSE=1 prints llama.cpp's own log (model loading, buffers, devices) on stderr.",
-    "DECO_GGUF_CACHE=DIR holds HF checkpoints converted for chat, perplexity and speed, and speed's "
-    "dense_eq models (default: $XDG_CACHE_HOME/deco-gguf, else ~/.cache/deco-gguf).",
+    "DECO_GGUF_CACHE=DIR holds HF checkpoints converted for chat, perplexity and speed, speed's "
+    "dense_eq models and the training corpus (default: $XDG_CACHE_HOME/deco-gguf, else ~/.cache/deco-gguf; "
+    "DECO_CORPUS_CACHE=DIR moves the corpus alone).",
     "DECO_FFN=sparse|dense|ops sets the DECO FFN evaluation of llama.cpp's own tools (llama-cli, "
     "llama-server, llama-bench); deco-gguf's commands take --mode instead.",
 ])
