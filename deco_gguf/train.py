@@ -97,7 +97,7 @@ class Shape:
         )
 
     def fixture_spec(self, dtype: str) -> fixtures.FixtureSpec:
-        """The same model as a FixtureSpec, so fixtures.py writes config.json exactly as released."""
+        """The same model as a FixtureSpec, so deco_gguf.fixtures writes config.json exactly as released."""
         return fixtures.FixtureSpec(
             name="deco-tiny",
             num_layers=self.num_layers,
@@ -366,11 +366,11 @@ def make_hf_keys_consistent(out: Path, shape: Shape, dtype: str) -> None:
         eos_token_id=eos,
         torch_dtype=dtype,
     )
-    fixtures._dump_json(path, cfg, indent=4)
+    fixtures.dump_json(path, cfg, indent=4)
     gen_path = out / "generation_config.json"
     gen = json.loads(gen_path.read_text(encoding="utf-8"))
     gen["eos_token_id"] = eos
-    fixtures._dump_json(gen_path, gen, indent=2)
+    fixtures.dump_json(gen_path, gen, indent=2)
 
 
 # --------------------------------------------------------------------------
