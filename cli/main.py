@@ -457,7 +457,7 @@ def perplexity(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..cache import resolve_model
-    from ..info import read_gguf
+    from ..gguf_file import read_gguf
     from ..perplexity import perplexity as run_perplexity
 
     offload = _offload(rpc, n_gpu_layers)

@@ -24,10 +24,17 @@ from ..checkpoint import HFCheckpoint
 from ..config import DecoConfig
 from ..errors import DecoError
 from ..files import atomic_output, refuse_inputs
+from ..gguf_file import (
+    ARCH,
+    KEY_EXPERT_ACTIVATION,
+    KEY_EXPERT_BIAS,
+    KEY_EXPERT_GATED,
+    KEY_MOE_LAYER_MASK,
+    KEY_ROUTER_ACTIVATION,
+    KEY_ROUTER_NORM,
+)
 from ..signals import held_interrupts
 from .vocab import Vocab, load_vocab
-
-ARCH = "deco"
 
 # Types a user may ask for, and the file type each one names.
 OUT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -118,15 +125,15 @@ class DecoConverter:
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_rope_freq_base(c.rope_theta)
         w.add_rope_dimension_count(c.head_dim)
-        w.add_array(f"{ARCH}.moe_layer_mask", [int(m) for m in c.moe_layers])
+        w.add_array(KEY_MOE_LAYER_MASK, [int(m) for m in c.moe_layers])
         w.add_expert_count(c.num_experts)
         w.add_expert_feed_forward_length(c.expert_ffn_size)
         w.add_expert_shared_feed_forward_length(c.shared_ffn_size)
-        w.add_bool(f"{ARCH}.expert_gated", c.expert_gated)
-        w.add_string(f"{ARCH}.expert_activation", c.expert_act)
-        w.add_string(f"{ARCH}.router_activation", c.router_act)
-        w.add_string(f"{ARCH}.router_norm", c.router_norm)
-        w.add_string(f"{ARCH}.expert_bias", c.expert_bias)
+        w.add_bool(KEY_EXPERT_GATED, c.expert_gated)
+        w.add_string(KEY_EXPERT_ACTIVATION, c.expert_act)
+        w.add_string(KEY_ROUTER_ACTIVATION, c.router_act)
+        w.add_string(KEY_ROUTER_NORM, c.router_norm)
+        w.add_string(KEY_EXPERT_BIAS, c.expert_bias)
         w.add_embedding_scale(c.embedding_scale)
         w.add_residual_scale(c.residual_scale)
         w.add_logit_scale(c.logit_scale)

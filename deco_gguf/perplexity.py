@@ -103,7 +103,7 @@ def perplexity(
     `on_start(chunks, tokens)` is called once the text is tokenized, `on_chunk(i, running_ppl)`
     after each chunk.
     """
-    from .info import read_gguf
+    from .gguf_file import read_gguf
     from .runtime import DecoRuntime, library
 
     library()  # one error line when the runtime is missing

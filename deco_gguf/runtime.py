@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import DecoError
 from .files import atomic_output, refuse_inputs
-from .info import read_gguf
+from .gguf_file import read_gguf
 from .rpc import Offload, attach
 
 # How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the

@@ -74,7 +74,7 @@ class WeightBytes:
 
 
 def weight_bytes(tensors) -> WeightBytes:
-    """Bytes per decoded token by role, from the GGUF tensor table (deco_gguf.info.TensorInfo)."""
+    """Bytes per decoded token by role, from the GGUF tensor table (deco_gguf.gguf_file.TensorInfo)."""
     from .accounting import EXPERT_TENSORS
 
     names = {t.name for t in tensors}
@@ -289,7 +289,7 @@ def measure(
         if vs_dense:
             from llama_cpp import GGML_TYPE_F16, Llama
 
-            from .info import TensorInfo
+            from .gguf_file import TensorInfo
 
             eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
             try:

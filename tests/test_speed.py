@@ -19,7 +19,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 if not hasattr(llama_cpp.llama_cpp._lib, "llama_deco_stats_get"):
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
-from deco_gguf.info import read_gguf  # noqa: E402
+from deco_gguf.gguf_file import read_gguf  # noqa: E402
 from deco_gguf.dense_eq import dense_eq_plan  # noqa: E402
 
 TINY = ["--pp", "16", "--tg", "8", "--repetitions", "1", "--threads", "1"]
