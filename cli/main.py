@@ -127,14 +127,21 @@ def convert(
     copy from a template: the values used are printed, and --override scale_emb=12
     (etc.) gives the training run's.
     """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
     from ..converter import convert as run_convert
 
-    converter = run_convert(
-        hf_dir, output, outtype.value, expert_type.value if expert_type else None,
-        show_progress=not quiet, on_warning=warn, overrides=_config_overrides(override or []),
-    )
+    progress = Progress(TextColumn("[bold]converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[tensor]}"), console=err_console, transient=True, disable=quiet)
+    with progress:
+        task = progress.add_task("converting", total=None, tensor="")
+        converter = run_convert(
+            hf_dir, output, outtype.value, expert_type.value if expert_type else None,
+            on_progress=lambda tensor, done, total: progress.update(task, completed=done, total=total, tensor=tensor),
+            on_warning=warn, overrides=_config_overrides(override or []),
+        )
     size = output.stat().st_size
-    console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB, {len(list(converter.tensor_plans()))} tensors)")
+    console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB, {len(converter.plans)} tensors)")
 
 
 def _config_overrides(items: list[str]) -> dict:

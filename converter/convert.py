@@ -8,7 +8,7 @@ only when complete: it is written to a temporary file beside it and renamed.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -156,7 +156,12 @@ class DecoConverter:
             return fallback
         return qtype
 
-    def tensor_plans(self) -> Iterator[TensorPlan]:
+    @functools.cached_property
+    def plans(self) -> list[TensorPlan]:
+        """Every tensor to write, planned once (planning adds a warning for a type that does not fit)."""
+        return list(self._plan_tensors())
+
+    def _plan_tensors(self) -> Iterator[TensorPlan]:
         c = self.config
         d, E, De = c.hidden_size, c.num_experts, c.expert_ffn_size
 
@@ -207,33 +212,25 @@ class DecoConverter:
                     yield same(f"{blk}.ffn_{part}_shexp.weight", f"{mlp}.shared_experts.{part}_proj.weight")
 
 
-def _progress():
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[tensor]}"), transient=True,
-    )
-
-
 def convert(
     hf_dir: str | Path,
     out_path: str | Path,
     outtype: str = "f16",
     expert_type: str | None = None,
-    show_progress: bool = False,
+    on_progress: Callable[[str, int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     overrides: dict | None = None,
 ) -> DecoConverter:
     """Convert `hf_dir` to the GGUF file `out_path`; nothing is left behind on failure or interrupt,
-    and an output that is one of the checkpoint's files is refused."""
+    and an output that is one of the checkpoint's files is refused. `on_progress(tensor, bytes written,
+    total bytes)` after every tensor."""
     out_path = Path(out_path)
     # Ctrl-C and SIGTERM are held while reading (see signals.held_interrupts) and act between tensors.
     with held_interrupts() as check_interrupts:
         ckpt = HFCheckpoint(hf_dir, overrides)
         refuse_inputs(out_path, ckpt.input_files())
         converter = DecoConverter(ckpt, outtype, expert_type)
-        plans = list(converter.tensor_plans())
+        plans = converter.plans
         for message in converter.warnings:
             (on_warning or (lambda m: None))(message)
 
@@ -245,17 +242,15 @@ def convert(
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            progress = _progress() if show_progress else None
-            total = sum(p.nbytes for p in plans)
-            with progress or contextlib.nullcontext():
-                task = progress.add_task("converting", total=total, tensor="") if progress else None
-                for p in plans:
-                    check_interrupts()
-                    data = p.encode()
-                    if data.nbytes != p.nbytes:
-                        raise DecoError(f"internal: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
-                    writer.write_tensor_data(data)
-                    if progress:
-                        progress.update(task, advance=p.nbytes, tensor=p.name)
+            total, written = sum(p.nbytes for p in plans), 0
+            for p in plans:
+                check_interrupts()
+                data = p.encode()
+                if data.nbytes != p.nbytes:
+                    raise DecoError(f"internal: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
+                writer.write_tensor_data(data)
+                written += p.nbytes
+                if on_progress:
+                    on_progress(p.name, written, total)
             writer.close()
     return converter

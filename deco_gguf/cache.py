@@ -63,5 +63,5 @@ def resolve_model(path: str | Path, on_status: Callable[[str], None] | None = No
         on_status(f"converting {path} to {out} (F16, once)")
     from .converter import convert  # imports torch: only when converting
 
-    convert(path, out, "f16", None, show_progress=False)
+    convert(path, out, "f16", None)
     return out

@@ -15,7 +15,7 @@ def read_hf(path: Path) -> ModelInfo:
     from .converter import DecoConverter
 
     converter = DecoConverter(HFCheckpoint(path), outtype="f32")
-    tensors = [TensorInfo(p.name, p.qtype.name, p.shape, p.nbytes) for p in converter.tensor_plans()]
+    tensors = [TensorInfo(p.name, p.qtype.name, p.shape, p.nbytes) for p in converter.plans]
     return ModelInfo(path, "hf", converter.config, tensors, converter.warnings)
 
 
