@@ -415,7 +415,8 @@ def chat(
     import sys
 
     from ..cache import resolve_model
-    from ..chat import ChatSession, Sampling, run_chat
+    from ..chat import ChatSession, Sampling
+    from .chat import run_chat
 
     if prompt is not None and not prompt.strip():
         raise DecoError("--prompt is empty")
