@@ -195,10 +195,10 @@ class DecoRuntime:
             attach(offload.rpc, lib_dir())
 
         self.mode = mode
-        self.lib.llama_deco_ffn_mode_set(MODES[mode])
         threads = n_threads or available_cores()
         _errors.clear()
         broken_template = any(template_error(t) for t in self.info.chat_templates)
+        self.lib.llama_deco_ffn_mode_set(MODES[mode])  # the model keeps the mode it is loaded with
         try:
             with _chatml_while_loading() if broken_template else contextlib.nullcontext():
                 self.llm = Llama(
@@ -210,6 +210,8 @@ class DecoRuntime:
                 )
         except (ValueError, RuntimeError) as e:
             raise DecoError(f"{self.path}: llama.cpp cannot load it: {_last_error(str(e))}") from None
+        finally:
+            self.lib.llama_deco_ffn_mode_set(-1)
 
     @property
     def config(self):
@@ -245,7 +247,6 @@ class DecoRuntime:
 
     def close(self) -> None:
         self.llm.close()
-        self.lib.llama_deco_ffn_mode_set(-1)
 
     def __enter__(self) -> "DecoRuntime":
         return self

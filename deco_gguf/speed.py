@@ -210,10 +210,6 @@ class _Bench:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
 
     def _prepare(self, threads: int) -> None:
-        if self.rt is not None:  # llama.cpp reads the (process-wide) DECO mode when it builds a graph
-            from .runtime import MODES
-
-            self.rt.lib.llama_deco_ffn_mode_set(MODES[self.mode])
         self.api.llama_set_n_threads(self.ctx, threads, threads)
         self.api.llama_memory_clear(self.memory, True)
 

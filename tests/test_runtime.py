@@ -88,6 +88,25 @@ def test_quantized_experts_stay_close(model):
     assert int(got.argmax()) == int(want.argmax())
 
 
+def test_each_runtime_keeps_the_mode_it_was_loaded_with(model):
+    """Runtimes in different modes live side by side: an `ops` runtime (plain ggml ops, no DECO op, so no
+    counts) stays in its mode while a sparse one is opened, used and closed."""
+    _, paths, _ = model
+
+    def counted(rt: DecoRuntime) -> int:
+        rt.reset_activity()
+        rt.llm.reset()
+        rt.llm.eval(PROMPT)
+        return sum(a.tokens for a in rt.activity() if a is not None)
+
+    with DecoRuntime(paths["f16"], n_ctx=64, n_threads=2, mode="ops") as ops:
+        assert counted(ops) == 0
+        with DecoRuntime(paths["f16"], n_ctx=64, n_threads=2, mode="sparse") as sparse:
+            assert counted(sparse) > 0
+            assert counted(ops) == 0
+        assert counted(ops) == 0
+
+
 def test_activity_counters_match_the_reference(model):
     _, paths, ref = model
     masks = ref(PROMPT).activation

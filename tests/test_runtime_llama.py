@@ -45,6 +45,7 @@ class Runtime:
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = int(os.environ.get("DECO_TEST_NGL", "0"))  # scripts/gpu-check.sh: 99 (all on the GPU)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        _lib.llama_deco_ffn_mode_set(-1)  # the model keeps the mode it was loaded with
         if not self.model:
             raise RuntimeError(f"failed to load {path}")
         cp = llama_cpp.llama_context_default_params()
@@ -63,7 +64,6 @@ class Runtime:
     def close(self):
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
-        _lib.llama_deco_ffn_mode_set(-1)
 
     def decode(self, seqs: list[list[int]], start: list[int] | None = None, all_logits: bool = False) -> list[np.ndarray]:
         """One llama_decode over several sequences; returns the last position's logits of each (or all rows)."""

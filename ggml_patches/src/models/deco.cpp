@@ -80,6 +80,7 @@ static bool deco_finite(float x) {
 }
 
 void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
+    ffn_mode = llama_deco_get_ffn_mode();
     const auto kv = LLM_KV(arch);
     const uint32_t n_layer = hparams.n_layer();
 
@@ -370,7 +371,7 @@ llama_model_deco::graph::graph(const llama_model & model_base, const llm_graph_p
     GGML_ASSERT(n_embd_head == hparams.n_embd_head_k());
     GGML_ASSERT(n_embd_head == n_rot);
 
-    const llama_deco_ffn_mode mode = llama_deco_get_ffn_mode();
+    const llama_deco_ffn_mode mode = model.ffn_mode;
 
     ggml_tensor * cur;
     // build_inp_embd applies hparams.f_embedding_scale (mup)
