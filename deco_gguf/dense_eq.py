@@ -32,31 +32,14 @@ SUBSTITUTE = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q
 }
 
 
-def _ggml_base():
-    """libggml-base as installed with llama-cpp-python, with ggml_quantize_chunk typed."""
-    import ctypes
-
-    from .runtime import lib_dir
-
-    found = sorted(lib_dir().glob("libggml-base.*")) or sorted(lib_dir().glob("ggml-base.*"))
-    if not found:
-        return None
-    lib = ctypes.CDLL(str(found[0]))
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    return lib
-
-
 def _ggml_can_write(type_name: str) -> bool:
     import gguf
 
     if type_name not in gguf.GGMLQuantizationType.__members__:
         return False
-    lib = _ggml_base()
-    return lib is not None and not lib.ggml_quantize_requires_imatrix(gguf.GGMLQuantizationType[type_name].value)
+    from .runtime import ggml_base
+
+    return not ggml_base().ggml_quantize_requires_imatrix(gguf.GGMLQuantizationType[type_name].value)
 
 
 def _quantize(x: np.ndarray, type_name: str) -> np.ndarray:
@@ -76,7 +59,9 @@ def _quantize(x: np.ndarray, type_name: str) -> np.ndarray:
     rows, n = int(np.prod(x.shape[:-1])), x.shape[-1]
     out = np.empty((rows, n // block * size), dtype=np.uint8)
     src = np.ascontiguousarray(x, dtype=np.float32)
-    written = _ggml_base().ggml_quantize_chunk(qt.value, src.ctypes.data_as(ctypes.c_void_p),
+    from .runtime import ggml_base
+
+    written = ggml_base().ggml_quantize_chunk(qt.value, src.ctypes.data_as(ctypes.c_void_p),
                                                out.ctypes.data_as(ctypes.c_void_p), 0, rows, n, None)
     if written != out.nbytes:
         raise DecoError(f"internal: ggml_quantize_chunk wrote {written} bytes of {type_name}, expected {out.nbytes}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 from collections import deque
@@ -56,18 +57,34 @@ def library():
     except ImportError:
         raise DecoError(f"the patched llama.cpp runtime is not installed: {GET_RUNTIME}") from None
     lib = llama_cpp.llama_cpp._lib
-    if not hasattr(lib, "llama_deco_stats_get"):
+    if not hasattr(lib, "llama_deco_ffn_mode_set"):
         raise DecoError(f"the installed llama-cpp-python is not the patched DECO build: {GET_RUNTIME}")
     if not getattr(lib, "_deco_typed", False):
-        lib.llama_deco_stats_get.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
-        lib.llama_deco_stats_get.restype = ctypes.c_bool
-        lib.llama_deco_stats_n_layers.restype = ctypes.c_int32
-        lib.llama_deco_stats_reset.restype = None
         lib.llama_deco_ffn_mode_set.argtypes = [ctypes.c_int32]
         lib.llama_deco_ffn_mode_set.restype = None
         lib.llama_deco_ffn_mode_get.restype = ctypes.c_int32
         _route_logs(llama_cpp)
         lib._deco_typed = True
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_base() -> ctypes.CDLL:
+    """libggml-base of the runtime (the one libllama loaded), with the entry points we call typed: the DECO
+    op's activity counters (ggml-deco.h, process-wide) and ggml_quantize_chunk."""
+    found = sorted(lib_dir().glob("libggml-base.*")) or sorted(lib_dir().glob("ggml-base.*"))
+    if not found:
+        raise DecoError(f"no libggml-base beside libllama in {lib_dir()}: {GET_RUNTIME}")
+    lib = ctypes.CDLL(str(found[0]))
+    lib.ggml_deco_stats_get.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)]
+    lib.ggml_deco_stats_get.restype = ctypes.c_bool
+    lib.ggml_deco_stats_n_layers.restype = ctypes.c_int32
+    lib.ggml_deco_stats_reset.restype = None
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     return lib
 
 
@@ -233,14 +250,14 @@ class DecoRuntime:
         out = (ctypes.c_int64 * 4)()
         result: list[LayerActivity | None] = []
         for layer, is_moe in enumerate(self.config.moe_layers):
-            if not is_moe or not self.lib.llama_deco_stats_get(layer, out):
+            if not is_moe or not ggml_base().ggml_deco_stats_get(layer, out):
                 result.append(None)
                 continue
             result.append(LayerActivity(layer, out[0], out[1], out[2], out[3], self.config.num_experts))
         return result
 
     def reset_activity(self) -> None:
-        self.lib.llama_deco_stats_reset()
+        ggml_base().ggml_deco_stats_reset()
 
     def mean_activation(self) -> float | None:
         return mean_rate(self.activity())

@@ -27,7 +27,7 @@ from deco_gguf.converter.convert import convert
 from deco_gguf.fixtures import VARIANTS as FIXTURES
 from deco_gguf.fixtures import write_fixture
 from deco_gguf.reference import DecoModel
-from deco_gguf.runtime import MODES, library
+from deco_gguf.runtime import MODES, ggml_base, library
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_BIN = REPO / ".deps" / "build" / "bin"
@@ -241,11 +241,11 @@ def test_activity_counters_match_reference(models, variant):
     act = ref(ids).activation
     rt = Runtime(path)
     try:
-        _lib.llama_deco_stats_reset()
+        ggml_base().ggml_deco_stats_reset()
         rt.decode([ids], all_logits=True)  # all rows: the last layer then sees every token
         buf = (ctypes.c_int64 * 4)()
         for il, a in enumerate(act):
-            assert _lib.llama_deco_stats_get(il, buf)
+            assert ggml_base().ggml_deco_stats_get(il, buf)
             if a is None:
                 assert buf[0] == 0
                 continue

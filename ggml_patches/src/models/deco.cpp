@@ -41,18 +41,6 @@ int32_t llama_deco_ffn_mode_get(void) {
     return (int32_t) llama_deco_get_ffn_mode();
 }
 
-bool llama_deco_stats_get(int32_t layer, int64_t * out) {
-    return ggml_deco_stats_get(layer, out);
-}
-
-int32_t llama_deco_stats_n_layers(void) {
-    return ggml_deco_stats_n_layers();
-}
-
-void llama_deco_stats_reset(void) {
-    ggml_deco_stats_reset();
-}
-
 //
 // hyperparameters
 //

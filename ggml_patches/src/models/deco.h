@@ -62,10 +62,4 @@ extern "C" {
     // a model keeps the mode it was loaded with
     LLAMA_API void    llama_deco_ffn_mode_set(int32_t mode);
     LLAMA_API int32_t llama_deco_ffn_mode_get(void);
-
-    // per-layer activity counters (forwarded from ggml): out[4] = { tokens, active experts summed over tokens,
-    // min active per token, max active per token }; returns false for a layer out of range
-    LLAMA_API bool    llama_deco_stats_get(int32_t layer, int64_t * out);
-    LLAMA_API int32_t llama_deco_stats_n_layers(void);
-    LLAMA_API void    llama_deco_stats_reset(void);
 }
