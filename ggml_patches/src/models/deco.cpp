@@ -120,13 +120,11 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
     if (mask.size() != n_layer) {
         deco_fail(format("%s has %zu entries, expected block_count = %u", kv(LLM_KV_DECO_MOE_LAYER_MASK).c_str(), mask.size(), n_layer));
     }
-    bool any_dense = false;
     for (uint32_t il = 0; il < n_layer; ++il) {
         if (mask[il] != 0 && mask[il] != 1) {
             deco_fail(format("%s[%u] = %d, expected 0 or 1", kv(LLM_KV_DECO_MOE_LAYER_MASK).c_str(), il, mask[il]));
         }
         moe_layer[il] = mask[il];
-        any_dense = any_dense || mask[il] == 0;
     }
     for (uint32_t il = 0; il < n_layer; ++il) {
         const uint32_t ff = hparams.n_ff(il);
@@ -134,7 +132,6 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
             deco_fail(format("layer %u is dense but feed_forward_length is %u", il, ff));
         }
     }
-    GGML_UNUSED(any_dense);
 
     ml.get_key(LLM_KV_DECO_EXPERT_GATED, expert_gated);
 
@@ -239,7 +236,6 @@ void llama_model_deco::load_arch_tensors(llama_model_loader & ml_) {
 
     const int64_t n_ff_exp_  = n_ff_exp;
     const int64_t n_ff_shexp_ = n_ff_shexp;
-    const int64_t n_embd_q = n_embd_head_k * n_head;
 
     if (n_vocab_kv != 0 && (int64_t) n_vocab_kv != n_vocab) {
         deco_fail(format("vocab_size %u does not match the tokenizer's %lld tokens", n_vocab_kv, (long long) n_vocab));
@@ -261,7 +257,6 @@ void llama_model_deco::load_arch_tensors(llama_model_loader & ml_) {
         const int64_t n_head_l    = hparams.n_head(il);
         const int64_t n_embd_q_l  = n_embd_head_k * n_head_l;
         const int64_t n_embd_kv_l = n_embd_head_k * hparams.n_head_kv(il);
-        GGML_UNUSED(n_embd_q);
 
         layer.attn_norm = create_tensor(tn(LLM_TENSOR_ATTN_NORM, "weight", il), {n_embd}, 0);
         layer.wq = create_tensor(tn(LLM_TENSOR_ATTN_Q,   "weight", il), {n_embd, n_embd_q_l},  0);
@@ -496,7 +491,6 @@ ggml_tensor * llama_model_deco::graph::build_deco_ffn_ops(const llama_model_deco
     const int64_t d  = cur->ne[0];
     const int64_t T  = cur->ne[1];
     const int64_t E  = layer.ffn_up_exps->ne[2];
-    const int64_t De = layer.ffn_up_exps->ne[1];
     const float eps  = hparams.f_norm_rms_eps;
 
     // ---- routing: s = norm(relu(raw) masked by activity), masked again
