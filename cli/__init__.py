@@ -1,4 +1,4 @@
-"""The `deco-gguf` command line (commands in `main.py`)."""
+"""The `deco-gguf` command line (`main.py`: the app and its commands)."""
 
 import sys
 
