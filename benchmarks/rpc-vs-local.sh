@@ -23,11 +23,8 @@ BIN=.deps/build/bin
 [ -x "$BIN/ggml-rpc-server" ] || { echo "run scripts/setup.sh first (no $BIN/ggml-rpc-server)" >&2; exit 1; }
 mkdir -p "$OUT"
 
-ckpt="$OUT/$SHAPE"
-[ -f "$ckpt/config.json" ] || deco-gguf fixture "$SHAPE" "$ckpt" --calibrate 0.2
-[ -f "$OUT/$SHAPE-f16.gguf" ] || deco-gguf convert "$ckpt" -o "$OUT/$SHAPE-f16.gguf" --outtype f16 -q
-model="$OUT/$SHAPE-$TYPE.gguf"
-[ -f "$model" ] || deco-gguf quantize "$OUT/$SHAPE-f16.gguf" "$model" "${TYPE^^}" >/dev/null
+source benchmarks/fixture-model.sh
+model=$(fixture_model "$OUT" "$SHAPE" "$TYPE")
 
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$BIN/ggml-rpc-server" -H 127.0.0.1 -p "$port" -t "$THREADS" >/dev/null 2>&1 &

@@ -52,13 +52,10 @@ for shape in $SHAPES; do
 done
 
 echo "== whole model" >&2
+source benchmarks/fixture-model.sh
 for shape in $SHAPES; do
-    ckpt="$OUT/$shape"
-    [ -f "$ckpt/config.json" ] || deco-gguf fixture "$shape" "$ckpt" --calibrate 0.2
-    [ -f "$OUT/$shape-f16.gguf" ] || deco-gguf convert "$ckpt" -o "$OUT/$shape-f16.gguf" --outtype f16 -q
     for type in $TYPES; do
-        model="$OUT/$shape-${type}.gguf"
-        [ -f "$model" ] || deco-gguf quantize "$OUT/$shape-f16.gguf" "$model" "${type^^}" >/dev/null
+        model=$(fixture_model "$OUT" "$shape" "$type")
         deco-gguf speed "$model" --pp 512 --tg 64 -r "$REPS" --threads "${THREADS// /,}" --vs-dense --json \
             > "$OUT/speed-$shape-$type.json"
     done

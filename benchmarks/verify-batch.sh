@@ -25,11 +25,8 @@ BATCHES=${BATCHES:-1,2,4,8,16}
 LOGITS=${LOGITS:-last}
 mkdir -p "$OUT"
 
-ckpt="$OUT/$SHAPE"
-[ -f "$ckpt/config.json" ] || deco-gguf fixture "$SHAPE" "$ckpt" --calibrate 0.2
-[ -f "$OUT/$SHAPE-f16.gguf" ] || deco-gguf convert "$ckpt" -o "$OUT/$SHAPE-f16.gguf" --outtype f16 -q
-model="$OUT/$SHAPE-$TYPE.gguf"
-[ -f "$model" ] || deco-gguf quantize "$OUT/$SHAPE-f16.gguf" "$model" "${TYPE^^}" >/dev/null
+source benchmarks/fixture-model.sh
+model=$(fixture_model "$OUT" "$SHAPE" "$TYPE")
 
 python - "$model" "$THREADS" "$BATCHES" "$ROUNDS" "$LOGITS" <<'EOF'
 import statistics, sys, time
