@@ -35,8 +35,8 @@ from deco_gguf.train import (
     loss_terms,
     make_optimizer,
     router_entropy,
-    sample_batch,
 )
+from deco_gguf.train_io import sample_batch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
