@@ -94,7 +94,6 @@ def chat(
         raise typer.Exit(1)  # each failed turn was reported on its own error: line
 
 
-
 @app.command()
 @friendly_errors
 def perplexity(
@@ -155,7 +154,6 @@ def perplexity(
         table.add_row("expert activation", f"mean {r.mean_activation:.1%} ({layers})")
     console.print(table)
     console.print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_error:.5f}", highlight=False)
-
 
 
 def _thread_list(value: Optional[str]) -> Optional[list[int]]:

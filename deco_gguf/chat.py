@@ -118,7 +118,6 @@ class ReplyStats:
         return self.decoded_tokens / self.decode_seconds if self.decode_seconds > 0 else None
 
 
-
 class ChatSession:
     """A multi-turn conversation with one model; `reply()` streams the answer to one user turn."""
 

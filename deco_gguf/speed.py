@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .dense_eq import DenseEq, build_dense_eq
 from .errors import DecoError
 from .rpc import Offload

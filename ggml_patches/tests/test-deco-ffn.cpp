@@ -337,6 +337,44 @@ bool run_case(const case_params & c, int n_threads) {
     return ok;
 }
 
+// a context for one ggml_mul_mat of n vectors of length k against `rows` rows (plus `extra` bytes of weights),
+// with room for the work buffer, which grows with the threads
+ggml_context * mul_mat_context(int64_t k, int64_t rows, int64_t n, int n_threads, size_t extra = 0) {
+    const size_t mem = (size_t) (k * n * 8 + rows * n * 8) * sizeof(float) + extra + 16 * ggml_tensor_overhead() +
+                       ggml_graph_overhead() + ((size_t) (n_threads + 1) << 20);
+    ggml_init_params ip = { mem, nullptr, false };
+    return ggml_init(ip);
+}
+
+// w . x through a one-node graph on the CPU backend: the path a model's matmuls take
+std::vector<float> mul_mat_on_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x, int n_threads) {
+    ggml_tensor * out = ggml_mul_mat(ctx, w, x);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+    return std::vector<float>((float *) out->data, (float *) out->data + ggml_nelements(out));
+}
+
+// got equals want to 1e-5 of max |want| (a NaN fails); prints `what` when it fails, or always with -v
+bool check_product(const std::string & what, const std::vector<float> & got, const std::vector<float> & want) {
+    double ymax = 1e-30, dmax = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        ymax = std::max(ymax, (double) fabsf(want[i]));
+        dmax = std::isfinite(got[i]) ? std::max(dmax, (double) fabsf(got[i] - want[i])) : INFINITY;
+    }
+    const bool ok = dmax / ymax <= 1e-5;
+    if (!ok || g_verbose) {
+        printf("  %s %s: nerr=%.3g (tol 1e-05)\n", ok ? "ok  " : "FAIL", what.c_str(), dmax / ymax);
+    }
+    return ok;
+}
+
+std::string describe_mul_mat(const char * type, int64_t k, int64_t rows, int64_t n) {
+    char buf[128];
+    snprintf(buf, sizeof(buf), "mul_mat type=%s k=%lld rows=%lld n=%lld", type, (long long) k, (long long) rows, (long long) n);
+    return buf;
+}
+
 // ggml_mul_mat of n vectors with weights in the CPU_REPACK buffer against the same weights in the plain buffer
 bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_threads) {
     std::mt19937 rng(99 + (unsigned) n);
@@ -352,32 +390,13 @@ bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_
     w_repacked.host = w_plain.host;
     w_repacked.upload();
 
-    const size_t mem = (size_t) (k * n * 8 + rows * n * 8) * sizeof(float) + 16 * ggml_tensor_overhead() +
-                       ggml_graph_overhead() + ((size_t) (n_threads + 1) << 20); // + the work buffer, which grows with the threads
-    ggml_init_params ip = { mem, nullptr, false };
-    ggml_context * ctx = ggml_init(ip);
+    ggml_context * ctx = mul_mat_context(k, rows, n, n_threads);
     ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
     std::uniform_real_distribution<float> U(-1.0f, 1.0f);
     for (int64_t i = 0; i < k * n; ++i) ((float *) x->data)[i] = U(rng);
-    auto run = [&](ggml_tensor * w) {
-        ggml_tensor * out = ggml_mul_mat(ctx, w, x);
-        ggml_cgraph * gf = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, out);
-        ggml_graph_compute_with_ctx(ctx, gf, n_threads);
-        return std::vector<float>((float *) out->data, (float *) out->data + rows * n);
-    };
-    const std::vector<float> want = run(w_plain.t);
-    const std::vector<float> got  = run(w_repacked.t);
-    double ymax = 1e-30, dmax = 0;
-    for (size_t i = 0; i < want.size(); ++i) {
-        ymax = std::max(ymax, (double) fabsf(want[i]));
-        dmax = std::isfinite(got[i]) ? std::max(dmax, (double) fabsf(got[i] - want[i])) : INFINITY;
-    }
-    const bool ok = dmax / ymax <= 1e-5;
-    if (!ok || g_verbose) {
-        printf("  %s mul_mat type=%s(repacked) k=%lld rows=%lld n=%lld: nerr=%.3g (tol 1e-05)\n", ok ? "ok  " : "FAIL",
-               ggml_type_name(type), (long long) k, (long long) rows, (long long) n, dmax / ymax);
-    }
+    const std::vector<float> want = mul_mat_on_cpu(ctx, w_plain.t, x, n_threads);
+    const std::vector<float> got  = mul_mat_on_cpu(ctx, w_repacked.t, x, n_threads);
+    const bool ok = check_product(describe_mul_mat((std::string(ggml_type_name(type)) + "(repacked)").c_str(), k, rows, n), got, want);
     ggml_backend_buffer_free(buf_plain);
     ggml_backend_buffer_free(buf_repacked);
     ggml_free(ctx_w);
@@ -389,10 +408,7 @@ bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_
 // ggml_mul_mat of n vectors with Q6_K weights against the type's vec_dot called for every row and vector
 bool run_q6_K_mul_mat_case(int64_t k, int64_t rows, int64_t n, int n_threads) {
     std::mt19937 rng(7 + (unsigned) n);
-    const size_t mem = (size_t) (k * n * 8 + rows * n * 8) * sizeof(float) + ggml_row_size(GGML_TYPE_Q6_K, k) * rows +
-                       16 * ggml_tensor_overhead() + ggml_graph_overhead() + ((size_t) (n_threads + 1) << 20);
-    ggml_init_params ip = { mem, nullptr, false };
-    ggml_context * ctx = ggml_init(ip);
+    ggml_context * ctx = mul_mat_context(k, rows, n, n_threads, ggml_row_size(GGML_TYPE_Q6_K, k) * rows);
     ggml_tensor * w = ggml_new_tensor_2d(ctx, GGML_TYPE_Q6_K, k, rows);
     ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
     std::uniform_real_distribution<float> U(-1.0f, 1.0f);
@@ -411,21 +427,7 @@ bool run_q6_K_mul_mat_case(int64_t k, int64_t rows, int64_t n, int n_threads) {
             tr->vec_dot((int) k, &want[v * rows + r], 0, (const char *) w->data + r * w->nb[1], 0, q.data(), 0, 1);
         }
     }
-    ggml_tensor * out = ggml_mul_mat(ctx, w, x);
-    ggml_cgraph * gf = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, out);
-    ggml_graph_compute_with_ctx(ctx, gf, n_threads);
-    double ymax = 1e-30, dmax = 0;
-    for (int64_t i = 0; i < rows * n; ++i) {
-        const float got = ((const float *) out->data)[i];
-        ymax = std::max(ymax, (double) fabsf(want[i]));
-        dmax = std::isfinite(got) ? std::max(dmax, (double) fabsf(got - want[i])) : INFINITY;
-    }
-    const bool ok = dmax / ymax <= 1e-5;
-    if (!ok || g_verbose) {
-        printf("  %s mul_mat type=q6_K k=%lld rows=%lld n=%lld: nerr=%.3g (tol 1e-05)\n", ok ? "ok  " : "FAIL",
-               (long long) k, (long long) rows, (long long) n, dmax / ymax);
-    }
+    const bool ok = check_product(describe_mul_mat("q6_K", k, rows, n), mul_mat_on_cpu(ctx, w, x, n_threads), want);
     ggml_free(ctx);
     return ok;
 }
