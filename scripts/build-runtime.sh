@@ -197,7 +197,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 TARGETS=(llama ggml ggml-base ggml-cpu mtmd
          llama-cli llama-server llama-perplexity llama-bench llama-quantize llama-imatrix test-backend-ops
-         ggml-rpc ggml-rpc-server)
+         ggml-rpc ggml-rpc-server deco-speculative)
 # our own test tools, present only in the patched tree
 if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn); fi
 

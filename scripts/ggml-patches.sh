@@ -26,7 +26,8 @@ area() {
         src/*)                          echo 0003-llama-deco-arch ;;
         tests/*)                        echo 0004-tests-deco ;;
         tools/imatrix/*)                echo 0006-imatrix-deco ;;
-        *)                              echo 0006-misc ;;
+        tools/CMakeLists.txt)           echo 0007-tools-deco-speculative ;;
+        *)                              echo 0008-misc ;;
     esac
 }
 
