@@ -1,0 +1,234 @@
+"""Speculative decoding (deco_gguf.speculative, libdeco-speculative) against autoregressive decoding.
+
+The truth is llama-cpp-python's own greedy generation (Llama.generate, one token per llama_decode) on a
+second instance of the same GGUF, and for sampling the target's exact next-token distributions (softmax of
+its logits): drafted tokens must never change what the target would have produced.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+if not hasattr(llama_cpp.llama_cpp._lib, "llama_deco_ffn_mode_set"):
+    pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
+
+from deco_gguf.converter.convert import convert  # noqa: E402
+from deco_gguf.errors import DecoError  # noqa: E402
+from deco_gguf.fixtures import write_fixture  # noqa: E402
+from deco_gguf.runtime import DecoRuntime  # noqa: E402
+from deco_gguf.speculative import DraftModel, SamplingParams, Speculator  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "models" / "deco-tiny"
+N_CTX = 512
+
+
+@pytest.fixture(scope="module")
+def bundled_gguf(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundled") / "deco-tiny-f16.gguf"
+    convert(BUNDLED, out, "f16")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixture_gguf(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            d = tmp_path_factory.mktemp(variant)
+            write_fixture(d / "hf", variant)
+            convert(d / "hf", d / "m.gguf", outtype="f32", expert_type="q4_0")
+            made[variant] = d / "m.gguf"
+        return made[variant]
+
+    return get
+
+
+def open_runtime(path: Path) -> DecoRuntime:
+    return DecoRuntime(path, n_ctx=N_CTX, n_threads=2, exact=True)
+
+
+def autoregressive(path: Path, prompt: list[int], n: int) -> list[int]:
+    """Greedy generation by llama-cpp-python alone, stopping after an end-of-generation token."""
+    rt = open_runtime(path)
+    try:
+        out: list[int] = []
+        for tok in rt.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(tok)
+            if len(out) == n or llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(rt.llm.model), tok):
+                return out
+        return out
+    finally:
+        rt.close()
+
+
+def repetitive_prompt(rt: DecoRuntime) -> list[int]:
+    """A prompt with repeated phrases, so that n-gram lookup finds something to propose."""
+    text = "the value of the key in the map is the value of the key in the list; " * 3 + "the value of the"
+    return rt.llm.tokenize(text.encode(), add_bos=True)
+
+
+@pytest.mark.parametrize("draft,options", [
+    ("none", {}),
+    ("lookup", {}),
+    ("lookup", {"n_draft": 8, "lookup_n": 2}),
+    ("script", {"hit_rate": 1.0}),
+    ("script", {"hit_rate": 0.5, "n_draft": 6}),
+    ("script", {"hit_rate": 0.0}),
+])
+def test_greedy_output_is_the_autoregressive_output(fixture_gguf, draft, options):
+    path = fixture_gguf("base")
+    rt = open_runtime(path)
+    try:
+        prompt = repetitive_prompt(rt)
+        want = autoregressive(path, prompt, 48)
+        script = want if draft == "script" else ()
+        with Speculator(rt, draft, script=script, seed=7, **options) as spec:
+            got, stats = spec.generate(prompt, 48)
+    finally:
+        rt.close()
+    assert got == want
+    assert stats.n_generated == len(want) == stats.n_verify + stats.n_accepted
+    if draft == "none" or options.get("hit_rate") == 0.0:
+        assert stats.n_accepted == 0
+    elif draft == "lookup":
+        assert stats.n_drafted > 0  # the prompt repeats itself; whether a random model follows is luck
+    elif options["hit_rate"] == 1.0:
+        assert stats.n_verify <= math.ceil(len(want) / 5)  # every draft of 4 accepted: 5 tokens a verification
+    else:
+        assert 0 < stats.n_accepted < stats.n_drafted
+
+
+def test_draft_model_output_is_the_autoregressive_output(fixture_gguf):
+    """A smaller DECO fixture with the same tokenizer drafts for the target."""
+    target, draft = fixture_gguf("base"), fixture_gguf("de64")
+    rt = open_runtime(target)
+    try:
+        prompt = repetitive_prompt(rt)
+        want = autoregressive(target, prompt, 40)
+        dm = DraftModel(draft, rt)
+        try:
+            with Speculator(rt, "model", draft_model=dm, n_draft=3) as spec:
+                got, stats = spec.generate(prompt, 40)
+        finally:
+            dm.close()
+    finally:
+        rt.close()
+    assert got == want
+    assert stats.n_drafted > 0
+
+
+def test_prompt_cache_is_reused_and_results_do_not_depend_on_it(fixture_gguf):
+    """A prompt that extends the previous one is evaluated from where they differ; the output equals a fresh run."""
+    path = fixture_gguf("base")
+    rt = open_runtime(path)
+    try:
+        prompt = repetitive_prompt(rt)
+        with Speculator(rt, "lookup") as spec:
+            first, _ = spec.generate(prompt, 12)
+            extended = prompt + first + prompt[1:6]
+            second, stats = spec.generate(extended, 16)
+            assert stats.n_prompt == len(extended) - 1 - len(prompt + first[:-1])
+            other, _ = spec.generate(prompt[:5], 8)  # a shorter, different prompt drops the cache
+    finally:
+        rt.close()
+    assert second == autoregressive(path, extended, 16)
+    assert other == autoregressive(path, prompt[:5], 8)
+
+
+def test_callback_can_stop_and_budget_is_respected(fixture_gguf):
+    path = fixture_gguf("base")
+    rt = open_runtime(path)
+    try:
+        prompt = repetitive_prompt(rt)
+        want = autoregressive(path, prompt, 30)
+        with Speculator(rt, "script", script=want, n_draft=4) as spec:
+            runs: list[list[int]] = []
+            got, _ = spec.generate(prompt, 30, on_tokens=lambda run: runs.append(run) or len(runs) < 2)
+            assert len(runs) == 2 and got == [t for r in runs for t in r] == want[: len(got)]
+            got, stats = spec.generate(prompt, 7)
+            assert got == want[:7] and stats.n_generated == 7
+    finally:
+        rt.close()
+
+
+def test_errors_are_one_line(fixture_gguf):
+    path = fixture_gguf("base")
+    rt = open_runtime(path)
+    try:
+        with pytest.raises(DecoError, match=r"vocabulary differs \(size 1100 vs \d+"):
+            DraftModel(fixture_gguf("padded_vocab"), rt)
+        with pytest.raises(DecoError, match="draft model is needed"):
+            Speculator(rt, "model")
+        with pytest.raises(DecoError, match="--draft-max must be at least 1"):
+            Speculator(rt, "lookup", n_draft=0)
+        with Speculator(rt, "lookup") as spec, pytest.raises(DecoError, match="does not fit the context"):
+            spec.generate(list(range(3, 3 + N_CTX)), 4)
+    finally:
+        rt.close()
+
+
+def _chi_square_p(counts: dict[int, int], probs: np.ndarray) -> float:
+    """Goodness of fit of sampled token counts to `probs`; tokens expected fewer than 5 times are pooled.
+    p-value by the Wilson-Hilferty approximation of the chi-square distribution."""
+    n = sum(counts.values())
+    order = np.argsort(-probs)
+    big = [int(t) for t in order if probs[t] * n >= 5]
+    observed = [counts.get(t, 0) for t in big] + [n - sum(counts.get(t, 0) for t in big)]
+    expected = [probs[t] * n for t in big] + [n * (1 - probs[big].sum())]
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
+    k = len(observed) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_sampling_keeps_the_target_distribution(bundled_gguf):
+    """Temperature 1 on the bundled model: the first and second sampled tokens follow softmax of the target's
+    logits, although the draft always proposes the greedy tokens (accepted only when the target's own sample
+    equals them). The same check rejects samples drawn at temperature 0.7: it can see a skewed sampler."""
+    path = bundled_gguf
+    rt = open_runtime(path)
+    try:
+        prompt = rt.llm.tokenize(b"In the beginning God created the heaven and the", add_bos=True)
+        greedy = autoregressive(path, prompt, 3)
+
+        def sample(temperature: float, n: int) -> list[list[int]]:
+            with Speculator(rt, "script", script=greedy, n_draft=2) as spec:
+                return [spec.generate(prompt, 2, SamplingParams(temperature, top_k=0, top_p=1.0, min_p=0.0, seed=s))[0]
+                        for s in range(n)]
+
+        samples, skewed = sample(1.0, 600), sample(0.7, 600)
+    finally:
+        rt.close()
+    ref = open_runtime(path)
+    try:
+        def softmax(tokens: list[int]) -> np.ndarray:
+            ref.llm.reset()
+            logits = ref.eval_logits(tokens).astype(np.float64)
+            e = np.exp(logits - logits.max())
+            return e / e.sum()
+
+        p_first = softmax(prompt)
+        second_after = greedy[0]  # the second token, among the samples whose first token was the greedy one
+        p_second = softmax(prompt + [second_after])
+    finally:
+        ref.close()
+
+    def fit(drawn: list[list[int]]) -> tuple[float, float]:
+        first: dict[int, int] = {}
+        second: dict[int, int] = {}
+        for a, b in drawn:
+            first[a] = first.get(a, 0) + 1
+            if a == second_after:
+                second[b] = second.get(b, 0) + 1
+        return _chi_square_p(first, p_first), _chi_square_p(second, p_second)
+
+    assert sum(1 for a, _ in samples if a == second_after) >= 200
+    assert min(fit(samples)) > 1e-3
+    assert max(fit(skewed)) < 1e-4
