@@ -14,7 +14,7 @@ from ..runtime import mean_rate
 
 HELP = """commands:
   /reset   forget the conversation (the system prompt stays)
-  /stats   last reply: tokens, tokens/s, context, expert activation
+  /stats   last reply: tokens, tokens/s, context, expert activation, speculation
   /help    this list
   /exit    quit (also /quit, Ctrl-D); Ctrl-C stops a reply or drops a line"""
 
@@ -34,6 +34,9 @@ def stats_table(stats: ReplyStats | None):
     ttft = f"{stats.first_token_seconds * 1e3:,.1f} ms" if stats.first_token_seconds is not None else "-"
     table.add_row("time to first token", ttft)
     table.add_row("wall time", f"{stats.wall_seconds:.2f} s")
+    if (spec := stats.speculative) is not None:
+        acceptance = f"{spec.acceptance:.0%} ({spec.n_accepted}/{spec.n_drafted} drafted)" if spec.n_drafted else "nothing drafted"
+        table.add_row("speculation", f"{spec.n_verify} verifications, {spec.tokens_per_verify:.2f} tokens each; acceptance {acceptance}")
     table.add_row("context", f"{stats.context_used} / {stats.n_ctx} tokens" + (f", {stats.trimmed_turns} oldest turn(s) dropped" if stats.trimmed_turns else ""))
     for label, rates in (("activation (prompt)", stats.prompt_activity), ("activation (reply)", stats.reply_activity)):
         mean = mean_rate(rates)

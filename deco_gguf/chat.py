@@ -12,9 +12,12 @@ directory (deco_gguf.cache.resolve_model).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import queue
 import random
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,9 +26,11 @@ from typing import TYPE_CHECKING
 
 from .errors import DecoError
 from .rpc import Offload
+from .speculative import Speculation
 
 if TYPE_CHECKING:
     from .runtime import LayerActivity
+    from .speculative import SpecStats
 
 STOP_STRINGS = ["<|im_end|>"]  # besides the end-of-generation token ids llama.cpp knows
 
@@ -106,8 +111,9 @@ class ReplyStats:
     trimmed_turns: int = 0
     context_used: int = 0
     n_ctx: int = 0
-    prompt_activity: list[LayerActivity] = field(default_factory=list)  # DECO layers only
+    prompt_activity: list[LayerActivity] | None = None  # DECO layers only
     reply_activity: list[LayerActivity] = field(default_factory=list)
+    speculative: SpecStats | None = None  # drafts and verifications, when the session speculates
 
     @property
     def prompt_tps(self) -> float | None:
@@ -131,6 +137,7 @@ class ChatSession:
         mode: str = "sparse",
         sampling: Sampling | None = None,
         offload: Offload | None = None,
+        speculation: Speculation | None = None,
     ):
         from .runtime import DecoRuntime, library
 
@@ -155,6 +162,14 @@ class ChatSession:
         self.turns: list[tuple[str, str]] = []  # (user, assistant)
         self._rng = random.Random(self.sampling.seed if self.sampling.seed is not None else secrets.randbits(64))
         self.last: ReplyStats | None = None
+        self.speculation = speculation
+        self.spec = None
+        if speculation is not None:
+            try:
+                self.spec = speculation.open(self.rt)
+            except BaseException:
+                self.rt.close()
+                raise
 
     @property
     def n_ctx(self) -> int:
@@ -199,35 +214,54 @@ class ChatSession:
     def reply(self, user: str) -> Iterator[str]:
         """Stream the reply to `user`; the turn is recorded even when the stream is closed early
         (Ctrl-C): the partial reply joins the history, `last` says `interrupted`."""
-        import llama_cpp
-
         user = valid_text(user)
         messages, prompt, dropped = self._fit(user)
         if dropped:
             del self.turns[:dropped]
         s = self.sampling
         room = self.n_ctx - len(prompt)  # _fit leaves at least one token
+        n_predict = min(s.max_tokens, room) if s.max_tokens > 0 else room
         stats = ReplyStats(prompt_tokens=len(prompt), trimmed_turns=dropped, n_ctx=self.n_ctx)
+        self.rt.reset_activity()
+        start = time.perf_counter()
+        stream = self._speculate(prompt, n_predict, stats) if self.spec else self._complete(messages, prompt, n_predict, stats)
+        pieces: list[str] = []
+        stats.finish_reason = "interrupted"
+        try:
+            for text in stream:
+                pieces.append(text)
+                yield text
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+            self.turns.append((user, "".join(pieces)))
+            stats.wall_seconds = time.perf_counter() - start
+            after = self._activity()
+            if stats.prompt_activity is None:  # nothing was generated
+                stats.prompt_activity = after
+            stats.reply_activity = [a - b for a, b in zip(after, stats.prompt_activity)]
+            self.last = stats
+
+    def _complete(self, messages: list[dict], prompt: list[int], n_predict: int, stats: ReplyStats) -> Iterator[str]:
+        """The reply by llama-cpp-python's chat completion, one decode per token."""
+        import llama_cpp
+
+        s = self.sampling
         ctx = self.llm.ctx
         llama_cpp.llama_perf_context_reset(ctx)
-        self.rt.reset_activity()
-        start, before_reply = time.perf_counter(), None
-        pieces: list[str] = []
+        start = time.perf_counter()
         stream = self.llm.create_chat_completion(
             messages=messages, stream=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            min_p=s.min_p, repeat_penalty=s.repeat_penalty, seed=self._rng.randrange(2**32),
-            max_tokens=min(s.max_tokens, room) if s.max_tokens > 0 else room,
+            min_p=s.min_p, repeat_penalty=s.repeat_penalty, seed=self._rng.randrange(2**32), max_tokens=n_predict,
         )
-        stats.finish_reason = "interrupted"
         try:
             for chunk in stream:
                 choice = chunk["choices"][0]
-                if before_reply is None:
+                if stats.prompt_activity is None:
                     stats.first_token_seconds = time.perf_counter() - start
-                    before_reply = self._activity()  # the prompt is evaluated, the first token sampled
+                    stats.prompt_activity = self._activity()  # the prompt is evaluated, the first token sampled
                 text = choice["delta"].get("content")
                 if text:
-                    pieces.append(text)
                     yield text
                 if choice["finish_reason"]:
                     stats.finish_reason = choice["finish_reason"]
@@ -236,28 +270,78 @@ class ChatSession:
         finally:
             with contextlib.suppress(Exception):
                 stream.close()
-            reply = "".join(pieces)
-            self.turns.append((user, reply))
             perf = llama_cpp.llama_perf_context(ctx)
-            stats.wall_seconds = time.perf_counter() - start
             stats.context_used = self.llm.n_tokens
             evaluated = max(0, self.llm.n_tokens - len(prompt))
-            stats.generated_tokens = evaluated + (1 if before_reply is not None else 0)
+            stats.generated_tokens = evaluated + (1 if stats.prompt_activity is not None else 0)
             # perf counts a batch of one as a decode: attribute by what this turn evaluated
             stats.decoded_tokens = min(perf.n_eval, evaluated) if evaluated else 0
             stats.decode_seconds = perf.t_eval_ms / 1e3 if stats.decoded_tokens else 0.0
             stats.prompt_evaluated = perf.n_p_eval if perf.t_p_eval_ms > 0 else 0
             stats.prompt_seconds = perf.t_p_eval_ms / 1e3
-            after = self._activity()
-            stats.prompt_activity = before_reply if before_reply is not None else after
-            stats.reply_activity = [a - b for a, b in zip(after, stats.prompt_activity)]
-            self.last = stats
+
+    def _speculate(self, prompt: list[int], n_predict: int, stats: ReplyStats) -> Iterator[str]:
+        """The reply by speculative decoding (deco_gguf.speculative); its loop runs in a worker thread
+        and hands over each run of accepted tokens."""
+        import llama_cpp
+
+        from .speculative import SamplingParams
+
+        s = self.sampling
+        params = SamplingParams(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, self._rng.randrange(2**32))
+        runs: queue.Queue[list[int] | None] = queue.Queue()
+        stop = threading.Event()
+        outcome: dict = {}
+
+        def on_tokens(run: list[int]) -> bool:
+            if stats.prompt_activity is None:
+                stats.prompt_activity = self._activity()  # the prompt and the first verification
+            runs.put(run)
+            return not stop.is_set()
+
+        def work() -> None:
+            try:
+                outcome["result"] = self.spec.generate(prompt, n_predict, params, on_tokens)
+            except BaseException as e:  # raised in the consumer below
+                outcome["error"] = e
+            finally:
+                runs.put(None)
+
+        worker = threading.Thread(target=work, name="speculative decoding", daemon=True)
+        worker.start()
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        generated: list[int] = []
+        try:
+            while (run := runs.get()) is not None:
+                text = utf8.decode(self.llm.detokenize(run, prev_tokens=prompt + generated))
+                generated.extend(run)
+                if text:
+                    yield text
+        finally:
+            stop.set()
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        tokens, spec = outcome["result"]
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        eog = bool(tokens) and llama_cpp.llama_vocab_is_eog(vocab, tokens[-1])
+        stats.finish_reason = "stop" if eog else "length"
+        stats.speculative = spec
+        stats.prompt_evaluated, stats.prompt_seconds = spec.n_prompt, spec.t_prompt_us / 1e6
+        stats.first_token_seconds = spec.t_first_us / 1e6
+        stats.generated_tokens = stats.decoded_tokens = spec.n_generated
+        stats.decode_seconds = spec.generation_seconds
+        stats.context_used = len(prompt) + len(tokens) - 1
 
     def _activity(self) -> list[LayerActivity]:
         """The DECO op's counters of every DECO layer since the turn began."""
         return [a for a in self.rt.activity() if a is not None]
 
     def close(self) -> None:
+        if self.spec is not None:
+            self.spec.close()
+            if self.spec.draft_model is not None:
+                self.spec.draft_model.close()
         self.rt.close()
 
     def __enter__(self) -> "ChatSession":

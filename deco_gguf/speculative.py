@@ -163,9 +163,40 @@ class DraftModel:
 # -- the engine --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Speculation:
+    """What `chat` and `speed` speculate with: a draft model (a GGUF path) or n-gram lookup."""
+
+    draft: Path | None = None
+    lookup: bool = False
+    draft_max: int | None = None  # None: DEFAULT_DRAFT_MAX
+
+    def __post_init__(self):
+        if (self.draft is None) == (not self.lookup):
+            raise DecoError("speculate with a draft model (--draft) or with lookup (--lookup), one of the two")
+
+    @property
+    def kind(self) -> str:
+        return "model" if self.draft is not None else "lookup"
+
+    def describe(self) -> str:
+        return f"draft {self.draft.name}" if self.draft is not None else "lookup"
+
+    def open(self, target: DecoRuntime) -> Speculator:
+        """A Speculator on `target`; the caller closes its `draft_model` after it."""
+        draft_model = DraftModel(self.draft, target) if self.draft is not None else None
+        try:
+            return Speculator(target, self.kind, n_draft=self.draft_max, draft_model=draft_model)
+        except BaseException:
+            if draft_model is not None:
+                draft_model.close()
+            raise
+
+
 class Speculator:
     """Generation on `target` with one kind of draft (DRAFTS); the KV cache is shared between calls,
-    so a prompt that extends the previous one (a chat) is evaluated only from where it differs.
+    so a prompt that extends the previous one (a chat) is evaluated only from where it differs. Like
+    the target, the draft model stays open when the Speculator closes.
 
     The engine owns the target's (and draft's) KV cache from here on: do not evaluate on
     `target.llm` directly while a Speculator is open on it.

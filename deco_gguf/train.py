@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true", help="continue from <log-dir>/state.pt")
     ap.add_argument("--eval-windows", type=int, default=None, help="limit the held-out evaluation (default: all)")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="reuse this tokenizer.model instead of training one (a draft model must share its target's)")
     for f in Shape.__dataclass_fields__.values():
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(args.corpus_cache)
     print(f"corpus: {corpus.source['train_chars']} train chars, {corpus.source['heldout_chars']} held-out chars, "
           f"sha256 {corpus.source['sha256'][:12]} (bundled: {corpus.source['matches_bundled_model']})", flush=True)
-    tok = train_tokenizer(corpus.train_verses, shape.vocab_size)
+    tok = args.tokenizer.read_bytes() if args.tokenizer else train_tokenizer(corpus.train_verses, shape.vocab_size)
     sp = fixtures.sp_processor(tok)
     train_ids, held_ids = token_stream(sp, corpus.train), token_stream(sp, corpus.heldout)
     print(f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids)} train / {len(held_ids)} held-out tokens "

@@ -7,7 +7,12 @@ its logits): drafted tokens must never change what the target would have produce
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,7 @@ from deco_gguf.speculative import DraftModel, SamplingParams, Speculator  # noqa
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
+BUNDLED_DRAFT = REPO / "models" / "deco-tiny-draft"
 N_CTX = 512
 
 
@@ -232,3 +238,43 @@ def test_sampling_keeps_the_target_distribution(bundled_gguf):
     assert sum(1 for a, _ in samples if a == second_after) >= 200
     assert min(fit(samples)) > 1e-3
     assert max(fit(skewed)) < 1e-4
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deco_gguf.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}, cwd=REPO)
+
+
+def test_bundled_pair_chat_replies_are_the_same(bundled_gguf):
+    """`chat` with the trained draft and with lookup gives, greedy, the reply it gives without speculation;
+    /stats reports the verifications."""
+    chat = [str(bundled_gguf), "--temperature", "0", "--max-tokens", "40", "--threads", "1"]
+    lines = "And the LORD spake unto Moses, saying,\nWho is the LORD?\n"
+    plain = cli("chat", *chat, stdin=lines)
+    assert plain.returncode == 0, plain.stderr
+    for extra in (["--draft", str(BUNDLED_DRAFT)], ["--lookup", "--draft-max", "6"]):
+        spec = cli("chat", *chat, *extra, stdin=lines + "/stats\n")
+        assert spec.returncode == 0, spec.stderr
+        assert spec.stdout.startswith(plain.stdout), extra
+        assert re.search(r"speculation +│ \d+ verifications, [\d.]+ tokens each; acceptance", spec.stdout), spec.stdout
+
+
+def test_chat_refuses_a_draft_with_another_vocabulary(fixture_gguf, bundled_gguf):
+    done = cli("chat", str(bundled_gguf), "--draft", str(fixture_gguf("base")), "--prompt", "hi")
+    assert done.returncode == 1
+    message = " ".join(done.stderr.split())  # one line, however the console wrapped it
+    assert re.fullmatch(r"error: \S+m\.gguf: cannot draft for this model, its vocabulary differs "
+                        r"\(size \d+ vs 4096 in the target\)", message), done.stderr
+
+
+def test_speed_speculative_json(fixture_gguf):
+    """`speed --synthetic`: a draft that is always right is always accepted, draft-max + 1 tokens a verification;
+    one that is always wrong never is."""
+    done = cli("speed", str(fixture_gguf("base")), "--synthetic", "1,0", "--lookup", "--draft-max", "3", "--pp", "16",
+               "--tg", "24", "-r", "2", "-t", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    results = {r["name"]: r for r in json.loads(done.stdout)["speculative"]["results"]}
+    assert set(results) == {"sparse", "dense", "lookup", "synthetic 1", "synthetic 0"}
+    assert results["synthetic 1"]["acceptance"] == 1.0 and results["synthetic 1"]["tokens_per_verify"] == 4.0
+    assert results["synthetic 0"]["acceptance"] == 0.0 and results["synthetic 0"]["tokens_per_verify"] == 1.0
+    assert results["sparse"]["speedup_vs_sparse"] == 1.0

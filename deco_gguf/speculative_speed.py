@@ -1,0 +1,151 @@
+"""Speculative decoding against autoregressive decoding, side by side in one run (`deco-gguf speed --draft /
+--lookup / --synthetic`, benchmarks/speculative.sh).
+
+Method: the text is cut into passages of `prompt` + `tg` tokens; for each passage and thread count, the
+configurations run one after the other (a slow moment of a shared machine hits all of them):
+autoregressive sparse and autoregressive dense evaluation (one token per target evaluation, through the
+same C loop as speculation, so the loop's own cost is on both sides), then each speculative draft.
+Greedy; the tokens of every configuration must be the sparse autoregressive ones. Timed: generation
+only (the prompt is evaluated first, untimed); tokens/s = generated tokens / generation time, median
+over passages.
+
+`synthetic` hit rates measure the engine independently of how good a draft is: the draft proposes the
+target's own greedy continuation of the passage, each token replaced by a wrong one with probability
+1 - rate (so `rate` is the chance that a drafted token is accepted, given the ones before it were).
+
+The verification cost in decode steps is the mean time of a verification over the mean time of an
+autoregressive step: what a batch of 1 + drafted tokens costs, in units of one token.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DecoError
+from .runtime import DecoRuntime
+from .speculative import DraftModel, Speculator, SpecStats
+
+AUTOREGRESSIVE = ("sparse", "dense")
+
+
+@dataclass
+class Config:
+    """One way of generating: autoregressive (sparse/dense) or a draft on the sparse model."""
+
+    name: str  # sparse, dense, draft, lookup, synthetic 0.8
+    threads: int
+    runs: list[SpecStats] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> list[float]:
+        return [r.n_generated / r.generation_seconds for r in self.runs]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.tokens_per_second)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(r, name) for r in self.runs)
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.total("n_accepted") / self.total("n_drafted") if self.total("n_drafted") else None
+
+    @property
+    def tokens_per_verify(self) -> float:
+        return self.total("n_generated") / self.total("n_verify")
+
+    @property
+    def verify_us(self) -> float:
+        return self.total("t_verify_us") / self.total("n_verify")
+
+    def as_dict(self, baseline: Config) -> dict:
+        return {
+            "name": self.name, "threads": self.threads, "tokens_per_second": self.tokens_per_second,
+            "median": self.median, "acceptance": self.acceptance, "tokens_per_verify": self.tokens_per_verify,
+            "verify_cost_steps": self.verify_us / baseline.verify_us, "speedup_vs_sparse": self.median / baseline.median,
+            "draft_ms": self.total("t_draft_us") / 1e3, "verify_ms": self.total("t_verify_us") / 1e3,
+        }
+
+
+@dataclass
+class SpeculativeReport:
+    model: str
+    draft_max: int
+    prompt: int
+    tg: int
+    passages: int
+    configs: list[Config]
+
+    def find(self, name: str, threads: int) -> Config:
+        return next(c for c in self.configs if c.name == name and c.threads == threads)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "settings": {"draft_max": self.draft_max, "prompt": self.prompt, "tg": self.tg, "passages": self.passages},
+            "results": [c.as_dict(self.find("sparse", c.threads)) | {
+                "speedup_vs_dense": c.median / self.find("dense", c.threads).median} for c in self.configs],
+        }
+
+
+def passages(llm, text: str, prompt: int, tg: int, n: int) -> list[list[int]]:
+    """n prompts of `prompt` tokens from consecutive windows of prompt + tg tokens of the text."""
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    window = prompt + tg
+    if len(tokens) < window:
+        raise DecoError(f"the text has {len(tokens)} tokens; a passage needs {window} (--prompt + --tg)")
+    starts = range(0, len(tokens) - window + 1, window)
+    return [[llm.token_bos(), *tokens[s: s + prompt]] for s in list(starts)[:n]]
+
+
+def measure_speculative(
+    path: Path, text: str, *, draft: Path | None = None, lookup: bool = False, synthetic: tuple[float, ...] = (),
+    draft_max: int = 4, prompt: int = 64, tg: int = 64, n_passages: int = 3, threads: list[int],
+    on_step: Callable[[int, int], None] | None = None,
+) -> SpeculativeReport:
+    kinds = (["draft"] if draft else []) + (["lookup"] if lookup else []) + [f"synthetic {r:g}" for r in synthetic]
+    if not kinds:
+        raise DecoError("nothing to compare: give --draft, --lookup or --synthetic")
+    configs: list[Config] = []
+    total, done = len(threads) * n_passages * (len(AUTOREGRESSIVE) + len(kinds)), 0
+    for t in threads:
+        runtimes = {mode: DecoRuntime(path, n_ctx=prompt + tg + draft_max + 8, n_threads=t, mode=mode) for mode in AUTOREGRESSIVE}
+        draft_model = DraftModel(draft, runtimes["sparse"]) if draft else None
+        try:
+            prompts = passages(runtimes["sparse"].llm, text, prompt, tg, n_passages)
+            row = {name: Config(name, t) for name in (*AUTOREGRESSIVE, *kinds)}
+            for p in prompts:
+                want = None
+                for name, cfg in row.items():
+                    rt = runtimes[name if name in AUTOREGRESSIVE else "sparse"]
+                    if name in AUTOREGRESSIVE:
+                        spec = Speculator(rt)
+                    elif name == "draft":
+                        spec = Speculator(rt, "model", n_draft=draft_max, draft_model=draft_model)
+                    elif name == "lookup":
+                        spec = Speculator(rt, "lookup", n_draft=draft_max)
+                    else:
+                        spec = Speculator(rt, "script", n_draft=draft_max, script=want, hit_rate=float(name.split()[1]))
+                    try:
+                        tokens, stats = spec.generate(p, tg)
+                    finally:
+                        spec.close()
+                    want = want or tokens
+                    if tokens != want:
+                        at = next(i for i, (a, b) in enumerate(zip(tokens, want)) if a != b) if len(tokens) == len(want) else min(len(tokens), len(want))
+                        raise DecoError(f"{name} (threads {t}) generated other tokens than autoregressive sparse decoding, from token {at}")
+                    cfg.runs.append(stats)
+                    done += 1
+                    if on_step:
+                        on_step(done, total)
+            configs += row.values()
+        finally:
+            if draft_model is not None:
+                draft_model.close()
+            for rt in runtimes.values():
+                rt.close()
+    return SpeculativeReport(path.name, draft_max, prompt, tg, len(prompts), configs)
