@@ -5,7 +5,9 @@ Method: the text is cut into passages of `prompt` + `tg` tokens; for each passag
 configurations run one after the other (a slow moment of a shared machine hits all of them):
 autoregressive sparse and autoregressive dense evaluation (one token per target evaluation, through the
 same C loop as speculation, so the loop's own cost is on both sides), then each speculative draft.
-Greedy; the tokens of every configuration must be the sparse autoregressive ones. Timed: generation
+Greedy; the tokens of every speculative configuration must be the sparse autoregressive ones (dense
+evaluation equals sparse evaluation to rounding, which can flip a near-tie of a random-weight model, so
+its tokens are not compared). Timed: generation
 only (the prompt is evaluated first, untimed); tokens/s = generated tokens / generation time, median
 over passages.
 
@@ -135,7 +137,7 @@ def measure_speculative(
                     finally:
                         spec.close()
                     want = want or tokens
-                    if tokens != want:
+                    if tokens != want and name != "dense":
                         at = next(i for i, (a, b) in enumerate(zip(tokens, want)) if a != b) if len(tokens) == len(want) else min(len(tokens), len(want))
                         raise DecoError(f"{name} (threads {t}) generated other tokens than autoregressive sparse decoding, from token {at}")
                     cfg.runs.append(stats)
