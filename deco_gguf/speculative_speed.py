@@ -28,9 +28,10 @@ from pathlib import Path
 
 from .errors import DecoError
 from .runtime import DecoRuntime
-from .speculative import DraftModel, Speculator, SpecStats
+from .speculative import DraftModel, SamplingParams, Speculator, SpecStats
 
 AUTOREGRESSIVE = ("sparse", "dense")
+GREEDY = SamplingParams(temperature=0.0, top_k=1)  # the argmax, without sorting the vocabulary
 
 
 @dataclass
@@ -95,13 +96,15 @@ class SpeculativeReport:
 
 
 def passages(llm, text: str, prompt: int, tg: int, n: int) -> list[list[int]]:
-    """n prompts of `prompt` tokens from consecutive windows of prompt + tg tokens of the text."""
+    """n prompts of `prompt` tokens from consecutive windows of prompt + tg tokens of the text (repeated
+    when it is shorter than n windows)."""
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    if not tokens:
+        raise DecoError("the benchmark text tokenizes to nothing")
     window = prompt + tg
-    if len(tokens) < window:
-        raise DecoError(f"the text has {len(tokens)} tokens; a passage needs {window} (--prompt + --tg)")
-    starts = range(0, len(tokens) - window + 1, window)
-    return [[llm.token_bos(), *tokens[s: s + prompt]] for s in list(starts)[:n]]
+    while len(tokens) < n * window:  # a short text is repeated
+        tokens += tokens
+    return [[llm.token_bos(), *tokens[s: s + prompt]] for s in range(0, n * window, window)]
 
 
 def measure_speculative(
@@ -133,7 +136,7 @@ def measure_speculative(
                     else:
                         spec = Speculator(rt, "script", n_draft=draft_max, script=want, hit_rate=float(name.split()[1]))
                     try:
-                        tokens, stats = spec.generate(p, tg)
+                        tokens, stats = spec.generate(p, tg, GREEDY)
                     finally:
                         spec.close()
                     want = want or tokens

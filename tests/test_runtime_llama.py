@@ -7,14 +7,10 @@ to F16), so the patched llama.cpp must match deco_gguf.reference to 1e-4 relativ
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import gguf
@@ -28,6 +24,7 @@ from deco_gguf.fixtures import VARIANTS as FIXTURES
 from deco_gguf.fixtures import write_fixture
 from deco_gguf.reference import DecoModel
 from deco_gguf.runtime import MODES, ggml_base, library
+from llama_server import llama_server, post  # tests/llama_server.py
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_BIN = REPO / ".deps" / "build" / "bin"
@@ -293,43 +290,12 @@ def test_op_against_naive_reference():
     assert " 0 failed" in r.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_llama_server_completion(models):
     """llama-server serves a DECO GGUF on loopback: greedy completion = the reference's greedy tokens."""
     path, ref = models("base")
-    port = _free_port()
-    env = dict(os.environ, LD_LIBRARY_PATH=str(BUILD_BIN))
-    proc = subprocess.Popen(
-        [str(BUILD_BIN / "llama-server"), "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
-         "-c", "256", "-np", "2", "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-warmup"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("llama-server did not become healthy")
+    with llama_server("-m", str(path), "-c", "256", "-np", "2", "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32",
+                      "--no-warmup") as url:
         ids = _ids(ref, 10, seed=7)
-        body = json.dumps({"prompt": ids, "n_predict": 4, "temperature": 0, "top_k": 1,
-                           "return_tokens": True, "cache_prompt": False}).encode()
-        req = urllib.request.Request(url + "/completion", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            out = json.load(r)
+        out = post(url + "/completion", {"prompt": ids, "n_predict": 4, "temperature": 0, "top_k": 1,
+                                         "return_tokens": True, "cache_prompt": False})
         assert out["tokens"] == ref.generate_greedy(ids, 4)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -27,6 +27,7 @@ from deco_gguf.errors import DecoError  # noqa: E402
 from deco_gguf.fixtures import write_fixture  # noqa: E402
 from deco_gguf.runtime import DecoRuntime  # noqa: E402
 from deco_gguf.speculative import DraftModel, SamplingParams, Speculator  # noqa: E402
+from llama_server import llama_server, post  # noqa: E402  (tests/llama_server.py)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
@@ -278,3 +279,23 @@ def test_speed_speculative_json(fixture_gguf):
     assert results["synthetic 1"]["acceptance"] == 1.0 and results["synthetic 1"]["tokens_per_verify"] == 4.0
     assert results["synthetic 0"]["acceptance"] == 0.0 and results["synthetic 0"]["tokens_per_verify"] == 1.0
     assert results["sparse"]["speedup_vs_sparse"] == 1.0
+
+
+def test_llama_server_with_a_deco_draft(bundled_gguf, tmp_path):
+    """`llama-server -m TARGET -md DRAFT --spec-type draft-simple` with the bundled DECO pair: greedy completions are the target's
+    autoregressive tokens, and the server reports drafted and accepted tokens."""
+    draft = tmp_path / "draft.gguf"
+    convert(BUNDLED_DRAFT, draft, "f16")
+    rt = open_runtime(bundled_gguf)
+    try:
+        prompt = rt.llm.tokenize(b"And the LORD spake unto Moses, saying,", add_bos=True)
+    finally:
+        rt.close()
+    want = autoregressive(bundled_gguf, prompt, 32)
+    with llama_server("-m", str(bundled_gguf), "-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max", "4", "-c", "512", "-t", "2",
+                      "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-warmup") as url:
+        out = post(url + "/completion", {"prompt": prompt, "n_predict": len(want), "temperature": 0, "top_k": 1,
+                                         "return_tokens": True, "cache_prompt": False})
+    assert out["tokens"] == want
+    timings = out["timings"]
+    assert timings["draft_n"] > 0 and 0 < timings["draft_n_accepted"] <= timings["draft_n"], timings
