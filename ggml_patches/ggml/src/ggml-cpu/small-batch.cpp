@@ -141,6 +141,10 @@ template <int NT> struct gemm_q6_K_q8_K_nt {
 
         for (int r = 0; r < nr; ++r) {
             const block_q6_K * w = (const block_q6_K *) (vx + r * bx);
+            // the rows stream from memory (an output head is tens of MB): ask early for the one 4 rows on
+            for (size_t line = 0; line < bx; line += 64) {
+                _mm_prefetch(vx + (r + 4) * bx + line, _MM_HINT_T0);
+            }
             __m512 acc[NT];
             for (int v = 0; v < NT; ++v) {
                 acc[v] = _mm512_setzero_ps();
@@ -160,6 +164,7 @@ template <int NT> struct gemm_q6_K_q8_K_nt {
                     scale[2 * h]     = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h)), scales);
                     scale[2 * h + 1] = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h + 4)), scales);
                 }
+                #pragma GCC unroll 8 // the accumulators stay in registers
                 for (int v = 0; v < NT; ++v) {
                     const block_q8_K & x = ((const block_q8_K *) (vy + v * by))[b];
                     const int32_t * off = offsets + ((size_t) v * nb + b) * 4 * 16;
