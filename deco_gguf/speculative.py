@@ -3,7 +3,8 @@
 The loop runs in C++ (`libdeco-speculative`, ggml_patches/tools/deco-speculative/, on llama.cpp's own
 draft implementations and sampler), called once per generation: Python sees one callback per
 verification, not per token. A verification batch of k tokens reads only the union of the experts
-its tokens activate (docs/deco.md, "Batches"), so for DECO it costs far less than k decode steps.
+its tokens activate (docs/deco.md, "DECO FFN": a batch of tokens), so for DECO it costs less than k
+decode steps.
 
 Exact: the target keeps a drafted token only while its own sample at that position equals it, so
 greedy output is token for token the autoregressive output, and sampled output follows the target's

@@ -13,7 +13,7 @@
 #      ggml_patches/README.md);
 #   3. apply ggml_patches/ (*.patch edits + plain new files) when the patch set changed;
 #   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
-#      ccache in ~/.cache/ccache): libllama/libggml*, llama-cli, llama-server,
+#      ccache in ~/.cache/ccache): libllama/libggml*, libdeco-speculative, llama-cli, llama-server,
 #      llama-perplexity, llama-bench, llama-quantize, llama-imatrix, test-backend-ops, ggml-rpc-server
 #      (the RPC backend is on: docs/distributed.md) (+ our own test tools);
 #   5. pip-install llama-cpp-python into the venv with -DLLAMA_BUILD=OFF (no second compile of
