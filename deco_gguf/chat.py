@@ -162,8 +162,7 @@ class ChatSession:
         self.turns: list[tuple[str, str]] = []  # (user, assistant)
         self._rng = random.Random(self.sampling.seed if self.sampling.seed is not None else secrets.randbits(64))
         self.last: ReplyStats | None = None
-        self.speculation = speculation
-        self.spec = None
+        self.spec = None  # a Speculator when the session speculates
         if speculation is not None:
             try:
                 self.spec = speculation.open(self.rt)

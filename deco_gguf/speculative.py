@@ -66,10 +66,6 @@ class SpecStats(ctypes.Structure):
     def generation_seconds(self) -> float:
         return (self.t_total_us - self.t_prompt_us) / 1e6
 
-    def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name, _ in self._fields_} | {
-            "acceptance": self.acceptance, "tokens_per_verify": self.tokens_per_verify}
-
 
 _TokensCallback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_void_p)
 _ERR_SIZE = 512
