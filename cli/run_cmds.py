@@ -94,7 +94,8 @@ def chat(
     import sys
 
     from ..cache import resolve_model
-    from ..chat import ChatSession, Sampling
+    from ..chat import ChatSession
+    from ..sampling import Sampling
     from .chat import run_chat
 
     if prompt is not None and not prompt.strip():

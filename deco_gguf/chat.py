@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import queue
 import random
 import secrets
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from .errors import DecoError
 from .rpc import Offload
+from .sampling import Sampling
 from .speculative import Speculation
 
 if TYPE_CHECKING:
@@ -82,19 +84,6 @@ class ChatFormat:
 
 
 # -- sessions --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Sampling:
-    """llama.cpp's defaults (llama-cli): temperature 0 is greedy."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None  # None: a random seed
-    max_tokens: int = 512  # <= 0: until end of generation or a full context
 
 
 @dataclass
@@ -284,10 +273,7 @@ class ChatSession:
         and hands over each run of accepted tokens."""
         import llama_cpp
 
-        from .speculative import SamplingParams
-
-        s = self.sampling
-        params = SamplingParams(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, self._rng.randrange(2**32))
+        sampling = dataclasses.replace(self.sampling, seed=self._rng.randrange(2**32))
         runs: queue.Queue[list[int] | None] = queue.Queue()
         stop = threading.Event()
         outcome: dict = {}
@@ -300,7 +286,7 @@ class ChatSession:
 
         def work() -> None:
             try:
-                outcome["result"] = self.spec.generate(prompt, n_predict, params, on_tokens)
+                outcome["result"] = self.spec.generate(prompt, n_predict, sampling, on_tokens)
             except BaseException as e:  # raised in the consumer below
                 outcome["error"] = e
             finally:

@@ -29,6 +29,7 @@ import gguf
 
 from .errors import DecoError
 from .runtime import GET_RUNTIME, DecoRuntime, lib_dir, library
+from .sampling import GREEDY, Sampling
 
 DRAFTS = {"none": 0, "model": 1, "lookup": 2, "script": 3}  # enum deco_spec_draft
 DEFAULT_DRAFT_MAX = {"model": 4, "lookup": 4, "script": 4, "none": 0}
@@ -87,18 +88,6 @@ def _lib() -> ctypes.CDLL:
     lib.deco_spec_free.argtypes = [ctypes.c_void_p]
     lib.deco_spec_free.restype = None
     return lib
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """The target's sampler (llama.cpp's chain); temperature 0 is greedy."""
-
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int = 0
 
 
 # -- the draft model ---------------------------------------------------------------------------------
@@ -221,10 +210,11 @@ class Speculator:
             raise DecoError(f"speculative decoding cannot start: {err.value.decode(errors='replace')}")
         self._handle = handle
 
-    def generate(self, prompt: Sequence[int], n_predict: int, sampling: SamplingParams = SamplingParams(),
+    def generate(self, prompt: Sequence[int], n_predict: int, sampling: Sampling = GREEDY,
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> tuple[list[int], SpecStats]:
         """Up to `n_predict` tokens after `prompt` (ending early at an end-of-generation token, which is
-        included); `on_tokens(run)` gets each run of accepted tokens and may return False to stop."""
+        included); `on_tokens(run)` gets each run of accepted tokens and may return False to stop.
+        `sampling.max_tokens` is not read (n_predict is the budget); a seed of None is 0."""
         tokens: list[int] = []
         raised: list[BaseException] = []
 
@@ -239,7 +229,7 @@ class Speculator:
                 return False
 
         s = sampling
-        c_sampling = _Sampling(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, s.seed % 2**32)
+        c_sampling = _Sampling(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, (s.seed or 0) % 2**32)
         c_prompt = (ctypes.c_int32 * len(prompt))(*prompt)
         stats = SpecStats()
         err = ctypes.create_string_buffer(_ERR_SIZE)

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from .errors import DecoError
 from .runtime import DecoRuntime
-from .speculative import DraftModel, SamplingParams, Speculator, SpecStats
+from .sampling import GREEDY
+from .speculative import DraftModel, Speculator, SpecStats
 
 AUTOREGRESSIVE = ("sparse", "dense")
-GREEDY = SamplingParams(temperature=0.0, top_k=1)  # the argmax, without sorting the vocabulary
 
 
 @dataclass

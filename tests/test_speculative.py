@@ -26,7 +26,8 @@ from deco_gguf.converter.convert import convert  # noqa: E402
 from deco_gguf.errors import DecoError  # noqa: E402
 from deco_gguf.fixtures import write_fixture  # noqa: E402
 from deco_gguf.runtime import DecoRuntime  # noqa: E402
-from deco_gguf.speculative import DraftModel, SamplingParams, Speculator  # noqa: E402
+from deco_gguf.sampling import Sampling  # noqa: E402
+from deco_gguf.speculative import DraftModel, Speculator  # noqa: E402
 from llama_server import llama_server, post  # noqa: E402  (tests/llama_server.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +208,7 @@ def test_sampling_keeps_the_target_distribution(bundled_gguf):
 
         def sample(temperature: float, n: int) -> list[list[int]]:
             with Speculator(rt, "script", script=greedy, n_draft=2) as spec:
-                return [spec.generate(prompt, 2, SamplingParams(temperature, top_k=0, top_p=1.0, min_p=0.0, seed=s))[0]
+                return [spec.generate(prompt, 2, Sampling(temperature, top_k=0, top_p=1.0, min_p=0.0, seed=s))[0]
                         for s in range(n)]
 
         samples, skewed = sample(1.0, 600), sample(0.7, 600)
