@@ -7,7 +7,7 @@
 //   raw    = logits[:, t]                                   (router output, F32, [E])
 //   r      = relu(raw)            (or relu(raw)^2 for GGML_DECO_ROUTER_SQRELU)
 //   active = raw > 0              (or raw + b*k > 0 with an expert bias, k = 1 | sqrt(mean(raw^2)))
-//   s      = norm(r) masked by active   (norm: none | simple (r*w) | rms | normal, see below)
+//   s      = norm(r) masked by active   (norm: none | simple (r*w) | rms, see below)
 //   for e with active_e and s_e != 0:
 //       a_e = W_a[e] . x_t                   (W_a = gate if gated, else up; De rows)
 //       z_e = act(a_e)                       (norm_silu: silu(rmsnorm(a_e - mean_t) * nw), ...)
@@ -24,7 +24,7 @@
 //   logits   : [E, T]       F32
 //   mean     : [d]          F32 (required for the mean-subtracting activations)
 //   norm     : [De]         F32 (required for norm_silu, norm_silu_nomean)
-//   scale    : [E] or [1]   F32 (required for simple/rms/normal router norms)
+//   scale    : [E] or [1]   F32 (required for the simple and rms router norms)
 //   bias     : [E]          F32 (required when bias mode != none)
 //   result   : [d, T]       F32
 
@@ -53,7 +53,7 @@ enum ggml_deco_router_norm {
     GGML_DECO_RNORM_NONE   = 0, // s = r
     GGML_DECO_RNORM_SIMPLE = 1, // s = r * w          (w: [E] or [1])
     GGML_DECO_RNORM_RMS    = 2, // s = r / sqrt(mean_E(r^2) + eps) * w
-    GGML_DECO_RNORM_NORMAL = 3, // s = (r - mean_E(r)) / sqrt(mean_E((r - mean)^2) + eps) * w
+    // (DECO's `normal` norm subtracts mean_E(r) first, which gives inactive experts non-zero scores: not sparse)
     GGML_DECO_RNORM_COUNT,
 };
 
@@ -73,7 +73,7 @@ struct ggml_deco_moe_params {
     enum ggml_deco_router_act  router_act;
     enum ggml_deco_router_norm router_norm;
     enum ggml_deco_bias_mode   bias_mode;
-    float                      eps;     // block RMSNorm eps and rms/normal router-norm eps
+    float                      eps;     // block RMSNorm eps and rms router-norm eps
     int32_t                    flags;   // enum ggml_deco_flags
     int32_t                    layer;   // layer index for the activity counters, -1: do not count
 };

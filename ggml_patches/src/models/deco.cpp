@@ -150,19 +150,18 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
         {"sqrelu", GGML_DECO_ROUTER_SQRELU},
     });
     ml.get_key(LLM_KV_DECO_ROUTER_NORM, s);
-    router_norm = deco_parse_enum<ggml_deco_router_norm>(kv(LLM_KV_DECO_ROUTER_NORM), s, {
-        {"none",   GGML_DECO_RNORM_NONE},
-        {"simple", GGML_DECO_RNORM_SIMPLE},
-        {"rms",    GGML_DECO_RNORM_RMS},
-        {"normal", GGML_DECO_RNORM_NORMAL},
-    });
-    ml.get_key(LLM_KV_DECO_EXPERT_BIAS, s);
-    if (router_norm == GGML_DECO_RNORM_NORMAL) {
+    if (s == "normal") {
         // mean-subtracting router norm gives inactive experts non-zero scores (the authors' dense forward uses
         // them): such a model is not sparse, and the converter refuses it too
         deco_fail(format("%s = 'normal' is not supported: it gives inactive experts non-zero scores, the model is not sparse",
                 kv(LLM_KV_DECO_ROUTER_NORM).c_str()));
     }
+    router_norm = deco_parse_enum<ggml_deco_router_norm>(kv(LLM_KV_DECO_ROUTER_NORM), s, {
+        {"none",   GGML_DECO_RNORM_NONE},
+        {"simple", GGML_DECO_RNORM_SIMPLE},
+        {"rms",    GGML_DECO_RNORM_RMS},
+    });
+    ml.get_key(LLM_KV_DECO_EXPERT_BIAS, s);
     bias_mode = deco_parse_enum<ggml_deco_bias_mode>(kv(LLM_KV_DECO_EXPERT_BIAS), s, {
         {"none", GGML_DECO_BIAS_NONE},
         {"base", GGML_DECO_BIAS_BASE},
@@ -518,7 +517,6 @@ ggml_tensor * llama_model_deco::graph::build_deco_ffn_ops(const llama_model_deco
         case GGML_DECO_RNORM_NONE: break;
         case GGML_DECO_RNORM_SIMPLE: r = ggml_mul(ctx0, r, dl.router_scale); break;
         case GGML_DECO_RNORM_RMS:    r = ggml_mul(ctx0, ggml_rms_norm(ctx0, r, eps), dl.router_scale); break;
-        case GGML_DECO_RNORM_NORMAL: r = ggml_mul(ctx0, ggml_norm(ctx0, r, eps), dl.router_scale); break;
         default: break;
     }
     ggml_tensor * s = ggml_mul(ctx0, r, mask); // [E, T]

@@ -161,17 +161,11 @@ static int64_t deco_route_token(const ggml_deco_moe_params & p, int64_t E, const
         case GGML_DECO_RNORM_SIMPLE:
             for (int64_t e = 0; e < E; ++e) s[e] *= scale[n_scale == 1 ? 0 : e];
             break;
-        case GGML_DECO_RNORM_RMS:
-        case GGML_DECO_RNORM_NORMAL: {
-            double mu = 0.0;
-            if (p.router_norm == GGML_DECO_RNORM_NORMAL) {
-                for (int64_t e = 0; e < E; ++e) mu += s[e];
-                mu /= (double) E;
-            }
+        case GGML_DECO_RNORM_RMS: {
             double ss = 0.0;
-            for (int64_t e = 0; e < E; ++e) ss += (s[e] - mu) * (s[e] - mu);
+            for (int64_t e = 0; e < E; ++e) ss += (double) s[e] * s[e];
             const float inv = (float) (1.0 / sqrt(ss / (double) E + (double) p.eps));
-            for (int64_t e = 0; e < E; ++e) s[e] = (float) (s[e] - mu) * inv * scale[n_scale == 1 ? 0 : e];
+            for (int64_t e = 0; e < E; ++e) s[e] = s[e] * inv * scale[n_scale == 1 ? 0 : e];
         } break;
         default: break;
     }

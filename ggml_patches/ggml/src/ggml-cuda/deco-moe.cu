@@ -172,22 +172,15 @@ static __global__ void deco_route(
         for (int e = lane; e < E; e += WARP_SIZE) {
             s[e] *= scale[n_scale == 1 ? 0 : e];
         }
-    } else if (p.router_norm == GGML_DECO_RNORM_RMS || p.router_norm == GGML_DECO_RNORM_NORMAL) {
-        // statistics of the masked scores in double, as on the CPU
-        double mu = 0.0;
-        if (p.router_norm == GGML_DECO_RNORM_NORMAL) {
-            for (int e = lane; e < E; e += WARP_SIZE) {
-                mu += s[e];
-            }
-            mu = deco_warp_sum(mu) / E;
-        }
+    } else if (p.router_norm == GGML_DECO_RNORM_RMS) {
+        // the mean square of the masked scores in double, as on the CPU
         double ss = 0.0;
         for (int e = lane; e < E; e += WARP_SIZE) {
-            ss += (s[e] - mu)*(s[e] - mu);
+            ss += (double) s[e]*s[e];
         }
         const float inv = (float) (1.0 / sqrt(deco_warp_sum(ss) / E + (double) p.eps));
         for (int e = lane; e < E; e += WARP_SIZE) {
-            s[e] = (float) (s[e] - mu) * inv * scale[n_scale == 1 ? 0 : e];
+            s[e] = s[e] * inv * scale[n_scale == 1 ? 0 : e];
         }
     }
 
