@@ -15,7 +15,8 @@
 #   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
 #      ccache in ~/.cache/ccache): libllama/libggml*, libdeco-speculative, llama-cli, llama-server,
 #      llama-perplexity, llama-bench, llama-quantize, llama-imatrix, test-backend-ops, ggml-rpc-server
-#      (the RPC backend is on: docs/distributed.md) (+ our own test tools);
+#      (the RPC backend is on: docs/distributed.md) (+ our own test tools, and upstream's test-llama-archs and
+#      test-save-load-state, which tests/test_upstream.py runs on DECO);
 #   5. pip-install llama-cpp-python into the venv with -DLLAMA_BUILD=OFF (no second compile of
 #      llama.cpp) and copy our shared libraries, llama-quantize, llama-imatrix and ggml-rpc-server into
 #      its llama_cpp/lib; check that
@@ -197,7 +198,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 TARGETS=(llama ggml ggml-base ggml-cpu mtmd
          llama-cli llama-server llama-perplexity llama-bench llama-quantize llama-imatrix test-backend-ops
-         ggml-rpc ggml-rpc-server deco-speculative)
+         ggml-rpc ggml-rpc-server deco-speculative test-llama-archs test-save-load-state)
 # our own test tools, present only in the patched tree
 if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn); fi
 

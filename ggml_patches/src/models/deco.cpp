@@ -1,6 +1,7 @@
 #include "deco.h"
 
 #include "llama-impl.h"
+#include "llama-model-saver.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -49,11 +50,35 @@ int32_t llama_deco_ffn_mode_get(void) {
     throw std::runtime_error("deco: " + msg);
 }
 
+// the values of the deco.* string keys (docs/gguf-format.md) and the op's enums they select
+template <typename E> using deco_names = std::vector<std::pair<const char *, E>>;
+
+static const deco_names<ggml_deco_act> DECO_EXPERT_ACTIVATIONS = {
+    {"norm_silu",        GGML_DECO_ACT_NORM_SILU},
+    {"norm_silu_nomean", GGML_DECO_ACT_NORM_SILU_NOMEAN},
+    {"norm_silu_norms",  GGML_DECO_ACT_NORM_SILU_NORMS},
+    {"silu",             GGML_DECO_ACT_SILU},
+    {"relu",             GGML_DECO_ACT_RELU},
+};
+static const deco_names<ggml_deco_router_act> DECO_ROUTER_ACTIVATIONS = {
+    {"relu",   GGML_DECO_ROUTER_RELU},
+    {"sqrelu", GGML_DECO_ROUTER_SQRELU},
+};
+static const deco_names<ggml_deco_router_norm> DECO_ROUTER_NORMS = {
+    {"none",   GGML_DECO_RNORM_NONE},
+    {"simple", GGML_DECO_RNORM_SIMPLE},
+    {"rms",    GGML_DECO_RNORM_RMS},
+};
+static const deco_names<ggml_deco_bias_mode> DECO_EXPERT_BIASES = {
+    {"none", GGML_DECO_BIAS_NONE},
+    {"base", GGML_DECO_BIAS_BASE},
+    {"rms",  GGML_DECO_BIAS_RMS},
+};
+
 template <typename E>
-static E deco_parse_enum(const std::string & key, const std::string & value,
-                         std::initializer_list<std::pair<const char *, E>> options) {
+static E deco_parse_enum(const std::string & key, const std::string & value, const deco_names<E> & names) {
     std::string valid;
-    for (const auto & [name, v] : options) {
+    for (const auto & [name, v] : names) {
         if (value == name) {
             return v;
         }
@@ -61,6 +86,16 @@ static E deco_parse_enum(const std::string & key, const std::string & value,
         valid += name;
     }
     deco_fail(format("%s = '%s' is not supported (expected one of: %s)", key.c_str(), value.c_str(), valid.c_str()));
+}
+
+template <typename E>
+static const char * deco_enum_name(const deco_names<E> & names, E value) {
+    for (const auto & [name, v] : names) {
+        if (v == value) {
+            return name;
+        }
+    }
+    GGML_ABORT("deco: no name for enum value %d", (int) value);
 }
 
 static bool deco_finite(float x) {
@@ -137,18 +172,9 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
 
     std::string s;
     ml.get_key(LLM_KV_DECO_EXPERT_ACTIVATION, s);
-    expert_act = deco_parse_enum<ggml_deco_act>(kv(LLM_KV_DECO_EXPERT_ACTIVATION), s, {
-        {"norm_silu",        GGML_DECO_ACT_NORM_SILU},
-        {"norm_silu_nomean", GGML_DECO_ACT_NORM_SILU_NOMEAN},
-        {"norm_silu_norms",  GGML_DECO_ACT_NORM_SILU_NORMS},
-        {"silu",             GGML_DECO_ACT_SILU},
-        {"relu",             GGML_DECO_ACT_RELU},
-    });
+    expert_act = deco_parse_enum(kv(LLM_KV_DECO_EXPERT_ACTIVATION), s, DECO_EXPERT_ACTIVATIONS);
     ml.get_key(LLM_KV_DECO_ROUTER_ACTIVATION, s);
-    router_act = deco_parse_enum<ggml_deco_router_act>(kv(LLM_KV_DECO_ROUTER_ACTIVATION), s, {
-        {"relu",   GGML_DECO_ROUTER_RELU},
-        {"sqrelu", GGML_DECO_ROUTER_SQRELU},
-    });
+    router_act = deco_parse_enum(kv(LLM_KV_DECO_ROUTER_ACTIVATION), s, DECO_ROUTER_ACTIVATIONS);
     ml.get_key(LLM_KV_DECO_ROUTER_NORM, s);
     if (s == "normal") {
         // mean-subtracting router norm gives inactive experts non-zero scores (the authors' dense forward uses
@@ -156,17 +182,9 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
         deco_fail(format("%s = 'normal' is not supported: it gives inactive experts non-zero scores, the model is not sparse",
                 kv(LLM_KV_DECO_ROUTER_NORM).c_str()));
     }
-    router_norm = deco_parse_enum<ggml_deco_router_norm>(kv(LLM_KV_DECO_ROUTER_NORM), s, {
-        {"none",   GGML_DECO_RNORM_NONE},
-        {"simple", GGML_DECO_RNORM_SIMPLE},
-        {"rms",    GGML_DECO_RNORM_RMS},
-    });
+    router_norm = deco_parse_enum(kv(LLM_KV_DECO_ROUTER_NORM), s, DECO_ROUTER_NORMS);
     ml.get_key(LLM_KV_DECO_EXPERT_BIAS, s);
-    bias_mode = deco_parse_enum<ggml_deco_bias_mode>(kv(LLM_KV_DECO_EXPERT_BIAS), s, {
-        {"none", GGML_DECO_BIAS_NONE},
-        {"base", GGML_DECO_BIAS_BASE},
-        {"rms",  GGML_DECO_BIAS_RMS},
-    });
+    bias_mode = deco_parse_enum(kv(LLM_KV_DECO_EXPERT_BIAS), s, DECO_EXPERT_BIASES);
 
     // mup scales (1 unless use_mup)
     hparams.f_embedding_scale = 1.0f;
@@ -335,6 +353,27 @@ void llama_model_deco::load_arch_tensors(llama_model_loader & ml_) {
             layer.ffn_up_shexp   = create_tensor(tn(LLM_TENSOR_FFN_UP_SHEXP,   "weight", il), {n_embd, n_ff_shexp_}, 0);
             layer.ffn_down_shexp = create_tensor(tn(LLM_TENSOR_FFN_DOWN_SHEXP, "weight", il), {n_ff_shexp_, n_embd}, 0);
         }
+    }
+}
+
+//
+// saving (llama_model_save_to_file): the deco.* keys and tensors beside the common ones
+//
+
+void llama_model_deco::save_arch_kv(llama_model_saver & ms) const {
+    ms.add_kv(LLM_KV_DECO_MOE_LAYER_MASK, std::vector<uint32_t>(moe_layer.begin(), moe_layer.begin() + hparams.n_layer()));
+    ms.add_kv(LLM_KV_DECO_EXPERT_GATED, expert_gated);
+    ms.add_kv(LLM_KV_DECO_EXPERT_ACTIVATION, deco_enum_name(DECO_EXPERT_ACTIVATIONS, expert_act));
+    ms.add_kv(LLM_KV_DECO_ROUTER_ACTIVATION, deco_enum_name(DECO_ROUTER_ACTIVATIONS, router_act));
+    ms.add_kv(LLM_KV_DECO_ROUTER_NORM, deco_enum_name(DECO_ROUTER_NORMS, router_norm));
+    ms.add_kv(LLM_KV_DECO_EXPERT_BIAS, deco_enum_name(DECO_EXPERT_BIASES, bias_mode));
+}
+
+void llama_model_deco::save_arch_tensors(llama_model_saver & ms) const {
+    for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+        ms.add_tensor(deco_layers[il].router_scale);
+        ms.add_tensor(deco_layers[il].exps_mean);
+        ms.add_tensor(deco_layers[il].exps_norm);
     }
 }
 

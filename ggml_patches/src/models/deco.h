@@ -21,6 +21,10 @@ struct llama_model_deco : public llama_model_base {
     void load_arch_hparams(llama_model_loader & ml) override;
     void load_arch_tensors(llama_model_loader & ml) override;
 
+    // what llama_model_saver writes for DECO beside the common keys and the llama_layer tensors
+    void save_arch_kv(struct llama_model_saver & ms) const;
+    void save_arch_tensors(struct llama_model_saver & ms) const;
+
     // DECO hyperparameters (validated at load)
     std::array<int32_t, LLAMA_MAX_LAYERS> moe_layer = {}; // 1 = DECO FFN layer, 0 = dense SwiGLU
     uint32_t n_ff_exp    = 0;   // De
