@@ -30,7 +30,9 @@ from .rpc import Offload, attach
 
 # How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the
 # active experts only, `dense` every expert with the same op, `ops` plain ggml ops (a dense reference).
-MODES = {"sparse": 0, "dense": 1, "ops": 2}
+# A model reads its mode at load from the `deco.ffn_mode` override (llama.cpp's kv_overrides).
+MODES = ("sparse", "dense", "ops")
+MODE_KEY = "deco.ffn_mode"
 
 GET_RUNTIME = "run `bash scripts/setup.sh` in a deco-gguf source tree (it builds llama.cpp with ggml_patches/)"
 GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
@@ -50,21 +52,28 @@ def lib_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
+def is_patched() -> bool:
+    """Whether llama-cpp-python is installed and runs this project's patched llama.cpp (its ggml has the
+    DECO op)."""
+    try:
+        found = sorted(lib_dir().glob("libggml-base.*")) or sorted(lib_dir().glob("ggml-base.*"))
+        return bool(found) and hasattr(ctypes.CDLL(str(found[0])), "ggml_deco_moe")
+    except (ImportError, OSError):
+        return False
+
+
 def library():
-    """libllama as loaded by llama_cpp, with the DECO entry points typed; DecoError if it is stock."""
+    """libllama as loaded by llama_cpp, with llama.cpp's logs routed; DecoError if it is missing or stock."""
     try:
         import llama_cpp
     except ImportError:
         raise DecoError(f"the patched llama.cpp runtime is not installed: {GET_RUNTIME}") from None
     lib = llama_cpp.llama_cpp._lib
-    if not hasattr(lib, "llama_deco_ffn_mode_set"):
-        raise DecoError(f"the installed llama-cpp-python is not the patched DECO build: {GET_RUNTIME}")
-    if not getattr(lib, "_deco_typed", False):
-        lib.llama_deco_ffn_mode_set.argtypes = [ctypes.c_int32]
-        lib.llama_deco_ffn_mode_set.restype = None
-        lib.llama_deco_ffn_mode_get.restype = ctypes.c_int32
+    if not getattr(lib, "_deco_checked", False):
+        if not is_patched():
+            raise DecoError(f"the installed llama-cpp-python is not the patched DECO build: {GET_RUNTIME}")
         _route_logs(llama_cpp)
-        lib._deco_typed = True
+        lib._deco_checked = True
     return lib
 
 
@@ -215,7 +224,6 @@ class DecoRuntime:
         threads = n_threads or available_cores()
         _errors.clear()
         broken_template = any(template_error(t) for t in self.info.chat_templates)
-        self.lib.llama_deco_ffn_mode_set(MODES[mode])  # the model keeps the mode it is loaded with
         try:
             with _chatml_while_loading() if broken_template else contextlib.nullcontext():
                 self.llm = Llama(
@@ -223,12 +231,10 @@ class DecoRuntime:
                     n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                     flash_attn=not exact, type_k=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
                     type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16, logits_all=all_logits,
-                    n_gpu_layers=offload.n_gpu_layers,
+                    n_gpu_layers=offload.n_gpu_layers, kv_overrides={MODE_KEY: mode},
                 )
         except (ValueError, RuntimeError) as e:
             raise DecoError(f"{self.path}: llama.cpp cannot load it: {_last_error(str(e))}") from None
-        finally:
-            self.lib.llama_deco_ffn_mode_set(-1)
 
     @property
     def config(self):

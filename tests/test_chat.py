@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
 
 llama_cpp = pytest.importorskip("llama_cpp")
-if not hasattr(llama_cpp.llama_cpp._lib, "llama_deco_ffn_mode_set"):
+from deco_gguf.runtime import is_patched  # noqa: E402
+if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402

@@ -23,12 +23,12 @@ from deco_gguf.converter.convert import convert
 from deco_gguf.fixtures import VARIANTS as FIXTURES
 from deco_gguf.fixtures import write_fixture
 from deco_gguf.reference import DecoModel
-from deco_gguf.runtime import MODES, ggml_base, library
+from deco_gguf.runtime import MODE_KEY, MODES, ggml_base, library
 from llama_server import llama_server, post  # tests/llama_server.py
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_BIN = REPO / ".deps" / "build" / "bin"
-_lib = library()  # the patched libllama with its DECO entry points typed; llama.cpp's logs kept quiet
+_lib = library()  # the patched libllama, llama.cpp's logs kept quiet
 TOL = 1e-4
 
 llama_cpp.llama_backend_init()
@@ -38,11 +38,14 @@ class Runtime:
     """Minimal llama-cpp-python low-level session on one GGUF (F32 KV cache, no flash attention)."""
 
     def __init__(self, path: Path, n_ctx: int = 256, n_batch: int = 512, n_seq: int = 1, mode: str = "sparse"):
-        _lib.llama_deco_ffn_mode_set(MODES[mode])
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = int(os.environ.get("DECO_TEST_NGL", "0"))  # scripts/gpu-check.sh: 99 (all on the GPU)
+        overrides = (llama_cpp.llama_model_kv_override * 2)()  # the mode, then the empty key that ends the list
+        overrides[0].key = MODE_KEY.encode()
+        overrides[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+        overrides[0].value.val_str = mode.encode()
+        mp.kv_overrides = overrides
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-        _lib.llama_deco_ffn_mode_set(-1)  # the model keeps the mode it was loaded with
         if not self.model:
             raise RuntimeError(f"failed to load {path}")
         cp = llama_cpp.llama_context_default_params()
@@ -300,3 +303,20 @@ def test_llama_server_completion(models):
         out = post(url + "/completion", {"prompt": ids, "n_predict": 4, "temperature": 0, "top_k": 1,
                                          "return_tokens": True, "cache_prompt": False})
         assert out["tokens"] == ref.generate_greedy(ids, 4)
+
+
+def test_mode_override_reaches_the_model(models):
+    """The `deco.ffn_mode` override picks the graph: `ops` has no DECO op (its counters stay at zero)."""
+    path, ref = models("base")
+    ids = _ids(ref, 6, seed=11)
+    counted = {}
+    for mode in ("ops", "sparse"):
+        rt = Runtime(path, mode=mode)
+        try:
+            ggml_base().ggml_deco_stats_reset()
+            rt.decode([ids])
+            buf = (ctypes.c_int64 * 4)()
+            counted[mode] = sum(buf[0] for il in range(ref.config.num_layers) if ggml_base().ggml_deco_stats_get(il, buf))
+        finally:
+            rt.close()
+    assert counted["ops"] == 0 and counted["sparse"] >= len(ids)

@@ -3,44 +3,9 @@
 #include "llama-impl.h"
 #include "llama-model-saver.h"
 
-#include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
-
-//
-// evaluation mode switch
-//
-
-static std::atomic<int32_t> g_deco_ffn_mode_override{-1};
-
-llama_deco_ffn_mode llama_deco_get_ffn_mode() {
-    const int32_t ov = g_deco_ffn_mode_override.load();
-    if (ov >= LLAMA_DECO_FFN_SPARSE && ov <= LLAMA_DECO_FFN_OPS) {
-        return (llama_deco_ffn_mode) ov;
-    }
-    const char * env = getenv("DECO_FFN");
-    if (env == nullptr || *env == '\0' || strcmp(env, "sparse") == 0) {
-        return LLAMA_DECO_FFN_SPARSE;
-    }
-    if (strcmp(env, "dense") == 0) {
-        return LLAMA_DECO_FFN_DENSE;
-    }
-    if (strcmp(env, "ops") == 0) {
-        return LLAMA_DECO_FFN_OPS;
-    }
-    LLAMA_LOG_WARN("%s: unknown DECO_FFN='%s' (expected sparse, dense or ops), using sparse\n", __func__, env);
-    return LLAMA_DECO_FFN_SPARSE;
-}
-
-void llama_deco_ffn_mode_set(int32_t mode) {
-    g_deco_ffn_mode_override.store(mode >= LLAMA_DECO_FFN_SPARSE && mode <= LLAMA_DECO_FFN_OPS ? mode : -1);
-}
-
-int32_t llama_deco_ffn_mode_get(void) {
-    return (int32_t) llama_deco_get_ffn_mode();
-}
 
 //
 // hyperparameters
@@ -68,6 +33,11 @@ static const deco_names<ggml_deco_router_norm> DECO_ROUTER_NORMS = {
     {"none",   GGML_DECO_RNORM_NONE},
     {"simple", GGML_DECO_RNORM_SIMPLE},
     {"rms",    GGML_DECO_RNORM_RMS},
+};
+static const deco_names<llama_deco_ffn_mode> DECO_FFN_MODES = {
+    {"sparse", LLAMA_DECO_FFN_SPARSE},
+    {"dense",  LLAMA_DECO_FFN_DENSE},
+    {"ops",    LLAMA_DECO_FFN_OPS},
 };
 static const deco_names<ggml_deco_bias_mode> DECO_EXPERT_BIASES = {
     {"none", GGML_DECO_BIAS_NONE},
@@ -103,8 +73,15 @@ static bool deco_finite(float x) {
 }
 
 void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
-    ffn_mode = llama_deco_get_ffn_mode();
     const auto kv = LLM_KV(arch);
+
+    // how this model evaluates DECO FFN layers: the deco.ffn_mode override (never in a file), else DECO_FFN
+    std::string mode;
+    if (!ml.get_key(LLM_KV_DECO_FFN_MODE, mode, false)) {
+        const char * env = getenv("DECO_FFN");
+        mode = env != nullptr && *env != '\0' ? env : "sparse";
+    }
+    ffn_mode = deco_parse_enum(kv(LLM_KV_DECO_FFN_MODE) + " (or DECO_FFN)", mode, DECO_FFN_MODES);
     const uint32_t n_layer = hparams.n_layer();
 
     if (hparams.n_layer_nextn != 0) {

@@ -36,8 +36,9 @@ struct llama_model_deco : public llama_model_base {
     ggml_deco_router_norm router_norm = GGML_DECO_RNORM_SIMPLE;
     ggml_deco_bias_mode   bias_mode   = GGML_DECO_BIAS_NONE;
 
-    // how the graphs of this model evaluate DECO FFN layers: read once at load (llama_deco_get_ffn_mode), so
-    // models loaded in different modes live side by side in one process
+    // how the graphs of this model evaluate DECO FFN layers, read at load from the deco.ffn_mode override
+    // (llama_model_params.kv_overrides; --override-kv deco.ffn_mode=str:dense) or else the DECO_FFN environment
+    // variable: models loaded in different modes live side by side in one process
     llama_deco_ffn_mode ffn_mode = LLAMA_DECO_FFN_SPARSE;
 
     // DECO-only per-layer tensors (the others live in llama_layer)
@@ -57,13 +58,3 @@ struct llama_model_deco : public llama_model_base {
 
     std::unique_ptr<llm_graph_context> build_arch_graph(const llm_graph_params & params) const override;
 };
-
-// the mode a model takes at load: the value set by llama_deco_ffn_mode_set below, else DECO_FFN=sparse|dense|ops
-llama_deco_ffn_mode llama_deco_get_ffn_mode();
-
-extern "C" {
-    // override the DECO FFN evaluation mode of models loaded from now on (-1: back to the DECO_FFN env var);
-    // a model keeps the mode it was loaded with
-    LLAMA_API void    llama_deco_ffn_mode_set(int32_t mode);
-    LLAMA_API int32_t llama_deco_ffn_mode_get(void);
-}
