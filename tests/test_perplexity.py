@@ -22,7 +22,8 @@ BIN = REPO / ".deps" / "build" / "bin"
 LLAMA_PERPLEXITY = BIN / "llama-perplexity"
 
 llama_cpp = pytest.importorskip("llama_cpp")
-if not hasattr(llama_cpp.llama_cpp._lib, "llama_deco_ffn_mode_set"):
+from deco_gguf.runtime import is_patched  # noqa: E402
+if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
 CTX = 256
