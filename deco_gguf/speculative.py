@@ -12,7 +12,7 @@ distribution (docs/speculative.md).
 
 Drafts:
 - `model`: a smaller GGUF with the target's vocabulary (in the DECO family, a smaller DECO);
-- `lookup`: n-grams of the prompt and of the text generated so far (llama.cpp's ngram-cache);
+- `lookup`: n-grams of the prompt and of the text generated so far (llama.cpp's ngram-simple);
 - `script`: a given continuation, each token replaced by a wrong one at a set rate; it measures the
   engine independently of how good a draft is (benchmarks/speculative.sh, `deco-gguf speed`).
 """
@@ -37,7 +37,8 @@ LOOKUP_N = 3  # n-gram length of the lookup draft
 
 
 class _Params(ctypes.Structure):
-    _fields_ = [("draft", ctypes.c_int32), ("n_draft", ctypes.c_int32), ("lookup_n", ctypes.c_int32), ("script", ctypes.POINTER(ctypes.c_int32)),
+    _fields_ = [("draft", ctypes.c_int32), ("n_draft", ctypes.c_int32), ("lookup_n", ctypes.c_int32),
+                ("script", ctypes.POINTER(ctypes.c_int32)),
                 ("n_script", ctypes.c_int32), ("script_hit_rate", ctypes.c_float), ("script_seed", ctypes.c_uint32)]
 
 
