@@ -41,8 +41,8 @@ struct deco_spec {
         return llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(tgt)));
     }
 
-    // llama.cpp's speculative implementation for the draft kind, fresh for each generation (the n-gram
-    // cache is built from the prompt); nullptr for the kinds drafted here
+    // llama.cpp's speculative implementation for the draft kind, fresh for each generation (it reads the
+    // prompt as it drafts); nullptr for the kinds drafted here
     common_speculative_ptr make_speculative() const {
         common_params_speculative sp;
         if (params.draft == DECO_SPEC_DRAFT_MODEL) {
