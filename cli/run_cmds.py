@@ -305,6 +305,7 @@ def speed(
         if offload.rpc or vs_dense or plot_file is not None:
             raise DecoError("--rpc, --vs-dense and --plot are not available with speculative decoding")
         from ..runtime import available_cores
+        from ..speculative import DEFAULT_DRAFT_MAX
         from ..speculative_speed import measure_speculative
         from ..speed import DEFAULT_TEXT
 
@@ -313,7 +314,7 @@ def speed(
         with progress:
             task = progress.add_task("runs", total=None)
             report = measure_speculative(
-                path, sample or DEFAULT_TEXT, draft=draft, lookup=lookup, synthetic=rates, draft_max=draft_max or 4,
+                path, sample or DEFAULT_TEXT, draft=draft, lookup=lookup, synthetic=rates, draft_max=draft_max or DEFAULT_DRAFT_MAX,
                 prompt=pp, tg=tg, n_passages=repetitions, threads=counts or [available_cores()],
                 on_step=lambda done, total: progress.update(task, completed=done, total=total))
         _print_speculative(report, as_json)

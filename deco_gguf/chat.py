@@ -294,12 +294,10 @@ class ChatSession:
 
         worker = threading.Thread(target=work, name="speculative decoding", daemon=True)
         worker.start()
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        generated: list[int] = []
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two runs
         try:
             while (run := runs.get()) is not None:
-                text = utf8.decode(self.llm.detokenize(run, prev_tokens=prompt + generated))
-                generated.extend(run)
+                text = utf8.decode(self.llm.detokenize(run))
                 if text:
                     yield text
         finally:

@@ -32,7 +32,7 @@ from .runtime import GET_RUNTIME, DecoRuntime, lib_dir, library
 from .sampling import GREEDY, Sampling
 
 DRAFTS = {"none": 0, "model": 1, "lookup": 2, "script": 3}  # enum deco_spec_draft
-DEFAULT_DRAFT_MAX = {"model": 4, "lookup": 4, "script": 4, "none": 0}
+DEFAULT_DRAFT_MAX = 4  # tokens drafted per verification unless asked otherwise (no draft: 0)
 LOOKUP_N = 3  # n-gram length of the lookup draft
 
 
@@ -196,7 +196,8 @@ class Speculator:
             raise DecoError(f"unknown draft {draft!r} (choose from {', '.join(DRAFTS)})")
         if (draft == "model") != (draft_model is not None):
             raise DecoError("a draft model is needed for, and only for, draft='model'")
-        n_draft = DEFAULT_DRAFT_MAX[draft] if n_draft is None else n_draft
+        if n_draft is None:
+            n_draft = 0 if draft == "none" else DEFAULT_DRAFT_MAX
         if n_draft < 0 or (n_draft == 0 and draft != "none"):
             raise DecoError("--draft-max must be at least 1")
         if not 0.0 <= hit_rate <= 1.0:

@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import DecoError
 from .runtime import DecoRuntime
 from .sampling import GREEDY
-from .speculative import DraftModel, Speculator, SpecStats
+from .speculative import DEFAULT_DRAFT_MAX, DraftModel, Speculator, SpecStats
 
 AUTOREGRESSIVE = ("sparse", "dense")
 
@@ -88,7 +88,6 @@ class SpeculativeReport:
 
     def as_dict(self) -> dict:
         return {
-            "model": self.model,
             "settings": {"draft_max": self.draft_max, "prompt": self.prompt, "tg": self.tg, "passages": self.passages},
             "results": [c.as_dict(self.find("sparse", c.threads)) | {
                 "speedup_vs_dense": c.median / self.find("dense", c.threads).median} for c in self.configs],
@@ -109,7 +108,7 @@ def passages(llm, text: str, prompt: int, tg: int, n: int) -> list[list[int]]:
 
 def measure_speculative(
     path: Path, text: str, *, draft: Path | None = None, lookup: bool = False, synthetic: tuple[float, ...] = (),
-    draft_max: int = 4, prompt: int = 64, tg: int = 64, n_passages: int = 3, threads: list[int],
+    draft_max: int = DEFAULT_DRAFT_MAX, prompt: int = 64, tg: int = 64, n_passages: int = 3, threads: list[int],
     on_step: Callable[[int, int], None] | None = None,
 ) -> SpeculativeReport:
     kinds = (["draft"] if draft else []) + (["lookup"] if lookup else []) + [f"synthetic {r:g}" for r in synthetic]
@@ -141,7 +140,7 @@ def measure_speculative(
                         spec.close()
                     want = want or tokens
                     if tokens != want and name != "dense":
-                        at = next(i for i, (a, b) in enumerate(zip(tokens, want)) if a != b) if len(tokens) == len(want) else min(len(tokens), len(want))
+                        at = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), min(len(tokens), len(want)))
                         raise DecoError(f"{name} (threads {t}) generated other tokens than autoregressive sparse decoding, from token {at}")
                     cfg.runs.append(stats)
                     done += 1

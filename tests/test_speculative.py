@@ -114,15 +114,23 @@ def test_greedy_output_is_the_autoregressive_output(fixture_gguf, draft, options
         assert 0 < stats.n_accepted < stats.n_drafted
 
 
-def test_draft_model_output_is_the_autoregressive_output(fixture_gguf):
-    """A smaller DECO fixture with the same tokenizer drafts for the target."""
-    target, draft = fixture_gguf("base"), fixture_gguf("de64")
+@pytest.mark.parametrize("draft_arch", ["deco", "llama"])
+def test_draft_model_output_is_the_autoregressive_output(fixture_gguf, tmp_path, draft_arch):
+    """A smaller DECO fixture with the same tokenizer drafts for the target (opened by DecoRuntime); so does any
+    GGUF with the same vocabulary: the random-weight Llama that `speed --vs-dense` builds beside a DECO
+    (deco_gguf.dense_eq), opened through llama-cpp-python."""
+    from deco_gguf.dense_eq import build_dense_eq
+    from deco_gguf.gguf_file import read_gguf
+
+    target = fixture_gguf("base")
+    draft = fixture_gguf("de64") if draft_arch == "deco" else build_dense_eq(target, read_gguf(target), tmp_path).path
     rt = open_runtime(target)
     try:
         prompt = repetitive_prompt(rt)
         want = autoregressive(target, prompt, 40)
         dm = DraftModel(draft, rt)
         try:
+            assert (dm.runtime is None) == (draft_arch == "llama")
             with Speculator(rt, "model", draft_model=dm, n_draft=3) as spec:
                 got, stats = spec.generate(prompt, 40)
         finally:
@@ -301,28 +309,3 @@ def test_llama_server_with_a_deco_draft(bundled_gguf, tmp_path):
     assert out["tokens"] == want
     timings = out["timings"]
     assert timings["draft_n"] > 0 and 0 < timings["draft_n_accepted"] <= timings["draft_n"], timings
-
-
-def test_a_llama_drafts_for_a_deco(fixture_gguf, tmp_path):
-    """Any GGUF with the same vocabulary drafts: here the random-weight Llama that `speed --vs-dense` builds
-    beside a DECO (deco_gguf.dense_eq, same vocabulary), loaded through llama-cpp-python rather than DecoRuntime."""
-    from deco_gguf.dense_eq import build_dense_eq
-    from deco_gguf.gguf_file import read_gguf
-
-    target = fixture_gguf("base")
-    llama = build_dense_eq(target, read_gguf(target), tmp_path).path
-    rt = open_runtime(target)
-    try:
-        prompt = repetitive_prompt(rt)
-        want = autoregressive(target, prompt, 24)
-        dm = DraftModel(llama, rt)
-        try:
-            assert dm.runtime is None  # not a DECO: opened by llama-cpp-python
-            with Speculator(rt, "model", draft_model=dm, n_draft=3) as spec:
-                got, stats = spec.generate(prompt, 24)
-        finally:
-            dm.close()
-    finally:
-        rt.close()
-    assert got == want
-    assert stats.n_drafted > 0
