@@ -17,7 +17,7 @@ from .app import app, check_threads, console, err_console, friendly_errors, warn
 
 
 # Layers on other machines (docs/distributed.md): the same two options for chat, perplexity and speed.
-RpcServers = Annotated[Optional[str], typer.Option("--rpc", metavar="HOST:PORT[,...]", help="Place layers on rpc-servers of other machines (this project's build: scripts/setup.sh builds rpc-server); docs/distributed.md.")]
+RpcServers = Annotated[Optional[str], typer.Option("--rpc", metavar="HOST:PORT[,...]", help="Place layers on rpc-servers of other machines (this project's build installs rpc-server); docs/distributed.md.")]
 RpcLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", help="How many layers go to the --rpc servers, the last ones (llama.cpp's -ngl); default: all.", min=0)]
 
 

@@ -1,6 +1,6 @@
 """Layers on other machines through llama.cpp's RPC backend (docs/distributed.md).
 
-Each remote machine runs `rpc-server` from the patched build (scripts/setup.sh builds it);
+Each remote machine runs `rpc-server` from the patched build (`pip install .` installs it);
 `attach()` registers their devices with ggml in this process, after checking that each server
 answers with the patched protocol, so that a model loaded with `n_gpu_layers` places those layers
 there (llama.cpp's `--rpc` and `-ngl`). ggml keeps attached servers for the life of the process and
@@ -95,7 +95,7 @@ def attach(endpoints: tuple[str, ...], lib_dir: Path) -> None:
     ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
     registry = ggml.ggml_backend_reg_by_name(b"RPC")
     if not registry:
-        raise DecoError("this runtime was built without ggml's RPC backend: rerun scripts/setup.sh")
+        raise DecoError("this runtime was built without ggml's RPC backend: reinstall with `pip install .`")
     add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(
         ggml.ggml_backend_reg_get_proc_address(registry, b"ggml_backend_rpc_add_server")
     )
@@ -104,7 +104,7 @@ def attach(endpoints: tuple[str, ...], lib_dir: Path) -> None:
         if major != PROTOCOL_MAJOR:
             raise DecoError(
                 f"{endpoint}: the rpc-server speaks RPC protocol {major}.{minor}.{patch}, this runtime {PROTOCOL_MAJOR}.x: "
-                "run the rpc-server of this project's build (scripts/setup.sh), which knows the DECO op"
+                "run the rpc-server of this project's build (`pip install .` installs it), which knows the DECO op"
             )
         server = add_server(endpoint.encode())
         if not server:

@@ -1,8 +1,8 @@
 """Running DECO GGUF files with the patched llama.cpp (through llama-cpp-python).
 
-`scripts/build-runtime.sh` builds llama.cpp with `ggml_patches/` and installs
-llama-cpp-python on top of those libraries, with llama-quantize, llama-imatrix and
-ggml-rpc-server beside them. This module is the layer the CLI uses: open a model
+`pip install .` builds llama.cpp with `ggml_patches/` (scripts/build-runtime.sh, run by
+the build backend) and installs llama-cpp-python on top of those libraries, with
+llama-quantize, llama-imatrix and ggml-rpc-server beside them. This module is the layer the CLI uses: open a model
 (threads, context, sparse/dense evaluation, layers on rpc-servers), read the
 per-layer active-expert counters, quantize with llama-quantize's presets and
 compute importance matrices.
@@ -34,7 +34,7 @@ from .rpc import Offload, attach
 MODES = ("sparse", "dense", "ops")
 MODE_KEY = "deco.ffn_mode"
 
-GET_RUNTIME = "run `bash scripts/setup.sh` in a deco-gguf source tree (it builds llama.cpp with ggml_patches/)"
+GET_RUNTIME = "run `pip install .` in a deco-gguf source tree (it builds llama.cpp with ggml_patches/)"
 GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
 _errors: deque[str] = deque(maxlen=8)  # llama.cpp's recent error lines, for one-line messages
 
@@ -45,8 +45,8 @@ def available_cores() -> int:
 
 
 def lib_dir() -> Path:
-    """Where llama-cpp-python keeps the libraries, and where scripts/build-runtime.sh puts our build's
-    libraries and tools (ImportError without llama-cpp-python)."""
+    """Where llama-cpp-python keeps the libraries: our build's libraries and tools when it is the runtime
+    wheel scripts/build-runtime.sh packs (ImportError without llama-cpp-python)."""
     import llama_cpp
 
     return Path(llama_cpp.__file__).parent / "lib"
@@ -310,7 +310,7 @@ LOG_PREFIX = re.compile(r"^[\d.]+ [A-Z] ")
 
 
 def tool(name: str) -> Path:
-    """A llama.cpp tool of the patched build, installed beside its libraries (scripts/build-runtime.sh)."""
+    """A llama.cpp tool of the patched build, installed beside its libraries."""
     library()
     path = lib_dir() / name
     if not path.is_file():

@@ -16,10 +16,10 @@ def version_lines() -> list[str]:
     try:
         import llama_cpp
     except ImportError:
-        return lines + ["runtime: not installed (bash scripts/setup.sh builds and installs the patched llama.cpp)"]
+        return lines + ["runtime: not installed (`pip install .` in the source tree builds and installs the patched llama.cpp)"]
     build_file = lib_dir() / "deco-build.json"
     if not build_file.is_file():
-        return lines + [f"runtime: llama-cpp-python {llama_cpp.__version__}, not this project's build (bash scripts/setup.sh)"]
+        return lines + [f"runtime: llama-cpp-python {llama_cpp.__version__}, not this project's build (`pip install .` in the source tree)"]
     build = json.loads(build_file.read_text())
     ggml = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
     ggml.ggml_version.restype = ctypes.c_char_p

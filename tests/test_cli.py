@@ -52,7 +52,7 @@ def test_more_threads_than_cores_is_warned():
     assert "warning" not in r.stderr
 
 
-# The CLI in a Python where llama_cpp cannot be imported (as after a plain `pip install .`).
+# The CLI in a Python where llama_cpp cannot be imported.
 WITHOUT_RUNTIME = "import sys; sys.modules['llama_cpp'] = None; from deco_gguf.cli import run; sys.argv[0] = 'deco-gguf'; run()"
 
 
@@ -68,4 +68,4 @@ def test_runtime_commands_without_the_runtime_say_how_to_get_it(command, tmp_pat
     r = subprocess.run([sys.executable, "-c", WITHOUT_RUNTIME, command[0], str(model), *args[1:]],
                        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "COLUMNS": "300"})
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("error: the patched llama.cpp runtime is not installed: run `bash scripts/setup.sh`"), r.stderr
+    assert r.stderr.startswith("error: the patched llama.cpp runtime is not installed: run `pip install .`"), r.stderr

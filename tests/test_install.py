@@ -1,0 +1,43 @@
+"""`pip install` of the sdist into a new virtual environment builds and installs the patched runtime
+(build_backend/deco_build.py): the installed package reports the patches, runs llama.cpp's tools and
+chats as this checkout does."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env: dict | None = None) -> str:
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=1800, cwd=REPO,
+                       env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})})
+    assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_pip_install_of_the_sdist_builds_and_installs_the_patched_runtime(tmp_path):
+    run(sys.executable, "-m", "build", "--sdist", "--outdir", tmp_path / "dist", REPO)
+    [sdist] = (tmp_path / "dist").glob("deco_gguf-*.tar.gz")
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv)
+    pip = [venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check"]
+    run(*pip, "install", "-q", "torch==2.13.0")  # the CPU build, as scripts/setup.sh installs it first
+    run(*pip, "install", "-q", sdist, env={"DECO_WHEELS": str(tmp_path / "wheels")})
+
+    assert re.search(r"^Version: 0\.3\.36\+deco\.[0-9a-f]{12}$", run(*pip, "show", "llama-cpp-python"), re.M)
+    run(*pip, "check")
+    installed = venv / "bin" / "deco-gguf"
+    patches = sorted(p.stem for p in (REPO / "ggml_patches" / "patches").glob("*.patch"))
+    assert run(installed, "--version").splitlines()[2].endswith(": " + ", ".join(patches))
+
+    # llama-quantize ships with the runtime
+    model = tmp_path / "tiny-q4.gguf"
+    run(installed, "convert", REPO / "models" / "deco-tiny", "-o", tmp_path / "tiny.gguf")
+    run(installed, "quantize", tmp_path / "tiny.gguf", model, "Q4_0")
+    chat = ["chat", model, "-p", "And God said", "--temp", "0", "--max-tokens", "24"]
+    assert run(installed, *chat) == run(sys.executable, "-m", "deco_gguf.cli", *chat)
