@@ -96,7 +96,10 @@ if command -v ninja >/dev/null; then GEN=(-G Ninja); fi
 LAUNCHER=()
 if [ -n "$CCACHE" ]; then
     "$CCACHE" --max-size=5G >/dev/null 2>&1 || true
-    LAUNCHER=(-DCMAKE_C_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE")
+    # the build finds ccache by name, so that the configuration does not change with where this run's
+    # ccache lives (the venv's, or the one pip put in a build backend's temporary environment)
+    export PATH="$(dirname "$CCACHE"):$PATH"
+    LAUNCHER=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ CMAKE_ARGS_DECO=(
 )
 if [ -n "${DECO_CUDA_ARCH:-}" ]; then
     CMAKE_ARGS_DECO+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$DECO_CUDA_ARCH")
-    [ -z "$CCACHE" ] || CMAKE_ARGS_DECO+=(-DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
+    [ -z "$CCACHE" ] || CMAKE_ARGS_DECO+=(-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
     RUNTIME_LIBS+=(ggml-cuda)
 fi
 CONFIG_STAMP="$(printf '%s\n' "$LLAMA" "${GEN[@]}" "${CMAKE_ARGS_DECO[@]}" | sha256sum | cut -d' ' -f1)"
