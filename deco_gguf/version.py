@@ -34,4 +34,6 @@ def version_lines() -> list[str]:
         if build["patches"] else "ggml patches: none (a pristine build: the DECO architecture is missing)",
         f"build: {cmake.get('CMAKE_BUILD_TYPE')}, native CPU {cmake.get('GGML_NATIVE')}, CUDA {cuda}, RPC {cmake.get('GGML_RPC')}",
         f"CPU features: {' '.join(features)}",
+        # the runtime wheel's version carries a hash of the build (scripts/build-runtime.sh)
+        f"runtime: llama-cpp-python {llama_cpp.__version__} in {lib_dir()}",
     ]

@@ -34,6 +34,10 @@ def test_version_names_the_package_runtime_patches_and_build():
     cpu_flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     if "avx2" in cpu_flags:
         assert "AVX2" in lines[4].split()
+    import llama_cpp
+
+    assert lines[5] == f"runtime: llama-cpp-python {llama_cpp.__version__} in {Path(llama_cpp.__file__).parent / 'lib'}"
+    assert re.fullmatch(rf"{re.escape(pinned)}\+deco\.[0-9a-f]{{12}}", llama_cpp.__version__)
 
 
 def test_help_documents_the_environment_variables():
