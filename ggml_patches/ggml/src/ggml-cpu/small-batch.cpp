@@ -104,40 +104,27 @@ void dispatch(int n, std::integer_sequence<int, NT...>, Args... args) {
     ((n == NT + 1 ? F<NT + 1>::run(args...) : void()), ...);
 }
 
-// Per vector and block of 256: -32 * the sums of its quants in groups of 4, as four vectors of 16 lanes (see below).
-struct q8_K_block_offsets {
-    std::vector<int32_t> lanes;
-
-    void compute(const char * vy, size_t by, int n_vec, int nb) {
-        lanes.resize((size_t) n_vec * nb * QK_K / 4);
-        const __m512i ones = _mm512_set1_epi8(1);
-        for (int v = 0; v < n_vec; ++v) {
-            const block_q8_K * y = (const block_q8_K *) (vy + v * by);
-            for (int b = 0; b < nb; ++b) {
-                for (int c = 0; c < QK_K / 64; ++c) {
-                    const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(y[b].qs + 64 * c));
-                    _mm512_storeu_si512(lanes.data() + (((size_t) v * nb + b) * 4 + c) * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-32)));
-                }
-            }
-        }
-    }
-};
-
 // NT vectors against nr rows of Q6_K. In each half (128 weights) of a block, the weights 0-63 are the low nibbles
 // of ql[0, 64) with bits 4-5 from qh[0, 32) >> 0 (bytes 0-31) and >> 2 (bytes 32-63); the weights 64-127 the high
-// nibbles with qh >> 4 and >> 6. Unpacked as unsigned 0..63 into two registers, each is dotted with the matching
-// 64 quants of the vector by one dpbusd: lane l holds the sum over weights 4l..4l+3, whose group of 16 (one int8
-// scale) is l / 4. The -32 offset is removed exactly by starting the lanes at -32 * the sums of the vector's
-// quants over the same 4 weights; the scales (times the block's d) multiply the lanes in F32.
+// nibbles with qh >> 4 and >> 6. Unpacked as unsigned 0..63 into four registers q[c] (weights 64c..64c+63), each is
+// dotted with the matching 64 quants of the vector by one dpbusd: lane l holds the sum over weights 64c + 4l..+3
+// (|sum| <= 4 * 63 * 128, an int16), whose group of 16 (one int8 scale) is 4c + l / 4. Two such registers packed to
+// int16 (packs works per 128-bit lane: lane j holds lanes 4j..4j+3 of the first, then of the second) are multiplied
+// by their groups' scales and summed in pairs by one madd, so a block's sum stays in int32 until one conversion.
+// The -32 offset is removed exactly with the vector's sums over the groups (block_q8_K's bsums) times -32 * the
+// scales: a third madd.
 template <int NT> struct gemm_q6_K_q8_K_nt {
-    static void run(int nb, float * s, size_t bs, const char * vx, size_t bx, const char * vy, size_t by,
-                    const int32_t * offsets, int nr) {
+    static void run(int nb, float * s, size_t bs, const char * vx, size_t bx, const char * vy, size_t by, int nr) {
         const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
         const __m512i bits_4_5    = _mm512_set1_epi8(0x30);
         // qh bits to bits 4-5 of each byte: << 4 (bytes 0-31) and << 2 (32-63) for weights 0-63, >> 0 and >> 2 for 64-127
         const __m512i to_4_5_lo = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
         const __m512i to_4_5_hi = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_setzero_si512(), _mm512_set1_epi16(2));
-        const __m512i group_of_lane = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        // the group (scale index) of each int16 of packs(q[0] dot, q[1] dot) and of packs(q[2] dot, q[3] dot):
+        // in 128-bit lane j, 4 x group j then 4 x group 4 + j (and 8 + j, 12 + j)
+        const __m512i groups_01 = _mm512_set_epi16(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2,
+                                                   5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0);
+        const __m512i groups_23 = _mm512_add_epi16(groups_01, _mm512_set1_epi16(8));
 
         for (int r = 0; r < nr; ++r) {
             const block_q6_K * w = (const block_q6_K *) (vx + r * bx);
@@ -150,10 +137,12 @@ template <int NT> struct gemm_q6_K_q8_K_nt {
                 acc[v] = _mm512_setzero_ps();
             }
             for (int b = 0; b < nb; ++b) {
-                const __m512 scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) w[b].scales))),
-                                                    _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(w[b].d)));
-                __m512i q[4];      // weights 0-63 and 64-127 of each half
-                __m512  scale[4];  // their lanes' scales
+                const __m256i scales     = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *) w[b].scales));
+                const __m512i scales_01  = _mm512_permutexvar_epi16(groups_01, _mm512_castsi256_si512(scales));
+                const __m512i scales_23  = _mm512_permutexvar_epi16(groups_23, _mm512_castsi256_si512(scales));
+                const __m256i offset_mul = _mm256_mullo_epi16(scales, _mm256_set1_epi16(-32));
+                const float   d = GGML_CPU_FP16_TO_FP32(w[b].d);
+                __m512i q[4];
                 for (int h = 0; h < 2; ++h) {
                     const __m512i ql = _mm512_loadu_si512(w[b].ql + 64 * h);
                     const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (w[b].qh + 32 * h)));
@@ -161,19 +150,20 @@ template <int NT> struct gemm_q6_K_q8_K_nt {
                     q[2 * h]     = _mm512_ternarylogic_epi32(ql, low_nibbles, _mm512_and_si512(_mm512_sllv_epi16(qh, to_4_5_lo), bits_4_5), 0xEA);
                     q[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), low_nibbles,
                                                              _mm512_and_si512(_mm512_srlv_epi16(qh, to_4_5_hi), bits_4_5), 0xEA);
-                    scale[2 * h]     = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h)), scales);
-                    scale[2 * h + 1] = _mm512_permutexvar_ps(_mm512_add_epi32(group_of_lane, _mm512_set1_epi32(8 * h + 4)), scales);
                 }
                 #pragma GCC unroll 8 // the accumulators stay in registers
                 for (int v = 0; v < NT; ++v) {
                     const block_q8_K & x = ((const block_q8_K *) (vy + v * by))[b];
-                    const int32_t * off = offsets + ((size_t) v * nb + b) * 4 * 16;
-                    __m512 sum = _mm512_setzero_ps();
+                    __m512i dot[4];
                     for (int c = 0; c < 4; ++c) {
-                        const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(off + 16 * c), q[c], _mm512_loadu_si512(x.qs + 64 * c));
-                        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale[c], sum);
+                        dot[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(x.qs + 64 * c));
                     }
-                    acc[v] = _mm512_fmadd_ps(sum, _mm512_set1_ps(x.d), acc[v]);
+                    const __m256i offset = _mm256_madd_epi16(offset_mul, _mm256_loadu_si256((const __m256i *) x.bsums));
+                    const __m512i sum = _mm512_add_epi32(
+                        _mm512_add_epi32(_mm512_madd_epi16(_mm512_packs_epi32(dot[0], dot[1]), scales_01),
+                                         _mm512_madd_epi16(_mm512_packs_epi32(dot[2], dot[3]), scales_23)),
+                        _mm512_zextsi256_si512(offset));
+                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * x.d), acc[v]);
                 }
             }
             for (int v = 0; v < NT; ++v) {
@@ -199,15 +189,13 @@ void ggml_gemm_q6_K_q8_K_small(int n, float * s, size_t bs, const void * vx, siz
                                int n_vec, int nr) {
     GGML_ASSERT(n % QK_K == 0 && n_vec >= 1 && n_vec <= GGML_SMALL_BATCH_MAX);
     const int nb = n / QK_K;
-    static thread_local q8_K_block_offsets offsets;
-    offsets.compute((const char *) vy, by, n_vec, nb);
     // at most 8 vectors per pass (their accumulators stay in registers); more in a second pass over the same 16
     // rows, which are then in cache
     for (int r0 = 0; r0 < nr; r0 += 16) {
         for (int v0 = 0; v0 < n_vec; v0 += 8) {
             dispatch<gemm_q6_K_q8_K_nt>(std::min(8, n_vec - v0), std::make_integer_sequence<int, 8>{}, nb, s + v0 * bs + r0,
                                         bs, (const char *) vx + r0 * bx, bx, (const char *) vy + v0 * by, by,
-                                        offsets.lanes.data() + (size_t) v0 * nb * 4 * 16, std::min(16, nr - r0));
+                                        std::min(16, nr - r0));
         }
     }
 }
