@@ -16,7 +16,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "==> installing CPU torch"
 "${PIP[@]}" "torch==2.13.0"
 echo "==> pip install -e .[test]: deco-gguf, its dependencies and the patched llama.cpp runtime"
-echo "    (first time: about 8 minutes on 2 cores; log in .deps/cmake-build.log)"
+echo "    (first time: about 5 minutes on 2 cores; log in .deps/cmake-build.log)"
 "${PIP[@]}" -e ".[test]"
 
 # The same build folder, incremental: llama-server, llama-bench, llama-perplexity and the test tools.
