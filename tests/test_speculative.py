@@ -104,8 +104,12 @@ def test_greedy_output_is_the_autoregressive_output(fixture_gguf, draft, options
         rt.close()
     assert got == want
     assert stats.n_generated == len(want) == stats.n_verify + stats.n_accepted
-    if draft == "none" or options.get("hit_rate") == 0.0:
-        assert stats.n_accepted == 0
+    if draft == "none":
+        assert stats.n_accepted == stats.n_drafted == 0
+    elif options.get("hit_rate") == 0.0:
+        # one token per verification; the first draft has 4 tokens, every later one 1 (one more than the last
+        # verification accepted), and the last verification has no room for a draft
+        assert stats.n_accepted == 0 and stats.n_drafted == 4 + (stats.n_verify - 2)
     elif draft == "lookup":
         assert stats.n_drafted > 0  # the prompt repeats itself; whether a random model follows is luck
     elif options["hit_rate"] == 1.0:

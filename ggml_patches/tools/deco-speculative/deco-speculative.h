@@ -1,9 +1,10 @@
 // deco-speculative: speculative decoding as one call, for callers that are not C++ (deco-gguf's Python
-// layer loads it with ctypes). A draft proposes up to n_draft tokens, the target evaluates them in one
-// batch after the last accepted token, and its sampler keeps the drafted tokens while its own sample
-// equals them (common_sampler_sample_and_accept_n): greedy output is the autoregressive output, and
-// with sampling the target's distribution is preserved. The drafts are llama.cpp's own (common/
-// speculative.h): a draft model, or n-gram lookup over the prompt and the text generated so far.
+// layer loads it with ctypes). A draft proposes up to n_draft tokens (and at most one more than the last
+// verification accepted), the target evaluates them in one batch after the last accepted token, and its
+// sampler keeps the drafted tokens while its own sample equals them (common_sampler_sample_and_accept_n):
+// greedy output is the autoregressive output, and with sampling the target's distribution is preserved.
+// The drafts are llama.cpp's own (common/speculative.h): a draft model, or n-gram lookup over the prompt
+// and the text generated so far.
 #pragma once
 
 #include "llama.h"
@@ -22,7 +23,7 @@ enum deco_spec_draft {
 
 struct deco_spec_params {
     int32_t draft;   // enum deco_spec_draft
-    int32_t n_draft; // most tokens proposed per target evaluation
+    int32_t n_draft; // most tokens proposed per target evaluation (the first draft's length)
 
     // DECO_SPEC_DRAFT_LOOKUP: length of the n-gram looked up in the prompt and the generated text
     int32_t lookup_n;
