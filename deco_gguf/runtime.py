@@ -2,10 +2,10 @@
 
 `pip install .` builds llama.cpp with `ggml_patches/` (scripts/build-runtime.sh, run by
 the build backend) and installs llama-cpp-python on top of those libraries, with
-llama-quantize, llama-imatrix and ggml-rpc-server beside them. This module is the layer the CLI uses: open a model
-(threads, context, sparse/dense evaluation, layers on rpc-servers), read the
-per-layer active-expert counters, quantize with llama-quantize's presets and
-compute importance matrices.
+llama-quantize, llama-imatrix and ggml-rpc-server beside them. This module is the layer
+the CLI uses: open a model (threads, context, sparse/dense evaluation, layers on
+rpc-servers), read the per-layer active-expert counters, quantize with llama-quantize's
+presets and compute importance matrices.
 """
 
 from __future__ import annotations
