@@ -242,7 +242,7 @@ def speed(
     text: Annotated[Optional[Path], typer.Option(help="Take the benchmark tokens from this text (default: a built-in English paragraph).", exists=True, dir_okay=False)] = None,
     vs_dense: Annotated[bool, typer.Option("--vs-dense", help="Also measure dense_eq: a random-weight Llama with the same d, layers, heads, vocab and tensor types and an FFN width giving the same N (built once into ~/.cache/deco-gguf/dense-eq).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout (schema below).")] = False,
-    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of tokens/s by threads, sparse vs dense (and dense_eq).", dir_okay=False)] = None,
+    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of tokens/s by threads, sparse vs dense (and dense_eq); with speculation, of every configuration with its speed-up.", dir_okay=False)] = None,
     draft: DraftPath = None,
     lookup: Lookup = False,
     draft_max: DraftMax = None,
@@ -302,11 +302,12 @@ def speed(
                         transient=True, disable=not err_console.is_terminal)
     if draft is not None or lookup or synthetic is not None:
         rates = _rates(synthetic)
-        if offload.rpc or vs_dense or plot_file is not None:
-            raise DecoError("--rpc, --vs-dense and --plot are not available with speculative decoding")
+        if offload.rpc or vs_dense:
+            raise DecoError("--rpc and --vs-dense are not available with speculative decoding")
         from ..runtime import available_cores
         from ..speculative import DEFAULT_DRAFT_MAX
         from ..speculative_speed import measure_speculative
+        from ..speculative_speed import plot as plot_speculative
         from ..speed import DEFAULT_TEXT
 
         if draft is not None:
@@ -317,7 +318,11 @@ def speed(
                 path, sample or DEFAULT_TEXT, draft=draft, lookup=lookup, synthetic=rates, draft_max=draft_max or DEFAULT_DRAFT_MAX,
                 prompt=pp, tg=tg, n_passages=repetitions, threads=counts or [available_cores()],
                 on_step=lambda done, total: progress.update(task, completed=done, total=total))
+        if plot_file is not None:
+            plot_speculative(report, plot_file)
         _print_speculative(report, as_json)
+        if plot_file is not None:
+            (err_console if as_json else console).print(f"wrote {plot_file}", highlight=False)
         return
     with progress:
         task = progress.add_task("runs", total=None)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import plotting
 from .errors import DecoError
 from .runtime import DecoRuntime
 from .sampling import GREEDY
@@ -92,6 +93,30 @@ class SpeculativeReport:
             "results": [c.as_dict(self.find("sparse", c.threads)) | {
                 "speedup_vs_dense": c.median / self.find("dense", c.threads).median} for c in self.configs],
         }
+
+
+def plot(report: SpeculativeReport, path: str | Path) -> None:
+    """tokens/s of every configuration, one bar per thread count (median, min-max), each labelled with its
+    speed-up over autoregressive sparse decoding at the same thread count."""
+    names = list(dict.fromkeys(c.name for c in report.configs))
+    threads = sorted({c.threads for c in report.configs})
+    fig, ax = plotting.subplots(figsize=(max(6.0, 1.2 * len(names) * len(threads)), 4.5))
+    width = 0.8 / len(threads)
+    for k, t in enumerate(threads):
+        configs = [report.find(name, t) for name in names]
+        xs = [i + (k - (len(threads) - 1) / 2) * width for i in range(len(names))]
+        medians = [c.median for c in configs]
+        errors = [[c.median - min(c.tokens_per_second) for c in configs], [max(c.tokens_per_second) - c.median for c in configs]]
+        bars = ax.bar(xs, medians, width, yerr=errors, capsize=3, label=f"{t} thread{'s' if t > 1 else ''}")
+        sparse = report.find("sparse", t).median
+        ax.bar_label(bars, labels=[f"×{m / sparse:.2f}" for m in medians], padding=2, fontsize=8)
+    ax.set_xticks(range(len(names)), [f"autoregressive\n{n}" if n in AUTOREGRESSIVE else n.replace(" ", "\n", 1) for n in names])
+    ax.set_ylabel("tokens/s (labels: × autoregressive sparse)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{report.model}: greedy, {report.passages} passage(s) of {report.prompt}+{report.tg} tokens, "
+                 f"draft max {report.draft_max}", fontsize=10)
+    plotting.save(fig, path)
 
 
 def passages(llm, text: str, prompt: int, tg: int, n: int) -> list[list[int]]:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import plotting
 from .dense_eq import DenseEq, build_dense_eq
 from .errors import DecoError
 from .rpc import Offload
@@ -351,12 +352,7 @@ def measure(
 
 def plot(report: SpeedReport, path: str | Path) -> None:
     """tokens/s by threads, pp and tg side by side, one line per model/mode (median, min-max bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = plotting.subplots(1, 2, figsize=(10, 4))
     labels = sorted({(s.model, s.mode) for s in report.series}, key=lambda x: (x[0] != "deco", x[1] != "sparse"))
     for ax, test, title in ((axes[0], "pp", f"prompt processing (pp{report.pp})"), (axes[1], "tg", f"generation (tg{report.tg})")):
         for k, (model, mode) in enumerate(labels):
@@ -375,9 +371,4 @@ def plot(report: SpeedReport, path: str | Path) -> None:
         ax.legend()
     rate = report.mean_rate
     fig.suptitle(f"{Path(report.model).name}: {rate:.1%} experts active" if rate is not None else Path(report.model).name)
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise DecoError(f"{path}: cannot write the plot ({e.strerror})") from None
-    finally:
-        plt.close(fig)
+    plotting.save(fig, path)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -282,12 +283,16 @@ def test_chat_refuses_a_draft_with_another_vocabulary(fixture_gguf, bundled_gguf
                         r"\(size \d+ vs 4096 in the target\)", message), done.stderr
 
 
-def test_speed_speculative_json(fixture_gguf):
+def test_speed_speculative_json(fixture_gguf, tmp_path):
     """`speed --synthetic`: a draft that is always right is always accepted, draft-max + 1 tokens a verification;
-    one that is always wrong never is."""
+    one that is always wrong never is. --plot writes a PNG of the five configurations."""
+    png = tmp_path / "speculative.png"
     done = cli("speed", str(fixture_gguf("base")), "--synthetic", "1,0", "--lookup", "--draft-max", "3", "--pp", "16",
-               "--tg", "24", "-r", "2", "-t", "1", "--json")
+               "--tg", "24", "-r", "2", "-t", "1", "--json", "--plot", str(png))
     assert done.returncode == 0, done.stderr
+    assert f"wrote {png}" in done.stderr
+    width, height = struct.unpack(">II", png.read_bytes()[16:24])  # the PNG's IHDR chunk
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and width >= 720 and height == 540
     results = {r["name"]: r for r in json.loads(done.stdout)["speculative"]["results"]}
     assert set(results) == {"sparse", "dense", "lookup", "synthetic 1", "synthetic 0"}
     assert results["synthetic 1"]["acceptance"] == 1.0 and results["synthetic 1"]["tokens_per_verify"] == 4.0
