@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,11 +23,18 @@ def run(*args, env: dict | None = None) -> str:
     return r.stdout
 
 
-def test_pip_install_of_the_sdist_builds_and_installs_the_patched_runtime(tmp_path):
+@pytest.fixture
+def venv(tmp_path):
+    """A new virtual environment, removed afterwards (with torch it takes about a GB)."""
+    path = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", path)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_pip_install_of_the_sdist_builds_and_installs_the_patched_runtime(tmp_path, venv):
     run(sys.executable, "-m", "build", "--sdist", "--outdir", tmp_path / "dist", REPO)
     [sdist] = (tmp_path / "dist").glob("deco_gguf-*.tar.gz")
-    venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv)
     pip = [venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check"]
     run(*pip, "install", "-q", "torch==2.13.0")  # the CPU build, as scripts/setup.sh installs it first
     run(*pip, "install", "-q", sdist, env={"DECO_WHEELS": str(tmp_path / "wheels")})
