@@ -324,6 +324,15 @@ fi
 # 6. install it into the venv; check that `import llama_cpp` loads our libllama (same bytes as the build's)
 # ---------------------------------------------------------------------------------------------
 "$PY" -m pip install -q --no-deps --disable-pip-version-check "$WHEEL"
+# pip keeps an installed runtime of the same version; reinstall if its files are not this build's
+PKG_LIB="$("$PY" -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("llama_cpp").origin), "lib"))')"
+for f in "$STAGE"/llama_cpp/lib/*; do
+    if ! cmp -s "$f" "$PKG_LIB/$(basename "$f")"; then
+        log "the installed runtime differs from this build: reinstalling"
+        "$PY" -m pip install -q --no-deps --force-reinstall --disable-pip-version-check "$WHEEL"
+        break
+    fi
+done
 "$PY" - "$BUILD/bin" <<'EOF'
 import filecmp, os, sys
 import llama_cpp, llama_cpp.llama_cpp as ll
