@@ -70,11 +70,14 @@ def prepare_metadata_for_build_editable(metadata_directory, config_settings=None
     return build_meta.prepare_metadata_for_build_editable(metadata_directory, config_settings)
 
 
+# With a metadata_directory, the prepare_metadata hook of this build has already built the runtime.
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    _build_runtime()
+    if metadata_directory is None:
+        _build_runtime()
     return build_meta.build_wheel(wheel_directory, config_settings, metadata_directory)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    _build_runtime()
+    if metadata_directory is None:
+        _build_runtime()
     return build_meta.build_editable(wheel_directory, config_settings, metadata_directory)

@@ -217,7 +217,7 @@ fi
 # the runtime: what the wheel carries
 RUNTIME_LIBS=(llama ggml ggml-base ggml-cpu ggml-rpc mtmd llama-common deco-speculative llama-quantize-impl)
 RUNTIME_TOOLS=(llama-quantize llama-imatrix ggml-rpc-server)
-TARGETS=(llama ggml ggml-base ggml-cpu ggml-rpc mtmd deco-speculative "${RUNTIME_TOOLS[@]}")
+TARGETS=("${RUNTIME_LIBS[@]}" "${RUNTIME_TOOLS[@]}")
 if [ "$WHEEL_ONLY" = 0 ]; then
     TARGETS+=(llama-cli llama-server llama-perplexity llama-bench test-backend-ops test-llama-archs test-save-load-state)
     # our own test tools, present only in the patched tree
@@ -323,12 +323,12 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 6. install it into the venv; check that `import llama_cpp` loads our libllama (same bytes as the build's)
 # ---------------------------------------------------------------------------------------------
-"$PY" -m pip install -q --no-deps --disable-pip-version-check "$WHEEL"
-# pip keeps an installed runtime of the same version; reinstall if its files are not this build's
-PKG_LIB="$("$PY" -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("llama_cpp").origin), "lib"))')"
+# installed when the venv's llama_cpp/lib does not hold this build's files (pip alone would keep a runtime of the
+# same version whose files were changed by hand)
+PKG_LIB="$("$PY" -c 'import importlib.util as u, os; s = u.find_spec("llama_cpp"); print(os.path.join(os.path.dirname(s.origin), "lib") if s else "")')"
 for f in "$STAGE"/llama_cpp/lib/*; do
-    if ! cmp -s "$f" "$PKG_LIB/$(basename "$f")"; then
-        log "the installed runtime differs from this build: reinstalling"
+    if [ -z "$PKG_LIB" ] || ! cmp -s "$f" "$PKG_LIB/$(basename "$f")"; then
+        log "installing llama-cpp-python $VERSION"
         "$PY" -m pip install -q --no-deps --force-reinstall --disable-pip-version-check "$WHEEL"
         break
     fi
