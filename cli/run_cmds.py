@@ -24,7 +24,7 @@ RpcLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", help
 # Speculative decoding (docs/speculative.md): the same options for chat and speed.
 DraftPath = Annotated[Optional[Path], typer.Option("--draft", "-md", help="Speculate with this draft model (GGUF or HF directory): a smaller model with the same vocabulary, e.g. models/deco-tiny-draft for models/deco-tiny.")]
 Lookup = Annotated[bool, typer.Option("--lookup", help="Speculate with n-gram lookup over the prompt and the text so far (no second model).")]
-DraftMax = Annotated[Optional[int], typer.Option("--draft-max", help="Most tokens drafted per verification (default 4); a draft is at most one token longer than what the last verification accepted.", min=1)]
+DraftMax = Annotated[Optional[int], typer.Option("--draft-max", help="Most tokens drafted per verification (default 4); each draft is as long as pays, given the acceptance and the verification times seen so far.", min=1)]
 
 
 def _speculation(draft: Optional[Path], lookup: bool, draft_max: Optional[int]):

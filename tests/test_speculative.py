@@ -108,8 +108,8 @@ def test_greedy_output_is_the_autoregressive_output(fixture_gguf, draft, options
     if draft == "none":
         assert stats.n_accepted == stats.n_drafted == 0
     elif options.get("hit_rate") == 0.0:
-        # one token per verification; the first draft has 4 tokens, every later one 1 (one more than the last
-        # verification accepted), and the last verification has no room for a draft
+        # one token per verification; the first draft has 4 tokens, every later one 1 (nothing is ever kept),
+        # and the last verification has no room for a draft
         assert stats.n_accepted == 0 and stats.n_drafted == 4 + (stats.n_verify - 2)
     elif draft == "lookup":
         assert stats.n_drafted > 0  # the prompt repeats itself; whether a random model follows is luck
@@ -117,6 +117,17 @@ def test_greedy_output_is_the_autoregressive_output(fixture_gguf, draft, options
         assert stats.n_verify <= math.ceil(len(want) / 5)  # every draft of 4 accepted: 5 tokens a verification
     else:
         assert 0 < stats.n_accepted < stats.n_drafted
+
+
+def test_draft_length_pays_like_the_best_fixed_length():
+    """The draft length controller (ggml_patches/tools/deco-speculative/draft-length.h) against simulated drafts
+    and verification costs: within 3% of the best fixed length's tokens per second in each case, never slower than
+    drafting one more token than the last verification accepted, always the longest draft at acceptance 1 and one
+    token at acceptance 0."""
+    r = subprocess.run([str(REPO / ".deps" / "build" / "bin" / "test-deco-draft-length")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.stdout.count("ok ") == 15 and "0 failed" in r.stdout
 
 
 @pytest.mark.parametrize("draft_arch", ["deco", "llama"])

@@ -1,4 +1,5 @@
 #include "deco-speculative.h"
+#include "draft-length.h"
 
 #include "common.h"
 #include "sampling.h"
@@ -143,15 +144,13 @@ struct deco_spec {
         common_speculative_begin(spec.get(), SEQ, cached);
         llama_token id_last = prompt[n_prompt - 1];
         llama_tokens draft;
-        // A draft is at most one token longer than what the last verification accepted, up to n_draft: each
-        // drafted token costs the target a row of the batch (and a draft model a step) whether it is kept or
-        // not, so a draft that keeps failing shrinks to one token and one that keeps being kept grows back.
-        int32_t n_want = params.n_draft;
+        // each drafted token costs the target a row of the batch (and a draft model a step), kept or not
+        draft_length length(params.n_draft);
         bool done = false;
         while (!done) {
             // room for id_last, the draft and the token after it, in the context and the budget
             const int32_t room = std::min<int32_t>(n_ctx - (int32_t) cached.size() - 2, n_predict - (int32_t) stats.n_generated - 1);
-            const int32_t n_max = std::max(0, std::min(n_want, room));
+            const int32_t n_max = room > 0 ? length.next(room) : 0;
             const int64_t t_draft = now_us();
             draft.clear();
             if (n_max > 0 && params.draft == DECO_SPEC_DRAFT_SCRIPT) {
@@ -192,10 +191,7 @@ struct deco_spec {
                 common_speculative_accept(spec.get(), SEQ, (uint16_t) (accepted.size() - 1));
             }
             stats.t_draft_us += now_us() - t_process;
-
-            if (!draft.empty()) {
-                n_want = std::min<int32_t>(params.n_draft, (int32_t) accepted.size()); // accepted drafts + 1
-            }
+            length.observe((int32_t) draft.size(), (int32_t) accepted.size() - 1, 1e-6 * (now_us() - t_draft));
             stats.n_verify   += 1;
             stats.n_drafted  += (int64_t) draft.size();
             stats.n_accepted += (int64_t) accepted.size() - 1;

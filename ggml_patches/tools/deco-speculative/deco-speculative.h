@@ -1,8 +1,9 @@
 // deco-speculative: speculative decoding as one call, for callers that are not C++ (deco-gguf's Python
-// layer loads it with ctypes). A draft proposes up to n_draft tokens (and at most one more than the last
-// verification accepted), the target evaluates them in one batch after the last accepted token, and its
-// sampler keeps the drafted tokens while its own sample equals them (common_sampler_sample_and_accept_n):
-// greedy output is the autoregressive output, and with sampling the target's distribution is preserved.
+// layer loads it with ctypes). A draft proposes up to n_draft tokens (as many as pay for themselves, given the
+// acceptance and the times seen so far: draft-length.h), the target evaluates them in one batch after the last
+// accepted token, and its sampler keeps the drafted tokens while its own sample equals them
+// (common_sampler_sample_and_accept_n): greedy output is the autoregressive output, and with sampling the
+// target's distribution is preserved.
 // The drafts are llama.cpp's own (common/speculative.h): a draft model, or n-gram lookup over the prompt
 // and the text generated so far.
 #pragma once
