@@ -31,8 +31,12 @@ struct deco_spec {
 
     common_batch batch;
 
+    // how long each draft is; what it learns of the acceptance and the costs carries over to the next call
+    // (the next reply of a chat)
+    draft_length length;
+
     deco_spec(llama_context * tgt, llama_context * dft, const deco_spec_params & params)
-        : tgt(tgt), dft(dft), params(params), rng(params.script_seed), batch(tgt) {
+        : tgt(tgt), dft(dft), params(params), rng(params.script_seed), batch(tgt), length(params.n_draft) {
         if (params.draft == DECO_SPEC_DRAFT_SCRIPT) {
             script.assign(params.script, params.script + params.n_script);
         }
@@ -144,8 +148,6 @@ struct deco_spec {
         common_speculative_begin(spec.get(), SEQ, cached);
         llama_token id_last = prompt[n_prompt - 1];
         llama_tokens draft;
-        // each drafted token costs the target a row of the batch (and a draft model a step), kept or not
-        draft_length length(params.n_draft);
         bool done = false;
         while (!done) {
             // room for id_last, the draft and the token after it, in the context and the budget

@@ -24,7 +24,7 @@ enum deco_spec_draft {
 
 struct deco_spec_params {
     int32_t draft;   // enum deco_spec_draft
-    int32_t n_draft; // most tokens proposed per target evaluation (the first draft's length)
+    int32_t n_draft; // most tokens proposed per target evaluation (the length of the first draft)
 
     // DECO_SPEC_DRAFT_LOOKUP: length of the n-gram looked up in the prompt and the generated text
     int32_t lookup_n;
