@@ -212,6 +212,7 @@ class DecoRuntime:
         if mode not in MODES:
             raise DecoError(f"unknown evaluation mode {mode!r} (choose from {', '.join(MODES)})")
         self.path = Path(path)
+        self.kv_owner: object | None = None  # the Speculator whose idea of the KV cache is current
         self.info = read_gguf(self.path)  # DecoError for a missing or non-DECO file
         self.lib = library()
         from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama

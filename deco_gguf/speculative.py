@@ -86,6 +86,10 @@ def _lib() -> ctypes.CDLL:
                                        ctypes.POINTER(_Sampling), _TokensCallback, ctypes.c_void_p,
                                        ctypes.POINTER(SpecStats), ctypes.c_char_p, ctypes.c_size_t]
     lib.deco_spec_generate.restype = ctypes.c_int32
+    lib.deco_spec_forget_cache.argtypes = [ctypes.c_void_p]
+    lib.deco_spec_forget_cache.restype = None
+    lib.deco_spec_set_script.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
+    lib.deco_spec_set_script.restype = None
     lib.deco_spec_free.argtypes = [ctypes.c_void_p]
     lib.deco_spec_free.restype = None
     return lib
@@ -186,7 +190,8 @@ class Speculator:
     the target, the draft model stays open when the Speculator closes.
 
     The engine owns the target's (and draft's) KV cache from here on: do not evaluate on
-    `target.llm` directly while a Speculator is open on it.
+    `target.llm` directly while a Speculator is open on it. Several Speculators may share a target
+    (and a draft model): one whose caches another has used since its last call starts afresh.
     """
 
     def __init__(self, target: DecoRuntime, draft: str = "none", *, n_draft: int | None = None,
@@ -211,6 +216,11 @@ class Speculator:
         if not handle:
             raise DecoError(f"speculative decoding cannot start: {err.value.decode(errors='replace')}")
         self._handle = handle
+        target.kv_owner = self  # the engine has just emptied the caches
+
+    def set_script(self, script: Sequence[int]) -> None:
+        """draft='script': the continuation the next generations propose from."""
+        _lib().deco_spec_set_script(self._handle, (ctypes.c_int32 * len(script))(*script), len(script))
 
     def generate(self, prompt: Sequence[int], n_predict: int, sampling: Sampling = GREEDY,
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> tuple[list[int], SpecStats]:
@@ -230,6 +240,9 @@ class Speculator:
                 raised.append(e)
                 return False
 
+        if self.target.kv_owner is not self:  # another Speculator on this target evaluated since our last call
+            _lib().deco_spec_forget_cache(self._handle)
+            self.target.kv_owner = self
         s = sampling
         c_sampling = _Sampling(s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, (s.seed or 0) % 2**32)
         c_prompt = (ctypes.c_int32 * len(prompt))(*prompt)

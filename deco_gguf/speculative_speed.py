@@ -11,6 +11,9 @@ its tokens are not compared). Timed: generation
 only (the prompt is evaluated first, untimed); tokens/s = generated tokens / generation time, median
 over passages.
 
+Each configuration keeps one engine for all passages of a thread count, as a chat keeps one for all its
+replies, so its draft lengths start from what the earlier passages taught it (docs/speculative.md).
+
 `synthetic` hit rates measure the engine independently of how good a draft is: the draft proposes the
 target's own greedy continuation of the passage, each token replaced by a wrong one with probability
 1 - rate (so `rate` is the chance that a drafted token is accepted, given the ones before it were).
@@ -144,25 +147,26 @@ def measure_speculative(
     for t in threads:
         runtimes = {mode: DecoRuntime(path, n_ctx=prompt + tg + draft_max + 8, n_threads=t, mode=mode) for mode in AUTOREGRESSIVE}
         draft_model = DraftModel(draft, runtimes["sparse"]) if draft else None
+        engines: dict[str, Speculator] = {}
         try:
             prompts = passages(runtimes["sparse"].llm, text, prompt, tg, n_passages)
             row = {name: Config(name, t) for name in (*AUTOREGRESSIVE, *kinds)}
+            for name in row:
+                rt = runtimes[name if name in AUTOREGRESSIVE else "sparse"]
+                if name in AUTOREGRESSIVE:
+                    engines[name] = Speculator(rt)
+                elif name == "draft":
+                    engines[name] = Speculator(rt, "model", n_draft=draft_max, draft_model=draft_model)
+                elif name == "lookup":
+                    engines[name] = Speculator(rt, "lookup", n_draft=draft_max)
+                else:
+                    engines[name] = Speculator(rt, "script", n_draft=draft_max, hit_rate=float(name.split()[1]))
             for p in prompts:
                 want = None
                 for name, cfg in row.items():
-                    rt = runtimes[name if name in AUTOREGRESSIVE else "sparse"]
-                    if name in AUTOREGRESSIVE:
-                        spec = Speculator(rt)
-                    elif name == "draft":
-                        spec = Speculator(rt, "model", n_draft=draft_max, draft_model=draft_model)
-                    elif name == "lookup":
-                        spec = Speculator(rt, "lookup", n_draft=draft_max)
-                    else:
-                        spec = Speculator(rt, "script", n_draft=draft_max, script=want, hit_rate=float(name.split()[1]))
-                    try:
-                        tokens, stats = spec.generate(p, tg, GREEDY)
-                    finally:
-                        spec.close()
+                    if name.startswith("synthetic"):
+                        engines[name].set_script(want)
+                    tokens, stats = engines[name].generate(p, tg, GREEDY)
                     want = want or tokens
                     if tokens != want and name != "dense":
                         at = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), min(len(tokens), len(want)))
@@ -173,6 +177,8 @@ def measure_speculative(
                         on_step(done, total)
             configs += row.values()
         finally:
+            for engine in engines.values():
+                engine.close()
             if draft_model is not None:
                 draft_model.close()
             for rt in runtimes.values():

@@ -175,6 +175,27 @@ def test_prompt_cache_is_reused_and_results_do_not_depend_on_it(fixture_gguf):
     assert other == autoregressive(path, prompt[:5], 8)
 
 
+def test_speculators_sharing_a_target_keep_their_outputs(fixture_gguf):
+    """Two Speculators on one target (as `speed` keeps one per configuration): one whose KV cache the other has
+    overwritten evaluates its whole prompt again, and a script given after init is what the draft proposes."""
+    path = fixture_gguf("base")
+    rt = open_runtime(path)
+    try:
+        prompt = repetitive_prompt(rt)
+        with Speculator(rt, "lookup") as a, Speculator(rt, "script", n_draft=4) as b:
+            first, _ = a.generate(prompt, 12)
+            b.set_script(autoregressive(path, prompt[:5], 20))
+            scripted, b_stats = b.generate(prompt[:5], 20)  # overwrites the cache a filled
+            extended = prompt + first + prompt[1:6]
+            second, stats = a.generate(extended, 16)
+    finally:
+        rt.close()
+    assert stats.n_prompt == len(extended) - 1  # nothing of a's earlier prompt was trusted
+    assert second == autoregressive(path, extended, 16)
+    assert scripted == autoregressive(path, prompt[:5], 20)
+    assert b_stats.n_verify <= math.ceil(20 / 5)  # every draft of 4 from the new script accepted
+
+
 def test_callback_can_stop_and_budget_is_respected(fixture_gguf):
     path = fixture_gguf("base")
     rt = open_runtime(path)

@@ -264,6 +264,14 @@ int32_t deco_spec_generate(
     }
 }
 
+void deco_spec_forget_cache(deco_spec * spec) {
+    spec->keep_first(0);
+}
+
+void deco_spec_set_script(deco_spec * spec, const llama_token * script, int32_t n_script) {
+    spec->script.assign(script, script + n_script);
+}
+
 void deco_spec_free(deco_spec * spec) {
     delete spec;
 }

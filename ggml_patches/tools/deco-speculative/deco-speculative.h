@@ -77,6 +77,13 @@ int32_t deco_spec_generate(
         const struct deco_spec_sampling * sampling, deco_spec_tokens_callback on_tokens, void * user_data,
         struct deco_spec_stats * stats, char * err, size_t err_size);
 
+// Forget what the KV caches hold, because something else may have evaluated on the contexts since the last call
+// (another deco_spec on the same target): the next call evaluates its whole prompt.
+void deco_spec_forget_cache(struct deco_spec * spec);
+
+// DECO_SPEC_DRAFT_SCRIPT: the continuation the next calls propose from, in place of the one given at init
+void deco_spec_set_script(struct deco_spec * spec, const llama_token * script, int32_t n_script);
+
 void deco_spec_free(struct deco_spec * spec);
 
 #ifdef __cplusplus
