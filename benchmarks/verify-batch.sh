@@ -36,7 +36,7 @@ import llama_cpp
 from llama_cpp import GGML_TYPE_F16, Llama
 
 from deco_gguf.cache import cache_root
-from deco_gguf.runtime import DecoRuntime
+from deco_gguf.runtime import USE_MMAP, DecoRuntime
 from deco_gguf.dense_eq import build_dense_eq
 
 model, threads, batches, rounds, logits = sys.argv[1:]
@@ -46,7 +46,8 @@ n_ctx = max(batches) + 16
 deco = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=max(batches), mode="sparse")
 eq_path = build_dense_eq(Path(model), deco.info, cache_root() / "dense-eq", lambda s: print(s, file=sys.stderr)).path
 eq = Llama(model_path=str(eq_path), n_ctx=n_ctx, n_batch=max(batches), n_ubatch=max(batches), n_threads=threads[0],
-           n_threads_batch=threads[0], seed=0, verbose=False, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16)
+           n_threads_batch=threads[0], seed=0, verbose=False, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
+           use_mmap=USE_MMAP)
 models = {"DECO": deco.llm, "dense_eq": eq}
 tokens = deco.llm.tokenize(b" In the beginning God created the heaven and the earth." * 4)[:max(batches)]
 

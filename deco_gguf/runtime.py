@@ -36,6 +36,11 @@ MODE_KEY = "deco.ffn_mode"
 
 GET_RUNTIME = "run `pip install .` in a deco-gguf source tree (it builds llama.cpp with ggml_patches/)"
 GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
+# Weights are read into memory, not mapped from the file: this project's ggml puts large buffers in huge pages
+# (ggml_patches/README.md), which the page cache behind a mapping is not. The output head, the largest matrix
+# left unrepacked, then reads ~15% faster (decode on one thread ~8%, docs/benchmarks.md); the repacked weights
+# were copies either way. Every model a comparison loads (the dense Llama, a draft) is loaded the same way.
+USE_MMAP = False
 _errors: deque[str] = deque(maxlen=8)  # llama.cpp's recent error lines, for one-line messages
 
 
@@ -232,7 +237,7 @@ class DecoRuntime:
                     n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                     flash_attn=not exact, type_k=GGML_TYPE_F32 if exact else GGML_TYPE_F16,
                     type_v=GGML_TYPE_F32 if exact else GGML_TYPE_F16, logits_all=all_logits,
-                    n_gpu_layers=offload.n_gpu_layers, kv_overrides={MODE_KEY: mode},
+                    n_gpu_layers=offload.n_gpu_layers, kv_overrides={MODE_KEY: mode}, use_mmap=USE_MMAP,
                 )
         except (ValueError, RuntimeError) as e:
             raise DecoError(f"{self.path}: llama.cpp cannot load it: {_last_error(str(e))}") from None

@@ -28,7 +28,7 @@ from pathlib import Path
 import gguf
 
 from .errors import DecoError
-from .runtime import GET_RUNTIME, DecoRuntime, lib_dir, library
+from .runtime import GET_RUNTIME, USE_MMAP, DecoRuntime, lib_dir, library
 from .sampling import GREEDY, Sampling
 
 DRAFTS = {"none": 0, "model": 1, "lookup": 2, "script": 3}  # enum deco_spec_draft
@@ -138,7 +138,8 @@ class DraftModel:
             self.runtime = None
             try:
                 self.llm = Llama(model_path=str(self.path), n_ctx=target.llm.n_ctx(), n_batch=tp.n_batch,
-                                 n_ubatch=tp.n_batch, n_threads=tp.n_threads, n_threads_batch=tp.n_threads, verbose=False)
+                                 n_ubatch=tp.n_batch, n_threads=tp.n_threads, n_threads_batch=tp.n_threads, verbose=False,
+                                 use_mmap=USE_MMAP)
             except (ValueError, RuntimeError) as e:
                 raise DecoError(f"{self.path}: llama.cpp cannot load it: {e}") from None
         try:

@@ -261,7 +261,7 @@ def measure(
 ) -> SpeedReport:
     """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
     from .cache import cache_root
-    from .runtime import DecoRuntime, LayerActivity, available_cores, library
+    from .runtime import USE_MMAP, DecoRuntime, LayerActivity, available_cores, library
 
     library()  # one error line when the runtime is missing
 
@@ -292,7 +292,7 @@ def measure(
                 llm = Llama(model_path=str(eq.path), n_ctx=n_ctx, n_batch=min(pp, MAX_BATCH), n_ubatch=min(pp, MAX_BATCH),
                             n_threads=threads[0], n_threads_batch=threads[0], seed=0, verbose=False,
                             flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
-                            n_gpu_layers=benches[0].rt.offload.n_gpu_layers)
+                            n_gpu_layers=benches[0].rt.offload.n_gpu_layers, use_mmap=USE_MMAP)
             except (ValueError, RuntimeError) as e:
                 raise DecoError(f"{eq.path}: llama.cpp cannot load the dense_eq model: {e}") from None
             benches.append(_Bench("dense_eq", "dense", llm))
