@@ -38,8 +38,8 @@ GET_RUNTIME = "run `pip install .` in a deco-gguf source tree (it builds llama.c
 GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
 # Weights are read into memory, not mapped from the file: this project's ggml puts large buffers in huge pages
 # (ggml_patches/README.md), which the page cache behind a mapping is not. The output head, the largest matrix
-# left unrepacked, then reads ~15% faster (decode on one thread ~8%, docs/benchmarks.md); the repacked weights
-# were copies either way. Every model a comparison loads (the dense Llama, a draft) is loaded the same way.
+# left unrepacked, is then read from huge pages too: decode on one thread 10-20% faster, on two no change
+# (docs/benchmarks.md, "Huge pages"); the repacked weights were copies either way. Every model a comparison loads (the dense Llama, a draft) is loaded the same way.
 USE_MMAP = False
 _errors: deque[str] = deque(maxlen=8)  # llama.cpp's recent error lines, for one-line messages
 
