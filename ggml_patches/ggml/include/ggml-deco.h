@@ -116,6 +116,29 @@ GGML_API int64_t ggml_deco_moe_router_active(const struct ggml_deco_moe_params *
                                              const float * bias, uint8_t * active);
 
 //
+// expert activity, counted outside the op by whoever asks for it: a context that wants its own per-layer counts
+// passes ggml_deco_activity_eval as its scheduler's eval callback (llama_context_params.cb_eval) with a
+// ggml_deco_activity it owns as the user data. After each evaluated GGML_OP_DECO_MOE node of a layer in range
+// the callback recounts the router's decision from the node's logits (ggml_deco_moe_router_active, so dense
+// evaluation counts the same) and adds it to that layer. Nothing is shared between contexts or kept by ggml.
+//
+struct ggml_deco_layer_activity {
+    int64_t n_tokens;   // tokens routed through the layer
+    int64_t n_active;   // experts with a non-zero routed score, summed over those tokens
+    int64_t min_active; // fewest of one token, -1 before the first token
+    int64_t max_active; // most of one token
+};
+
+struct ggml_deco_activity {
+    bool                              enabled;  // false: the callback asks for no node (the graph runs in one go)
+    int32_t                           n_layers; // length of layers
+    struct ggml_deco_layer_activity * layers;   // indexed by the op's layer param
+};
+
+// a ggml_backend_sched_eval_callback; user_data: struct ggml_deco_activity *
+GGML_API bool ggml_deco_activity_eval(struct ggml_tensor * t, bool ask, void * user_data);
+
+//
 // activity counters: every evaluation of a GGML_OP_DECO_MOE node with layer >= 0 adds its token count and
 // the number of active experts (router decision, also in dense mode) for that layer. Process-wide, thread-safe.
 //

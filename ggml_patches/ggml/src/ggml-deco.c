@@ -2,10 +2,12 @@
 // The CPU kernel is in ggml-cpu/deco-moe.cpp.
 
 #include "ggml-deco.h"
+#include "ggml-backend.h"
 #include "ggml-impl.h"
 
 #include <stdatomic.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 static bool deco_is_f32_vec(const struct ggml_tensor * t, int64_t n) {
@@ -133,6 +135,55 @@ struct ggml_deco_moe_params ggml_deco_moe_get_params(const struct ggml_tensor * 
     p.flags       = params[5];
     p.layer       = params[6];
     return p;
+}
+
+//
+// expert activity collector (an eval callback)
+//
+
+static struct ggml_deco_layer_activity * deco_activity_layer(const struct ggml_deco_activity * activity,
+                                                              const struct ggml_tensor * t) {
+    if (activity == NULL || !activity->enabled || t->op != GGML_OP_DECO_MOE) {
+        return NULL;
+    }
+    const int32_t layer = ggml_deco_moe_get_params(t).layer;
+    return layer >= 0 && layer < activity->n_layers ? &activity->layers[layer] : NULL;
+}
+
+bool ggml_deco_activity_eval(struct ggml_tensor * t, bool ask, void * user_data) {
+    struct ggml_deco_layer_activity * counts = deco_activity_layer(user_data, t);
+    if (ask) {
+        return counts != NULL; // the nodes to look at: the DECO ops of counted layers
+    }
+    if (counts == NULL) {
+        return true; // go on evaluating
+    }
+    const struct ggml_tensor * logits = t->src[4];
+    const struct ggml_tensor * bias   = t->src[8];
+    const struct ggml_deco_moe_params p = ggml_deco_moe_get_params(t);
+    const int64_t n_expert = logits->ne[0];
+    const int64_t n_tokens = logits->ne[1];
+
+    // the logits and the bias may live on a device: copied to the host like llama-imatrix copies its inputs
+    float   * raw    = malloc(ggml_nbytes(logits));
+    float   * b      = bias ? malloc(ggml_nbytes(bias)) : NULL;
+    uint8_t * active = malloc(n_expert);
+    GGML_ASSERT(raw && (b || !bias) && active);
+    ggml_backend_tensor_get(logits, raw, 0, ggml_nbytes(logits));
+    if (bias) {
+        ggml_backend_tensor_get(bias, b, 0, ggml_nbytes(bias));
+    }
+    for (int64_t i = 0; i < n_tokens; ++i) {
+        const int64_t n = ggml_deco_moe_router_active(&p, n_expert, raw + i*(logits->nb[1]/sizeof(float)), b, active);
+        counts->n_tokens  += 1;
+        counts->n_active  += n;
+        counts->min_active = counts->min_active < 0 || n < counts->min_active ? n : counts->min_active;
+        counts->max_active = n > counts->max_active ? n : counts->max_active;
+    }
+    free(active);
+    free(b);
+    free(raw);
+    return true;
 }
 
 //
