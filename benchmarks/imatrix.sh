@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 python - "$OUT" <<'PY'
 import sys
 from pathlib import Path
-from deco_gguf.corpus import load_corpus
+from deco_gguf.training.corpus import load_corpus
 out, corpus = Path(sys.argv[1]), load_corpus()
 (out / "train-200k.txt").write_text("\n".join(corpus.train)[:200_000])
 (out / "heldout.txt").write_text("\n".join(corpus.heldout))

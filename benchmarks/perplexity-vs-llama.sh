@@ -21,7 +21,7 @@ if [ -z "$MODEL" ]; then
 fi
 if [ -z "$TEXT" ]; then
     TEXT="$OUT/heldout-60k.txt"
-    python -c "from deco_gguf.corpus import load_corpus; print('\n'.join(load_corpus().heldout)[:60000])" > "$TEXT"
+    python -c "from deco_gguf.training.corpus import load_corpus; print('\n'.join(load_corpus().heldout)[:60000])" > "$TEXT"
 fi
 
 python - "$MODEL" "$TEXT" "$CTX" "$THREADS" "$RUNS" <<'PY'

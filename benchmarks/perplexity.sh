@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 dir=out/ppl
 mkdir -p $dir
-python -c "from deco_gguf.corpus import load_corpus; open('$dir/heldout.txt', 'w').write('\n\n'.join(load_corpus().heldout) + '\n')"
+python -c "from deco_gguf.training.corpus import load_corpus; open('$dir/heldout.txt', 'w').write('\n\n'.join(load_corpus().heldout) + '\n')"
 deco-gguf convert models/deco-tiny -o $dir/f32.gguf --outtype f32 -q
 deco-gguf convert models/deco-tiny -o $dir/f16.gguf --outtype f16 -q
 deco-gguf convert models/deco-tiny -o $dir/q8_0.gguf --outtype q8_0 -q

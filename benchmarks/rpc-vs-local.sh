@@ -32,7 +32,7 @@ server=$!
 trap 'kill $server 2>/dev/null' EXIT
 python -c "
 import sys, time
-from deco_gguf.rpc import protocol_version
+from deco_gguf.runtime.rpc import protocol_version
 for _ in range(100):
     try:
         protocol_version('127.0.0.1:$port', timeout=1); sys.exit(0)

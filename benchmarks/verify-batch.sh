@@ -33,11 +33,9 @@ import statistics, sys, time
 from pathlib import Path
 
 import llama_cpp
-from llama_cpp import GGML_TYPE_F16, Llama
-
-from deco_gguf.cache import cache_root
-from deco_gguf.runtime import USE_MMAP, DecoRuntime
-from deco_gguf.dense_eq import build_dense_eq
+from deco_gguf.support.cache import cache_root
+from deco_gguf.runtime.context import DecoRuntime, load_llama
+from deco_gguf.measure.dense_eq import build_dense_eq
 
 model, threads, batches, rounds, logits = sys.argv[1:]
 threads = [int(t) for t in threads.split()]
@@ -45,9 +43,7 @@ batches = [int(k) for k in batches.split(",")]
 n_ctx = max(batches) + 16
 deco = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=max(batches), mode="sparse")
 eq_path = build_dense_eq(Path(model), deco.info, cache_root() / "dense-eq", lambda s: print(s, file=sys.stderr)).path
-eq = Llama(model_path=str(eq_path), n_ctx=n_ctx, n_batch=max(batches), n_ubatch=max(batches), n_threads=threads[0],
-           n_threads_batch=threads[0], seed=0, verbose=False, flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
-           use_mmap=USE_MMAP)
+eq = load_llama(eq_path, n_ctx=n_ctx, n_threads=threads[0], n_batch=max(batches), seed=0)
 models = {"DECO": deco.llm, "dense_eq": eq}
 tokens = deco.llm.tokenize(b" In the beginning God created the heaven and the earth." * 4)[:max(batches)]
 

@@ -6,7 +6,7 @@ import sys
 def run() -> None:
     """Entry point: Ctrl-C at any moment, even while the modules load, prints "interrupted" and
     exits 130; SIGTERM prints "terminated" and exits 143; outputs being written are removed."""
-    from ..signals import Terminated, raise_on_sigterm
+    from ..support.signals import Terminated, raise_on_sigterm
 
     try:
         raise_on_sigterm()

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..errors import DecoError
-from ..signals import Terminated
+from ..support.errors import DecoError
+from ..support.signals import Terminated
 
 ENVIRONMENT = "\n\n".join([
     "Environment variables:",
@@ -34,7 +34,7 @@ err_console = Console(stderr=True)
 
 def _print_version(value: bool) -> None:
     if value:
-        from ..version import version_lines
+        from ..runtime.version import version_lines
 
         for line in version_lines():
             console.print(line, highlight=False, soft_wrap=True)
@@ -76,7 +76,7 @@ def warn(message: str) -> None:
 def check_threads(*counts: Optional[int]) -> None:
     """Warn about more threads than cores: ggml's threads wait on each other at every step, and an
     oversubscribed run is slower by orders of magnitude, not by the ratio of threads to cores."""
-    from ..runtime import available_cores
+    from ..runtime.native import available_cores
 
     cores = available_cores()
     most = max((c for c in counts if c), default=0)

@@ -1,5 +1,5 @@
 """The terminal side of `deco-gguf chat`: the turn loop (one prompt, piped lines or a terminal with /commands)
-and the /stats table. The conversation itself is deco_gguf.chat.ChatSession."""
+and the /stats table. The conversation itself is deco_gguf.runtime.chat.ChatSession."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from rich.table import Table
 
-from ..chat import ChatSession, ReplyStats
-from ..errors import DecoError
-from ..runtime import mean_rate
+from ..runtime.chat import ChatSession, ReplyStats
+from ..support.errors import DecoError
+from ..runtime.activity import mean_rate
 
 HELP = """commands:
   /reset   forget the conversation (the system prompt stays)

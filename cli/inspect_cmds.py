@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import DecoError
+from ..support.errors import DecoError
 from .app import app, console, friendly_errors, warn
 
 
@@ -24,7 +24,7 @@ def info(
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
 ) -> None:
     """Architecture, tensor types and sizes, and resource accounting (N, N_a, r_a, R_c)."""
-    from ..info import measure_activation_gguf, measure_activation_hf, read_model
+    from ..measure.info import measure_activation_gguf, measure_activation_hf, read_model
 
     found = read_model(model)
     rate, source = (activation_rate, "given") if activation_rate is not None else (0.2, "assumed")
@@ -146,7 +146,7 @@ def fixture(
         path = fixtures.write_fixture(out_dir, name, seed=seed)
     console.print(f"wrote [bold]{path}[/]")
     if calibrate is not None:
-        from ..calibrate import calibrate_routers
+        from ..fixtures.calibrate import calibrate_routers
 
         with console.status(f"calibrating routers to {calibrate:.0%} activation"):
             report = calibrate_routers(path, calibrate)

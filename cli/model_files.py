@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import DecoError
+from ..support.errors import DecoError
 from .app import app, check_threads, console, err_console, friendly_errors, warn
 
 
@@ -100,7 +100,7 @@ def quantize(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..runtime import quantize as run_quantize
+    from ..runtime.tools import quantize as run_quantize
 
     check_threads(threads)
 
@@ -138,7 +138,7 @@ def imatrix(
     projections get none (their inputs exist only inside the DECO op) and are
     quantized without one. Then: deco-gguf quantize IN OUT Q3_K_M --imatrix FILE.
     """
-    from ..runtime import imatrix as run_imatrix
+    from ..runtime.tools import imatrix as run_imatrix
 
     check_threads(threads)
     with err_console.status("computing the importance matrix") as status:

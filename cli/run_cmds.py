@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import DecoError
-from ..rpc import Offload
+from ..support.errors import DecoError
+from ..runtime.rpc import Offload
 from .app import app, check_threads, console, err_console, friendly_errors, warn
 
 
@@ -28,8 +28,8 @@ DraftMax = Annotated[Optional[int], typer.Option("--draft-max", help="Most token
 
 
 def _speculation(draft: Optional[Path], lookup: bool, draft_max: Optional[int]):
-    from ..cache import resolve_model
-    from ..speculative import Speculation
+    from ..support.cache import resolve_model
+    from ..runtime.speculative import Speculation
 
     if draft is None and not lookup:
         if draft_max is not None:
@@ -93,9 +93,9 @@ def chat(
     """
     import sys
 
-    from ..cache import resolve_model
-    from ..chat import ChatSession
-    from ..sampling import Sampling
+    from ..support.cache import resolve_model
+    from ..runtime.chat import ChatSession
+    from ..runtime.sampling import Sampling
     from .chat import run_chat
 
     if prompt is not None and not prompt.strip():
@@ -146,9 +146,9 @@ def perplexity(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..cache import resolve_model
-    from ..gguf_file import read_gguf
-    from ..perplexity import perplexity as run_perplexity
+    from ..support.cache import resolve_model
+    from ..model.gguf_file import read_gguf
+    from ..measure.perplexity import perplexity as run_perplexity
 
     offload = _offload(rpc, n_gpu_layers)
     check_threads(threads)
@@ -285,8 +285,8 @@ def speed(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..cache import resolve_model
-    from ..speed import measure, plot
+    from ..support.cache import resolve_model
+    from ..measure.speed import measure, plot
 
     counts = _thread_list(threads)
     check_threads(*(counts or []))
@@ -304,11 +304,11 @@ def speed(
         rates = _rates(synthetic)
         if offload.rpc or vs_dense:
             raise DecoError("--rpc and --vs-dense are not available with speculative decoding")
-        from ..runtime import available_cores
-        from ..speculative import DEFAULT_DRAFT_MAX
-        from ..speculative_speed import measure_speculative
-        from ..speculative_speed import plot as plot_speculative
-        from ..speed import DEFAULT_TEXT
+        from ..runtime.native import available_cores
+        from ..runtime.speculative import DEFAULT_DRAFT_MAX
+        from ..measure.speculative_speed import measure_speculative
+        from ..measure.speculative_speed import plot as plot_speculative
+        from ..measure.speed import DEFAULT_TEXT
 
         if draft is not None:
             draft = resolve_model(draft, on_status=status)

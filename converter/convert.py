@@ -19,12 +19,12 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from ..accounting import account
-from ..checkpoint import HFCheckpoint
-from ..config import DecoConfig
-from ..errors import DecoError
-from ..files import atomic_output, refuse_inputs
-from ..gguf_file import (
+from ..model.accounting import account
+from ..model.checkpoint import HFCheckpoint
+from ..model.config import DecoConfig
+from ..support.errors import DecoError
+from ..support.files import atomic_output, refuse_inputs
+from ..model.gguf_file import (
     ARCH,
     KEY_EXPERT_ACTIVATION,
     KEY_EXPERT_BIAS,
@@ -33,7 +33,7 @@ from ..gguf_file import (
     KEY_ROUTER_ACTIVATION,
     KEY_ROUTER_NORM,
 )
-from ..signals import held_interrupts
+from ..support.signals import held_interrupts
 from .vocab import Vocab, load_vocab
 
 # Types a user may ask for, and the file type each one names.

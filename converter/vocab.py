@@ -15,8 +15,8 @@ from pathlib import Path
 import gguf
 from sentencepiece import SentencePieceProcessor
 
-from ..checkpoint import read_json
-from ..errors import DecoError
+from ..model.checkpoint import read_json
+from ..support.errors import DecoError
 
 IM_END = "<|im_end|>"
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")

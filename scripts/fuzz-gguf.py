@@ -18,7 +18,7 @@ from pathlib import Path
 
 from deco_gguf.converter import convert
 from deco_gguf.fixtures import write_fixture
-from deco_gguf.fuzz import load_in_child, mutants
+from deco_gguf.fixtures.fuzz import load_in_child, mutants
 
 
 def main() -> int:

@@ -26,8 +26,8 @@ bash scripts/build-runtime.sh
 # The bundled model's corpus (public-domain KJV from Debian): its held-out split is what perplexity
 # is measured on. apt-get download needs the package lists; fill them once if they are empty.
 echo "==> fetching the bundled model's corpus"
-if ! .venv/bin/python -m deco_gguf.corpus >/dev/null 2>&1; then
+if ! .venv/bin/python -m deco_gguf.training.corpus >/dev/null 2>&1; then
     apt-get update -qq || echo "warning: apt-get update failed" >&2
-    .venv/bin/python -m deco_gguf.corpus >/dev/null
+    .venv/bin/python -m deco_gguf.training.corpus >/dev/null
 fi
 echo "==> ready: .venv/bin/deco-gguf"

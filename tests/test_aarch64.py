@@ -19,8 +19,8 @@ from test_runtime import dequantized_reference
 
 from deco_gguf.converter import convert
 from deco_gguf.fixtures import write_fixture
-from deco_gguf.reference import DecoModel
-from deco_gguf.runtime import DecoRuntime
+from deco_gguf.model.reference import DecoModel
+from deco_gguf.runtime.context import DecoRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".deps" / "build-aarch64" / "bin"

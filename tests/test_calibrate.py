@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from deco_gguf.calibrate import calibrate_routers, calibration_tokens, expert_targets, fixture_hook
-from deco_gguf.checkpoint import HFCheckpoint
-from deco_gguf.errors import DecoError
-from deco_gguf.reference import DecoModel
+from deco_gguf.fixtures.calibrate import calibrate_routers, calibration_tokens, expert_targets, fixture_hook
+from deco_gguf.model.checkpoint import HFCheckpoint
+from deco_gguf.support.errors import DecoError
+from deco_gguf.model.reference import DecoModel
 
 fixtures = pytest.importorskip("deco_gguf.fixtures")
 

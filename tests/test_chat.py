@@ -24,15 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from deco_gguf.runtime import is_patched  # noqa: E402
+from deco_gguf.runtime.native import is_patched  # noqa: E402
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
-from deco_gguf.cache import dir_fingerprint, resolve_model  # noqa: E402
-from deco_gguf.chat import ChatSession, Sampling  # noqa: E402
-from deco_gguf.runtime import DecoRuntime  # noqa: E402
+from deco_gguf.support.cache import dir_fingerprint, resolve_model  # noqa: E402
+from deco_gguf.runtime.chat import ChatSession, Sampling  # noqa: E402
+from deco_gguf.runtime.context import DecoRuntime  # noqa: E402
 
 N = 24  # reply length: short, and the bundled model rarely ends a reply by itself
 QUESTION = "Who is the LORD?"

@@ -1,4 +1,4 @@
-"""Outputs that are complete or absent (deco_gguf.files), on both kinds of temporary file."""
+"""Outputs that are complete or absent (deco_gguf.support.files), on both kinds of temporary file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from deco_gguf import files
-from deco_gguf.errors import DecoError
+from deco_gguf.support.errors import DecoError
 
 
 @pytest.fixture(params=["unnamed", "named"])

@@ -5,7 +5,7 @@ CI runs a sample; `scripts/fuzz-gguf.py 1000` is the full run.
 
 from deco_gguf.converter import convert
 from deco_gguf.fixtures import write_fixture
-from deco_gguf.fuzz import load_in_child, mutants
+from deco_gguf.fixtures.fuzz import load_in_child, mutants
 
 
 def test_mutated_files_never_crash(tmp_path):

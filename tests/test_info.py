@@ -98,7 +98,7 @@ def test_info_errors(tmp_path):
 
 
 def test_measured_activation_feeds_the_accounting(base, tmp_path):
-    from deco_gguf.calibrate import calibrate_routers
+    from deco_gguf.fixtures.calibrate import calibrate_routers
     from deco_gguf.fixtures import fixture_corpus
 
     hf = write_fixture(tmp_path / "calibrated", "base")
@@ -122,10 +122,10 @@ def test_measured_activation_feeds_the_accounting(base, tmp_path):
 
 
 def test_measured_activation_of_a_gguf_is_the_reference_models(tmp_path):
-    from deco_gguf.calibrate import calibrate_routers
+    from deco_gguf.fixtures.calibrate import calibrate_routers
     from deco_gguf.fixtures import fixture_corpus
-    from deco_gguf.reference import DecoModel
-    from deco_gguf.runtime import DecoRuntime
+    from deco_gguf.model.reference import DecoModel
+    from deco_gguf.runtime.context import DecoRuntime
 
     hf = write_fixture(tmp_path / "calibrated", "base")
     calibrate_routers(hf, 0.2)

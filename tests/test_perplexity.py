@@ -22,7 +22,7 @@ BIN = REPO / ".deps" / "build" / "bin"
 LLAMA_PERPLEXITY = BIN / "llama-perplexity"
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from deco_gguf.runtime import is_patched  # noqa: E402
+from deco_gguf.runtime.native import is_patched  # noqa: E402
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
@@ -33,7 +33,7 @@ TEXT_CHARS = 7000  # ~1750 tokens: 6 chunks of 256
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     from deco_gguf.converter import convert
-    from deco_gguf.corpus import load_corpus
+    from deco_gguf.training.corpus import load_corpus
 
     d = tmp_path_factory.mktemp("ppl")
     gguf = d / "deco-tiny-f16.gguf"
@@ -125,7 +125,7 @@ def test_errors(files, tmp_path):
 
 def test_chunks_side_by_side_or_split_give_the_same_number(files):
     """Many chunks per decode (the default, as llama-perplexity) and one chunk over several decodes."""
-    from deco_gguf.perplexity import perplexity
+    from deco_gguf.measure.perplexity import perplexity
 
     side_by_side = perplexity(files["gguf"], files["text"], ctx_size=CTX, n_threads=1)
     split = perplexity(files["gguf"], files["text"], ctx_size=CTX, n_threads=1, n_batch=CTX // 4)

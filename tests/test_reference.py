@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from deco_gguf.checkpoint import expected_shapes
-from deco_gguf.config import DecoConfig
-from deco_gguf.errors import DecoError
-from deco_gguf.reference import DecoModel, rms_norm, rope
+from deco_gguf.model.checkpoint import expected_shapes
+from deco_gguf.model.config import DecoConfig
+from deco_gguf.support.errors import DecoError
+from deco_gguf.model.reference import DecoModel, rms_norm, rope
 
 F64 = torch.float64
 
@@ -491,7 +491,7 @@ def test_every_fixture_variant_loads_and_gives_finite_logits(fixture_dirs, name)
 @pytest.mark.parametrize("name", ["base", "bf16", "sharded", "router_fixed", "tied", "mup", "expert_bias_rms"])
 def test_loaded_fixture_matches_loop_implementation(fixture_dirs, name):
     m = DecoModel.from_pretrained(fixture_dirs[name], dtype=F64)
-    from deco_gguf.checkpoint import HFCheckpoint
+    from deco_gguf.model.checkpoint import HFCheckpoint
 
     ckpt = HFCheckpoint(fixture_dirs[name])
     state = {n: ckpt.tensor(n) for n in expected_shapes(ckpt.config)}

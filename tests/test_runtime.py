@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from deco_gguf.cli.main import app
 from deco_gguf.converter import convert
-from deco_gguf.errors import DecoError
+from deco_gguf.support.errors import DecoError
 from deco_gguf.fixtures import VARIANTS, write_fixture
-from deco_gguf.reference import DecoModel
-from deco_gguf.runtime import DecoRuntime, quantize
+from deco_gguf.model.reference import DecoModel
+from deco_gguf.runtime.context import DecoRuntime
+from deco_gguf.runtime.tools import quantize
 
 # d 256 so that only the 64-wide expert down projections (and the 48-wide shared one) miss K-quant blocks.
 WIDE = dataclasses.replace(VARIANTS["de64"], name="wide", hidden_size=256, num_heads=4, head_dim=64, dense_ffn=512)
@@ -202,7 +203,7 @@ def test_imatrix_follows_the_deco_routing(tmp_path):
     sends to that expert (the reference model's routing), and no statistics for the down projections."""
     from pathlib import Path
 
-    from deco_gguf.runtime import imatrix
+    from deco_gguf.runtime.tools import imatrix
 
     bundled = Path(__file__).resolve().parents[1] / "models" / "deco-tiny"
     ctx = 64

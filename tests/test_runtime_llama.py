@@ -1,12 +1,11 @@
 """The patched llama.cpp runtime (ggml_patches/, built by scripts/build-runtime.sh) against the reference.
 
 Every check uses F32 GGUFs, an F32 KV cache and flash attention off (the CPU flash-attention path rounds
-to F16), so the patched llama.cpp must match deco_gguf.reference to 1e-4 relative (max|d| / max|logit|).
+to F16), so the patched llama.cpp must match deco_gguf.model.reference to 1e-4 relative (max|d| / max|logit|).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
@@ -18,12 +17,14 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from deco_gguf.calibrate import fixture_hook
+from deco_gguf.fixtures.calibrate import fixture_hook
 from deco_gguf.converter.convert import convert
 from deco_gguf.fixtures import VARIANTS as FIXTURES
 from deco_gguf.fixtures import write_fixture
-from deco_gguf.reference import DecoModel
-from deco_gguf.runtime import MODE_KEY, MODES, ggml_base, library
+from deco_gguf.model.reference import DecoModel
+from deco_gguf.runtime.activity import ActivityCounter
+from deco_gguf.runtime.context import MODE_KEY, MODES
+from deco_gguf.runtime.native import library
 from llama_server import llama_server, post  # tests/llama_server.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,8 @@ llama_cpp.llama_backend_init()
 class Runtime:
     """Minimal llama-cpp-python low-level session on one GGUF (F32 KV cache, no flash attention)."""
 
-    def __init__(self, path: Path, n_ctx: int = 256, n_batch: int = 512, n_seq: int = 1, mode: str = "sparse"):
+    def __init__(self, path: Path, n_ctx: int = 256, n_batch: int = 512, n_seq: int = 1, mode: str = "sparse",
+                 counter: ActivityCounter | None = None):
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = int(os.environ.get("DECO_TEST_NGL", "0"))  # scripts/gpu-check.sh: 99 (all on the GPU)
         overrides = (llama_cpp.llama_model_kv_override * 2)()  # the mode, then the empty key that ends the list
@@ -56,6 +58,8 @@ class Runtime:
         cp.n_threads = cp.n_threads_batch = 2
         cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if counter is not None:
+            counter.install(cp)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("failed to create the context")
@@ -239,22 +243,36 @@ def test_activity_counters_match_reference(models, variant):
     path, ref = models(variant)
     ids = _ids(ref, 18, seed=6)
     act = ref(ids).activation
-    rt = Runtime(path)
+    counter = ActivityCounter(ref.config.moe_layers, ref.config.num_experts)
+    rt = Runtime(path, counter=counter)
     try:
-        ggml_base().ggml_deco_stats_reset()
         rt.decode([ids], all_logits=True)  # all rows: the last layer then sees every token
-        buf = (ctypes.c_int64 * 4)()
-        for il, a in enumerate(act):
-            assert ggml_base().ggml_deco_stats_get(il, buf)
-            if a is None:
-                assert buf[0] == 0
-                continue
-            per_tok = a[0].sum(-1)
-            assert buf[0] == len(ids)
-            assert buf[1] == int(per_tok.sum())
-            assert buf[2] == int(per_tok.min()) and buf[3] == int(per_tok.max())
     finally:
         rt.close()
+    for a, counted in zip(act, counter.read(), strict=True):
+        if a is None:
+            assert counted is None
+            continue
+        per_tok = a[0].sum(-1)
+        assert counted.tokens == len(ids)
+        assert counted.active == int(per_tok.sum())
+        assert (counted.min_active, counted.max_active) == (int(per_tok.min()), int(per_tok.max()))
+
+
+def test_activity_belongs_to_the_context_that_counted_it(models):
+    """Two models in one process, evaluated in turns: each context's counts are the tokens it evaluated."""
+    (path_a, ref_a), (path_b, ref_b) = models("base"), models("router_sqrelu")
+    counters = [ActivityCounter(r.config.moe_layers, r.config.num_experts) for r in (ref_a, ref_b)]
+    runtimes = [Runtime(p, counter=c) for p, c in zip((path_a, path_b), counters)]
+    try:
+        runtimes[0].decode([_ids(ref_a, 7, seed=1)], all_logits=True)
+        runtimes[1].decode([_ids(ref_b, 5, seed=2)], all_logits=True)
+        runtimes[0].decode([_ids(ref_a, 3, seed=3)], start=[7], all_logits=True)
+    finally:
+        for rt in runtimes:
+            rt.close()
+    for counter, n_tokens in zip(counters, (10, 5)):
+        assert [a.tokens for a in counter.read() if a is not None] == [n_tokens] * sum(counter.moe_layers)
 
 
 def _mutate(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
@@ -306,17 +324,16 @@ def test_llama_server_completion(models):
 
 
 def test_mode_override_reaches_the_model(models):
-    """The `deco.ffn_mode` override picks the graph: `ops` has no DECO op (its counters stay at zero)."""
+    """The `deco.ffn_mode` override picks the graph: `ops` has no DECO op (nothing is counted)."""
     path, ref = models("base")
     ids = _ids(ref, 6, seed=11)
     counted = {}
     for mode in ("ops", "sparse"):
-        rt = Runtime(path, mode=mode)
+        counter = ActivityCounter(ref.config.moe_layers, ref.config.num_experts)
+        rt = Runtime(path, mode=mode, counter=counter)
         try:
-            ggml_base().ggml_deco_stats_reset()
             rt.decode([ids])
-            buf = (ctypes.c_int64 * 4)()
-            counted[mode] = sum(buf[0] for il in range(ref.config.num_layers) if ggml_base().ggml_deco_stats_get(il, buf))
         finally:
             rt.close()
+        counted[mode] = sum(a.tokens for a in counter.read() if a is not None)
     assert counted["ops"] == 0 and counted["sparse"] >= len(ids)

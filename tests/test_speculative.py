@@ -1,4 +1,4 @@
-"""Speculative decoding (deco_gguf.speculative, libdeco-speculative) against autoregressive decoding.
+"""Speculative decoding (deco_gguf.runtime.speculative, libdeco-speculative) against autoregressive decoding.
 
 The truth is llama-cpp-python's own greedy generation (Llama.generate, one token per llama_decode) on a
 second instance of the same GGUF, and for sampling the target's exact next-token distributions (softmax of
@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from deco_gguf.runtime import is_patched  # noqa: E402
+from deco_gguf.runtime.native import is_patched  # noqa: E402
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
 from deco_gguf.converter.convert import convert  # noqa: E402
-from deco_gguf.errors import DecoError  # noqa: E402
+from deco_gguf.support.errors import DecoError  # noqa: E402
 from deco_gguf.fixtures import write_fixture  # noqa: E402
-from deco_gguf.runtime import DecoRuntime  # noqa: E402
-from deco_gguf.sampling import Sampling  # noqa: E402
-from deco_gguf.speculative import DraftModel, Speculator  # noqa: E402
+from deco_gguf.runtime.context import DecoRuntime  # noqa: E402
+from deco_gguf.runtime.sampling import Sampling  # noqa: E402
+from deco_gguf.runtime.speculative import DraftModel, Speculator  # noqa: E402
 from llama_server import llama_server, post  # noqa: E402  (tests/llama_server.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,9 +134,9 @@ def test_draft_length_pays_like_the_best_fixed_length():
 def test_draft_model_output_is_the_autoregressive_output(fixture_gguf, tmp_path, draft_arch):
     """A smaller DECO fixture with the same tokenizer drafts for the target (opened by DecoRuntime); so does any
     GGUF with the same vocabulary: the random-weight Llama that `speed --vs-dense` builds beside a DECO
-    (deco_gguf.dense_eq), opened through llama-cpp-python."""
-    from deco_gguf.dense_eq import build_dense_eq
-    from deco_gguf.gguf_file import read_gguf
+    (deco_gguf.measure.dense_eq), opened through llama-cpp-python."""
+    from deco_gguf.measure.dense_eq import build_dense_eq
+    from deco_gguf.model.gguf_file import read_gguf
 
     target = fixture_gguf("base")
     draft = fixture_gguf("de64") if draft_arch == "deco" else build_dense_eq(target, read_gguf(target), tmp_path).path
@@ -147,14 +147,21 @@ def test_draft_model_output_is_the_autoregressive_output(fixture_gguf, tmp_path,
         dm = DraftModel(draft, rt)
         try:
             assert (dm.runtime is None) == (draft_arch == "llama")
+            rt.reset_activity()
             with Speculator(rt, "model", draft_model=dm, n_draft=3) as spec:
                 got, stats = spec.generate(prompt, 40)
+            target_counts = [a.tokens for a in rt.activity()[:-1] if a is not None]  # the last: output rows only
+            draft_counts = [a.tokens for a in dm.runtime.activity() if a is not None] if dm.runtime else [1]
         finally:
             dm.close()
     finally:
         rt.close()
     assert got == want
     assert stats.n_drafted > 0
+    # each model counts what its own context evaluated (the draft's tokens never land in the target's counts):
+    # the target, the prompt up to its last token, then each verification's last token and draft
+    assert target_counts and set(target_counts) == {stats.n_prompt + stats.n_verify + stats.n_drafted}
+    assert min(draft_counts) > 0
 
 
 def test_prompt_cache_is_reused_and_results_do_not_depend_on_it(fixture_gguf):

@@ -16,12 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from deco_gguf.runtime import is_patched  # noqa: E402
+from deco_gguf.runtime.native import is_patched  # noqa: E402
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
-from deco_gguf.gguf_file import read_gguf  # noqa: E402
-from deco_gguf.dense_eq import dense_eq_plan  # noqa: E402
+from deco_gguf.model.gguf_file import read_gguf  # noqa: E402
+from deco_gguf.measure.dense_eq import dense_eq_plan  # noqa: E402
 
 TINY = ["--pp", "16", "--tg", "8", "--repetitions", "1", "--threads", "1"]
 
@@ -111,7 +111,7 @@ def test_vs_dense_equal_parameters(gguf_path, tmp_path):
 def test_dense_eq_follows_quantized_experts(tmp_path):
     """Q4_0 experts: the dense_eq FFN is written Q4_0 too, attention stays as the DECO model's."""
     from deco_gguf.converter import convert
-    from deco_gguf.dense_eq import build_dense_eq
+    from deco_gguf.measure.dense_eq import build_dense_eq
 
     q = tmp_path / "deco-tiny-q4e.gguf"
     convert(BUNDLED, q, "f16", "q4_0")
@@ -141,8 +141,8 @@ def test_dense_eq_keeps_k_quant_types(gguf_path, tmp_path):
     """llama.cpp's Q4_0 preset writes a Q6_K output head: dense_eq writes Q6_K too (libggml's quantizer)."""
     import numpy as np
 
-    from deco_gguf.runtime import quantize
-    from deco_gguf.dense_eq import _quantize, build_dense_eq
+    from deco_gguf.runtime.tools import quantize
+    from deco_gguf.measure.dense_eq import _quantize, build_dense_eq
 
     x = np.random.default_rng(0).standard_normal((4, 512), dtype=np.float32)
     back = gguf.quants.dequantize(_quantize(x, "Q6_K"), gguf.GGMLQuantizationType.Q6_K)

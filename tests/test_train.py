@@ -24,19 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deco_gguf.checkpoint import HFCheckpoint
-from deco_gguf.corpus import HELDOUT_PERCENT, is_heldout, parse_chapters, split_chapters
-from deco_gguf.reference import DecoModel
-from deco_gguf.train import (
-    AdaptiveCoef,
-    Shape,
-    TrainableDeco,
-    init_state,
-    loss_terms,
-    make_optimizer,
-    router_entropy,
-)
-from deco_gguf.train_io import sample_batch
+from deco_gguf.model.checkpoint import HFCheckpoint
+from deco_gguf.training.corpus import HELDOUT_PERCENT, is_heldout, parse_chapters, split_chapters
+from deco_gguf.model.reference import DecoModel
+from deco_gguf.training.data import sample_batch
+from deco_gguf.training.model import AdaptiveCoef, Shape, TrainableDeco, init_state, loss_terms, router_entropy
+from deco_gguf.training.train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
@@ -170,7 +163,7 @@ def test_corpus_split_is_deterministic_and_disjoint():
 
 def test_real_corpus_split(tmp_path):
     """The real corpus (fetched from Debian by scripts/setup.sh, or here if missing)."""
-    from deco_gguf.corpus import load_corpus
+    from deco_gguf.training.corpus import load_corpus
 
     c = load_corpus()
     assert c.source["chapters"] == 1189 and c.source["heldout_chapters"] == 39
@@ -210,7 +203,7 @@ PPL_BOUND = 60.0
 @pytest.fixture(scope="module")
 def bundled():
     if not (BUNDLED / "model.safetensors").is_file():
-        pytest.fail(f"{BUNDLED} is missing: the repository ships it (python -m deco_gguf.train reproduces it)")
+        pytest.fail(f"{BUNDLED} is missing: the repository ships it (python -m deco_gguf.training.train reproduces it)")
     import sentencepiece as spm
 
     return DecoModel.from_pretrained(BUNDLED), spm.SentencePieceProcessor(model_file=str(BUNDLED / "tokenizer.model"))

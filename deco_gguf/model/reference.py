@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .checkpoint import HFCheckpoint, expected_shapes
 from .config import DecoConfig
-from .errors import DecoError
+from ..support.errors import DecoError
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""What `deco-gguf info` reports for a DECO GGUF file (deco_gguf.gguf_file) or an HF checkpoint directory,
+"""What `deco-gguf info` reports for a DECO GGUF file (deco_gguf.model.gguf_file) or an HF checkpoint directory,
 and the expert activation it measures on text."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from .errors import DecoError
-from .gguf_file import ModelInfo, TensorInfo, read_gguf
+from ..support.errors import DecoError
+from ..model.gguf_file import ModelInfo, TensorInfo, read_gguf
 
 def read_hf(path: Path) -> ModelInfo:
     """The same table for an HF checkpoint, as the converter would write it (F32 = source size)."""
-    from .checkpoint import HFCheckpoint
-    from .converter import DecoConverter
+    from ..model.checkpoint import HFCheckpoint
+    from ..converter import DecoConverter
 
     converter = DecoConverter(HFCheckpoint(path), outtype="f32")
     tensors = [TensorInfo(p.name, p.qtype.name, p.shape, p.nbytes) for p in converter.plans]
@@ -32,7 +32,7 @@ def measure_activation_gguf(path: Path, text: str, num_tokens: int = 1024, seq_l
     """Per layer: fraction of experts active on `text`, counted by the DECO op of the patched llama.cpp
     (None for dense layers). Rows of `seq_len` tokens starting with BOS, as `measure_activation_hf`; every
     position's logits are requested, so that llama.cpp evaluates the last layer for all of them."""
-    from .runtime import DecoRuntime
+    from ..runtime.context import DecoRuntime
 
     with DecoRuntime(path, n_ctx=seq_len, n_batch=seq_len, all_logits=True) as rt:
         ids = rt.llm.tokenize(text.encode("utf-8"), add_bos=False)[:num_tokens]
@@ -47,8 +47,8 @@ def measure_activation_gguf(path: Path, text: str, num_tokens: int = 1024, seq_l
 
 def measure_activation_hf(path: Path, text: str, num_tokens: int = 1024, seq_len: int = 256) -> list[float | None]:
     """Per layer: fraction of experts active on `text`, with the reference model (None for dense layers)."""
-    from .calibrate import calibration_tokens
-    from .reference import DecoModel
+    from ..fixtures.calibrate import calibration_tokens
+    from ..model.reference import DecoModel
 
     model = DecoModel.from_pretrained(path)
     ids, _ = calibration_tokens(text, model.config.vocab_size, num_tokens, seq_len, Path(path), heldout_tokens=0)

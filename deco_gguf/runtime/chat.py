@@ -7,7 +7,7 @@ BOS in front, a BOS the template writes itself is not doubled), and the reply is
 repeat penalty). Generation ends on an end-of-generation token (EOS, `<|im_end|>`), at
 `max_tokens`, or when the context is full. Before every turn the oldest turns are dropped (the system
 prompt is kept) until the prompt leaves room for a reply. The model is a GGUF or an HF checkpoint
-directory (deco_gguf.cache.resolve_model).
+directory (deco_gguf.support.cache.resolve_model).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DecoError
+from ..support.errors import DecoError
 from .rpc import Offload
 from .sampling import Sampling
 from .speculative import Speculation
 
 if TYPE_CHECKING:
-    from .runtime import LayerActivity
+    from .activity import LayerActivity
     from .speculative import SpecStats
 
 STOP_STRINGS = ["<|im_end|>"]  # besides the end-of-generation token ids llama.cpp knows
@@ -128,7 +128,8 @@ class ChatSession:
         offload: Offload | None = None,
         speculation: Speculation | None = None,
     ):
-        from .runtime import DecoRuntime, library
+        from .context import DecoRuntime
+        from .native import library
 
         library()  # one error line when the runtime is missing
         import llama_cpp
@@ -269,7 +270,7 @@ class ChatSession:
             stats.prompt_seconds = perf.t_p_eval_ms / 1e3
 
     def _speculate(self, prompt: list[int], n_predict: int, stats: ReplyStats) -> Iterator[str]:
-        """The reply by speculative decoding (deco_gguf.speculative); its loop runs in a worker thread
+        """The reply by speculative decoding (deco_gguf.runtime.speculative); its loop runs in a worker thread
         and hands over each run of accepted tokens."""
         import llama_cpp
 

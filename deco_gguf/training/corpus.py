@@ -36,8 +36,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import cache_root
-from .errors import DecoError
+from ..support.cache import cache_root
+from ..support.errors import DecoError
 
 PACKAGES = ("bible-kjv-text", "bible-kjv")
 PACKAGE_VERSION = "4.38"  # the version the bundled model was trained from
@@ -53,7 +53,7 @@ _VERSE_RE = re.compile(r"^([1-3]?[A-Za-z]+)(\d+):(\d+) (.*)$")
 
 
 def default_cache_dir() -> Path:
-    """`DECO_CORPUS_CACHE`, else the corpus folder of the user's cache (deco_gguf.cache)."""
+    """`DECO_CORPUS_CACHE`, else the corpus folder of the user's cache (deco_gguf.support.cache)."""
     env = os.environ.get("DECO_CORPUS_CACHE")
     return Path(env) if env else cache_root() / "corpus"
 
@@ -203,7 +203,7 @@ def load_corpus(cache_dir: Path | str | None = None) -> Corpus:
     return Corpus([c.text for c in train], [c.text for c in heldout], source)
 
 
-if __name__ == "__main__":  # python -m deco_gguf.corpus: fetch and print the split
+if __name__ == "__main__":  # python -m deco_gguf.training.corpus: fetch and print the split
     c = load_corpus()
     for k, v in c.source.items():
         if not k.startswith("_") and k != "heldout_refs":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import DecoError
+from ..support.errors import DecoError
 
 EXPERT_ACTIVATIONS = ("norm_silu", "norm_silu_nomean", "norm_silu_norms", "silu", "relu")
 ROUTER_ACTIVATIONS = ("relu", "sqrelu")

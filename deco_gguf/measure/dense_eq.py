@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DecoError
-from .files import atomic_output
+from ..support.errors import DecoError
+from ..support.files import atomic_output
 
 DENSE_EQ_VERSION = 2
 
@@ -37,7 +37,7 @@ def _ggml_can_write(type_name: str) -> bool:
 
     if type_name not in gguf.GGMLQuantizationType.__members__:
         return False
-    from .runtime import ggml_base
+    from ..runtime.native import ggml_base
 
     return not ggml_base().ggml_quantize_requires_imatrix(gguf.GGMLQuantizationType[type_name].value)
 
@@ -59,7 +59,7 @@ def _quantize(x: np.ndarray, type_name: str) -> np.ndarray:
     rows, n = int(np.prod(x.shape[:-1])), x.shape[-1]
     out = np.empty((rows, n // block * size), dtype=np.uint8)
     src = np.ascontiguousarray(x, dtype=np.float32)
-    from .runtime import ggml_base
+    from ..runtime.native import ggml_base
 
     written = ggml_base().ggml_quantize_chunk(qt.value, src.ctypes.data_as(ctypes.c_void_p),
                                                out.ctypes.data_as(ctypes.c_void_p), 0, rows, n, None)
@@ -99,7 +99,7 @@ def dense_eq_plan(info) -> tuple[int, int, int, dict[str, str], dict[str, str]]:
     """(ffn width, its N, the DECO N, types by role, substitutions) for the DECO ModelInfo `info`."""
     import gguf
 
-    from .accounting import account
+    from ..model.accounting import account
 
     c = info.config
     d, layers = c.hidden_size, c.num_layers

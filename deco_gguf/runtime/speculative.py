@@ -27,8 +27,9 @@ from pathlib import Path
 
 import gguf
 
-from .errors import DecoError
-from .runtime import GET_RUNTIME, USE_MMAP, DecoRuntime, lib_dir, library
+from ..support.errors import DecoError
+from .native import GET_RUNTIME, library, runtime_library
+from .context import DecoRuntime, load_llama
 from .sampling import GREEDY, Sampling
 
 DRAFTS = {"none": 0, "model": 1, "lookup": 2, "script": 3}  # enum deco_spec_draft
@@ -76,8 +77,8 @@ _ERR_SIZE = 512
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
     library()  # libllama loaded first, with our log routing
-    path = lib_dir() / "libdeco-speculative.so"
-    if not path.is_file():
+    path = runtime_library("deco-speculative")
+    if path is None:
         raise DecoError(f"libdeco-speculative is not installed with the runtime: {GET_RUNTIME}")
     lib = ctypes.CDLL(str(path))
     lib.deco_spec_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Params), ctypes.c_char_p, ctypes.c_size_t]
@@ -133,15 +134,8 @@ class DraftModel:
             self.runtime = DecoRuntime(self.path, n_ctx=target.llm.n_ctx(), n_threads=tp.n_threads, n_batch=tp.n_batch)
             self.llm = self.runtime.llm
         else:
-            from llama_cpp import Llama
-
             self.runtime = None
-            try:
-                self.llm = Llama(model_path=str(self.path), n_ctx=target.llm.n_ctx(), n_batch=tp.n_batch,
-                                 n_ubatch=tp.n_batch, n_threads=tp.n_threads, n_threads_batch=tp.n_threads, verbose=False,
-                                 use_mmap=USE_MMAP)
-            except (ValueError, RuntimeError) as e:
-                raise DecoError(f"{self.path}: llama.cpp cannot load it: {e}") from None
+            self.llm = load_llama(self.path, n_ctx=target.llm.n_ctx(), n_threads=tp.n_threads, n_batch=tp.n_batch)
         try:
             check_draft_vocabulary(target.llm, self.llm, self.path)
         except DecoError:

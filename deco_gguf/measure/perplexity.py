@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DecoError
-from .rpc import Offload
+from ..support.errors import DecoError
+from ..runtime.rpc import Offload
 
 DEFAULT_BATCH = 2048  # llama-perplexity's -b: with a smaller context, several chunks per decode
 MICRO_BATCH = 512  # llama-perplexity's -ub
@@ -103,8 +103,9 @@ def perplexity(
     `on_start(chunks, tokens)` is called once the text is tokenized, `on_chunk(i, running_ppl)`
     after each chunk.
     """
-    from .gguf_file import read_gguf
-    from .runtime import DecoRuntime, library
+    from ..model.gguf_file import read_gguf
+    from ..runtime.context import DecoRuntime
+    from ..runtime.native import library
 
     library()  # one error line when the runtime is missing
     import llama_cpp

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 
-from . import __version__
-from .runtime import lib_dir
+from .. import __version__
+from .native import ggml_base, lib_dir
 
 
 def version_lines() -> list[str]:
@@ -21,15 +20,13 @@ def version_lines() -> list[str]:
     if not build_file.is_file():
         return lines + [f"runtime: llama-cpp-python {llama_cpp.__version__}, not this project's build (`pip install .` in the source tree)"]
     build = json.loads(build_file.read_text())
-    ggml = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
-    ggml.ggml_version.restype = ctypes.c_char_p
     cmake = build["cmake"]
     cuda = f"on (archs {cmake['CMAKE_CUDA_ARCHITECTURES']})" if cmake.get("GGML_CUDA") == "ON" else "off"
     # llama_print_system_info: "CPU : SSE3 = 1 | AVX = 1 | ..."; the features compiled in and usable here
     features = [name for name, on in re.findall(r"(\w+) = (\d)", llama_cpp.llama_print_system_info().decode()) if on == "1"]
     return lines + [
         f"llama.cpp: ggml-org/llama.cpp@{build['llama_cpp_commit'] or 'unknown'} as vendored by llama-cpp-python "
-        f"{build['llama_cpp_python']} (ggml {ggml.ggml_version().decode()})",
+        f"{build['llama_cpp_python']} (ggml {ggml_base().ggml_version().decode()})",
         f"ggml patches: set {build['patch_set']}: {', '.join(p.removesuffix('.patch') for p in build['patches'])}"
         if build["patches"] else "ggml patches: none (a pristine build: the DECO architecture is missing)",
         f"build: {cmake.get('CMAKE_BUILD_TYPE')}, native CPU {cmake.get('GGML_NATIVE')}, CUDA {cuda}, RPC {cmake.get('GGML_RPC')}",

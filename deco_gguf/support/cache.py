@@ -61,7 +61,7 @@ def resolve_model(path: str | Path, on_status: Callable[[str], None] | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     if on_status:
         on_status(f"converting {path} to {out} (F16, once)")
-    from .converter import convert  # imports torch: only when converting
+    from ..converter import convert  # imports torch: only when converting
 
     convert(path, out, "f16", None)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import DecoError
+from ..support.errors import DecoError
 
 
 def subplots(*args, **kwargs):

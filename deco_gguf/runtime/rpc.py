@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DecoError
+from ..support.errors import DecoError
 
 # RPC_PROTO_MAJOR_VERSION of the patched ggml-rpc.h (ggml_patches/patches/0001-ggml-deco-moe-op.patch):
 # upstream's 7 plus 100, so that stock servers and clients, which do not know the DECO op, refuse us.

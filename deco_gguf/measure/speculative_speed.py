@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import plotting
-from .errors import DecoError
-from .runtime import DecoRuntime
-from .sampling import GREEDY
-from .speculative import DEFAULT_DRAFT_MAX, DraftModel, Speculator, SpecStats
+from ..support.errors import DecoError
+from ..runtime.context import DecoRuntime
+from ..runtime.sampling import GREEDY
+from ..runtime.speculative import DEFAULT_DRAFT_MAX, DraftModel, Speculator, SpecStats
 
 AUTOREGRESSIVE = ("sparse", "dense")
 

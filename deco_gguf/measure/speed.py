@@ -20,7 +20,7 @@ which is the sparse/dense decode speed-up when decoding is limited by weight ban
 compute and per-expert overheads weigh too (small models, few threads), the measured ratio departs
 from it, usually upwards, since skipped experts save those as well.
 
-`vs_dense=True` also measures `dense_eq` (deco_gguf.dense_eq): the random-weight Llama of equal N.
+`vs_dense=True` also measures `dense_eq` (deco_gguf.measure.dense_eq): the random-weight Llama of equal N.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from . import plotting
 from .dense_eq import DenseEq, build_dense_eq
-from .errors import DecoError
-from .rpc import Offload
+from ..support.errors import DecoError
+from ..runtime.rpc import Offload
 
 # Ordinary English prose (written for this benchmark), repeated as needed.
 DEFAULT_TEXT = (
@@ -74,8 +74,8 @@ class WeightBytes:
 
 
 def weight_bytes(tensors) -> WeightBytes:
-    """Bytes per decoded token by role, from the GGUF tensor table (deco_gguf.gguf_file.TensorInfo)."""
-    from .accounting import EXPERT_TENSORS
+    """Bytes per decoded token by role, from the GGUF tensor table (deco_gguf.model.gguf_file.TensorInfo)."""
+    from ..model.accounting import EXPERT_TENSORS
 
     names = {t.name for t in tensors}
     tied = "output.weight" not in names
@@ -260,8 +260,10 @@ def measure(
     offload: Offload | None = None,
 ) -> SpeedReport:
     """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
-    from .cache import cache_root
-    from .runtime import USE_MMAP, DecoRuntime, LayerActivity, available_cores, library
+    from ..support.cache import cache_root
+    from ..runtime.context import DecoRuntime, load_llama
+    from ..runtime.activity import LayerActivity
+    from ..runtime.native import available_cores, library
 
     library()  # one error line when the runtime is missing
 
@@ -283,18 +285,11 @@ def measure(
         tokens = _tokens(benches[0].llm, text or DEFAULT_TEXT, max(pp, tg))
         eq = eq_bytes = None
         if vs_dense:
-            from llama_cpp import GGML_TYPE_F16, Llama
-
-            from .gguf_file import TensorInfo
+            from ..model.gguf_file import TensorInfo
 
             eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
-            try:
-                llm = Llama(model_path=str(eq.path), n_ctx=n_ctx, n_batch=min(pp, MAX_BATCH), n_ubatch=min(pp, MAX_BATCH),
-                            n_threads=threads[0], n_threads_batch=threads[0], seed=0, verbose=False,
-                            flash_attn=True, type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16,
-                            n_gpu_layers=benches[0].rt.offload.n_gpu_layers, use_mmap=USE_MMAP)
-            except (ValueError, RuntimeError) as e:
-                raise DecoError(f"{eq.path}: llama.cpp cannot load the dense_eq model: {e}") from None
+            llm = load_llama(eq.path, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), seed=0,
+                             n_gpu_layers=benches[0].rt.offload.n_gpu_layers)
             benches.append(_Bench("dense_eq", "dense", llm))
             import gguf
 

@@ -18,7 +18,7 @@ import gguf
 
 from .accounting import Accounting, account
 from .config import DecoConfig
-from .errors import DecoError
+from ..support.errors import DecoError
 
 ARCH = "deco"
 # This architecture's own keys (docs/gguf-format.md); the others are gguf's (gguf.Keys), written through

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import DecoConfig
-from .errors import DecoError
+from ..support.errors import DecoError
 
 # Weight files in the order they are looked for.
 SAFETENSORS_INDEX = "model.safetensors.index.json"

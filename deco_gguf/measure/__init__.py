@@ -1,0 +1,2 @@
+"""Measuring and reporting models: `info` (info), perplexity, throughput (speed, speculative_speed), the
+equal-N dense Llama it compares with (dense_eq) and the plots (plotting)."""

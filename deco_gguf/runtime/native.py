@@ -1,0 +1,110 @@
+"""The patched llama.cpp's libraries as this package loads them, and llama.cpp's log lines.
+
+`pip install .` builds llama.cpp with `ggml_patches/` (scripts/build-runtime.sh, run by the build backend)
+and installs llama-cpp-python on top of those libraries, with llama-quantize, llama-imatrix and
+ggml-rpc-server beside them in llama_cpp's `lib/` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..support.errors import DecoError
+
+GET_RUNTIME = "run `pip install .` in a deco-gguf source tree (it builds llama.cpp with ggml_patches/)"
+GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
+_error_sinks: list[list[str]] = []  # the lists of the `llama_errors()` blocks running now
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), the default thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def lib_dir() -> Path:
+    """Where llama-cpp-python keeps the libraries: our build's libraries and tools when it is the runtime
+    wheel scripts/build-runtime.sh packs (ImportError without llama-cpp-python)."""
+    import llama_cpp
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def runtime_library(name: str) -> Path | None:
+    """The runtime's shared library `name` (e.g. "ggml-base": libggml-base.so on Linux), None if absent."""
+    found = sorted(lib_dir().glob(f"lib{name}.*")) or sorted(lib_dir().glob(f"{name}.*"))
+    return found[0] if found else None
+
+
+def is_patched() -> bool:
+    """Whether llama-cpp-python is installed and runs this project's patched llama.cpp (its ggml has the
+    DECO op)."""
+    try:
+        found = runtime_library("ggml-base")
+        return found is not None and hasattr(ctypes.CDLL(str(found)), "ggml_deco_moe")
+    except (ImportError, OSError):
+        return False
+
+
+def library():
+    """libllama as loaded by llama_cpp, with llama.cpp's logs routed; DecoError if it is missing or stock."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise DecoError(f"the patched llama.cpp runtime is not installed: {GET_RUNTIME}") from None
+    lib = llama_cpp.llama_cpp._lib
+    if not getattr(lib, "_deco_checked", False):
+        if not is_patched():
+            raise DecoError(f"the installed llama-cpp-python is not the patched DECO build: {GET_RUNTIME}")
+        _route_logs(llama_cpp)
+        lib._deco_checked = True
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_base() -> ctypes.CDLL:
+    """libggml-base of the runtime (the one libllama loaded), with the entry points we call typed: the DECO
+    op's activity collector (ggml-deco.h) and ggml's quantizer."""
+    found = runtime_library("ggml-base")
+    if found is None:
+        raise DecoError(f"no libggml-base beside libllama in {lib_dir()}: {GET_RUNTIME}")
+    lib = ctypes.CDLL(str(found))
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_version.restype = ctypes.c_char_p
+    return lib
+
+
+def _route_logs(llama_cpp) -> None:
+    """Keep llama.cpp quiet; hand its error lines to the `llama_errors()` blocks running."""
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):  # noqa: ARG001
+        line = text.decode("utf-8", "replace").strip()
+        if level == GGML_LOG_LEVEL_ERROR and line:
+            for sink in _error_sinks:
+                sink.append(line)
+        if os.environ.get("DECO_VERBOSE"):
+            os.write(2, text)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _route_logs.callback = callback  # keep the ctypes callback alive
+
+
+@contextlib.contextmanager
+def llama_errors() -> Iterator[list[str]]:
+    """The error lines llama.cpp logs while the block runs, so that a failure can be told in one line.
+    llama.cpp's log is one per process: each block gets its own list, and another model's errors from
+    before or after it never appear in it."""
+    lines: list[str] = []
+    _error_sinks.append(lines)
+    try:
+        yield lines
+    finally:
+        _error_sinks.remove(lines)
