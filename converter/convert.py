@@ -19,11 +19,10 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from ..model import layout
 from ..model.accounting import account
 from ..model.checkpoint import HFCheckpoint
 from ..model.config import DecoConfig
-from ..support.errors import DecoError
-from ..support.files import atomic_output, refuse_inputs
 from ..model.gguf_file import (
     ARCH,
     KEY_EXPERT_ACTIVATION,
@@ -33,6 +32,8 @@ from ..model.gguf_file import (
     KEY_ROUTER_ACTIVATION,
     KEY_ROUTER_NORM,
 )
+from ..support.errors import DecoError
+from ..support.files import atomic_output, refuse_inputs
 from ..support.signals import held_interrupts
 from .vocab import Vocab, load_vocab
 
@@ -47,8 +48,8 @@ FILE_TYPES = {
     Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
 }
-# Matrices that take the expert type; everything 1-D, the router, its scale and the mean row stay F32.
-EXPERT_TENSORS = ("ffn_up_exps", "ffn_gate_exps", "ffn_down_exps")
+# The expert matrices (layout.EXPERT_TENSORS) take the expert type; everything 1-D, the router, its scale
+# and the mean row stay F32.
 F32_TENSORS = ("ffn_gate_inp", "ffn_router_scale", "exp_probs_b", "ffn_exps_mean", "ffn_exps_norm")
 
 
@@ -73,7 +74,7 @@ def bulk_type(plans: list[TensorPlan]) -> Q:
     presets name the bulk of a file (routers, kept F32, do not count; docs/gguf-format.md)."""
     weights: Counter[Q] = Counter()
     for p in plans:
-        if len(p.shape) > 1 and p.name.split(".")[-2] not in F32_TENSORS:
+        if len(p.shape) > 1 and layout.kind_of(p.name) not in F32_TENSORS:
             weights[p.qtype] += math.prod(p.shape)
     return weights.most_common(1)[0][0]
 
@@ -98,7 +99,10 @@ class DecoConverter:
         if self.config.router_norm == "normal":
             # Subtracting the mean score gives inactive experts a non-zero score that the
             # authors' forward uses: such a layer is dense and has no exact sparse evaluation.
-            raise DecoError("router_norm_type 'normal' gives inactive experts non-zero scores: the model is not sparse and cannot be converted")
+            raise DecoError(
+                "router_norm_type 'normal' gives inactive experts non-zero scores: the model is not sparse and "
+                "cannot be converted"
+            )
         self.outtype = OUT_TYPES[outtype]
         self.expert_type = EXPERT_TYPES[expert_type]
         self.vocab: Vocab = load_vocab(ckpt.path, ckpt.raw_config)
@@ -145,14 +149,17 @@ class DecoConverter:
         return lambda: self.ckpt.tensor(hf_name).float().numpy()
 
     def _type_for(self, gguf_name: str, shape: tuple[int, ...]) -> Q:
-        base = gguf_name.split(".")[-2]
-        if len(shape) == 1 or base in F32_TENSORS:
+        kind = layout.kind_of(gguf_name)
+        if len(shape) == 1 or kind in F32_TENSORS:
             return Q.F32
-        qtype = self.expert_type if base in EXPERT_TENSORS else self.outtype
+        qtype = self.expert_type if kind in layout.EXPERT_TENSORS else self.outtype
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         if shape[-1] % block:
             fallback = Q.F16
-            self.warnings.append(f"{gguf_name}: rows of {shape[-1]} do not fit {qtype.name} blocks of {block}; written as {fallback.name}")
+            self.warnings.append(
+                f"{gguf_name}: rows of {shape[-1]} do not fit {qtype.name} blocks of {block}; "
+                f"written as {fallback.name}"
+            )
             return fallback
         return qtype
 
@@ -162,54 +169,30 @@ class DecoConverter:
         return list(self._plan_tensors())
 
     def _plan_tensors(self) -> Iterator[TensorPlan]:
+        for t in layout.tensors(self.config):
+            shape, produce = self._gguf_tensor(t)
+            yield TensorPlan(t.gguf_name, shape, self._type_for(t.gguf_name, shape), produce)
+
+    def _gguf_tensor(self, t: layout.Tensor) -> tuple[tuple[int, ...], Callable[[], np.ndarray]]:
+        """The GGUF shape of a tensor of the table and how to produce its data (docs/gguf-format.md)."""
         c = self.config
         d, E, De = c.hidden_size, c.num_experts, c.expert_ffn_size
-
-        def plan(name: str, shape: tuple[int, ...], produce: Callable[[], np.ndarray]) -> TensorPlan:
-            return TensorPlan(name, shape, self._type_for(name, shape), produce)
-
-        def same(name: str, hf_name: str) -> TensorPlan:
-            return plan(name, tuple(self.ckpt.shape(hf_name)), self._read(hf_name))
-
-        yield same("token_embd.weight", "model.embed_tokens.weight")
-        yield same("output_norm.weight", "model.norm.weight")
-        if not c.tied_embeddings:
-            yield same("output.weight", "lm_head.weight")
-        for i, is_moe in enumerate(c.moe_layers):
-            hf, blk = f"model.layers.{i}", f"blk.{i}"
-            yield same(f"{blk}.attn_norm.weight", f"{hf}.input_layernorm.weight")
-            for ours, theirs in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")):
-                yield same(f"{blk}.attn_{ours}.weight", f"{hf}.self_attn.{theirs}_proj.weight")
-            yield same(f"{blk}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")
-            if not is_moe:
-                for part in ("gate", "up", "down"):
-                    yield same(f"{blk}.ffn_{part}.weight", f"{hf}.mlp.{part}_proj.weight")
-                continue
-            mlp = f"{hf}.mlp"
-            yield same(f"{blk}.ffn_gate_inp.weight", f"{mlp}.moe_router.weight")
-            if c.router_scale_constant is not None:
-                constant = c.router_scale_constant
-                yield plan(f"{blk}.ffn_router_scale.weight", (1,), lambda v=constant: np.full(1, v, np.float32))
-            elif c.router_scale_size:
-                read = self._read(f"{mlp}.router_norm.weight")
-                yield plan(f"{blk}.ffn_router_scale.weight", (c.router_scale_size,), lambda r=read: r().reshape(-1))
-            if c.expert_bias != "none":
-                yield plan(f"{blk}.exp_probs_b.bias", (E,), self._read(f"{mlp}.expert_bias"))
-            # Expert e owns rows e*De..(e+1)*De-1 of up/gate and the same columns of down.
-            for part in ("gate", "up") if c.expert_gated else ("up",):
-                read = self._read(f"{mlp}.expert_{part}_proj.weight")
-                yield plan(f"{blk}.ffn_{part}_exps.weight", (E, De, d), lambda r=read: r().reshape(E, De, d))
-            read = self._read(f"{mlp}.expert_down_proj.weight")
-            yield plan(f"{blk}.ffn_down_exps.weight", (E, d, De), lambda r=read: r().reshape(d, E, De).transpose(1, 0, 2))
-            if c.has_mean_row:
-                # mean(u) = w_mean . h, w_mean = mean of the rows the activation reads (docs/deco.md, DECO FFN).
-                read = self._read(f"{mlp}.expert_{'gate' if c.expert_gated else 'up'}_proj.weight")
-                yield plan(f"{blk}.ffn_exps_mean.weight", (d,), lambda r=read: r().astype(np.float64).mean(axis=0))
-            if c.has_block_norm:
-                yield same(f"{blk}.ffn_exps_norm.weight", f"{mlp}.expert_act.rms_norm.weight")
-            if c.shared_ffn_size:
-                for part in ("gate", "up", "down"):
-                    yield same(f"{blk}.ffn_{part}_shexp.weight", f"{mlp}.shared_experts.{part}_proj.weight")
+        if t.kind == "ffn_exps_mean":
+            # mean(u) = w_mean . h, w_mean = mean of the rows the activation reads (docs/deco.md, DECO FFN).
+            read = self._read(layout.hf_name("ffn_gate_exps" if c.expert_gated else "ffn_up_exps", t.layer))
+            return t.shape, lambda: read().astype(np.float64).mean(axis=0)
+        if t.kind == "ffn_router_scale" and not t.in_checkpoint:
+            constant = c.router_scale_constant
+            return t.shape, lambda: np.full(1, constant, np.float32)
+        read = self._read(t.hf_name)
+        if t.kind == "ffn_router_scale":  # a scalar scale may be stored as [] or [1]
+            return t.shape, lambda: read().reshape(-1)
+        # Expert e owns rows e*De..(e+1)*De-1 of up/gate and the same columns of down.
+        if t.kind in ("ffn_gate_exps", "ffn_up_exps"):
+            return (E, De, d), lambda: read().reshape(E, De, d)
+        if t.kind == "ffn_down_exps":
+            return (E, d, De), lambda: read().reshape(d, E, De).transpose(1, 0, 2)
+        return t.shape, read
 
 
 def convert(
@@ -231,8 +214,9 @@ def convert(
         refuse_inputs(out_path, ckpt.input_files())
         converter = DecoConverter(ckpt, outtype, expert_type)
         plans = converter.plans
-        for message in converter.warnings:
-            (on_warning or (lambda m: None))(message)
+        if on_warning:
+            for message in converter.warnings:
+                on_warning(message)
 
         with atomic_output(out_path) as tmp_path:
             writer = gguf.GGUFWriter(tmp_path, ARCH)

@@ -46,7 +46,9 @@ class Vocab:
         if len(self.tokens) > n:
             raise DecoError(f"the tokenizer has {len(self.tokens)} tokens but the embeddings only {n} rows")
         if len(self.tokens) < n:
-            self.warnings.append(f"tokenizer has {len(self.tokens)} tokens, padded with [PAD] tokens to the {n} embedding rows")
+            self.warnings.append(
+                f"tokenizer has {len(self.tokens)} tokens, padded with [PAD] tokens to the {n} embedding rows"
+            )
         self._pad(n)
 
     def _pad(self, n: int) -> None:
@@ -119,7 +121,10 @@ def _from_tokenizer_json(path: Path) -> Vocab:
         pairs = [(piece, -float(i)) for piece, i in by_id]
         unk_id = next((i for piece, i in by_id if piece == model.get("unk_token")), None)
     else:
-        raise DecoError(f"{path / 'tokenizer.json'}: unsupported tokenizer model {kind!r} (need a SentencePiece Unigram or BPE with byte fallback)")
+        raise DecoError(
+            f"{path / 'tokenizer.json'}: unsupported tokenizer model {kind!r} "
+            "(need a SentencePiece Unigram or BPE with byte fallback)"
+        )
     tokens = [piece for piece, _ in pairs]
     types = [
         gguf.TokenType.BYTE if BYTE_PIECE.fullmatch(piece) else gguf.TokenType.NORMAL for piece in tokens
@@ -129,7 +134,9 @@ def _from_tokenizer_json(path: Path) -> Vocab:
     for added in data.get("added_tokens", []):
         i = added["id"]
         if i >= len(tokens):
-            raise DecoError(f"{path / 'tokenizer.json'}: added token {added['content']!r} has id {i} beyond the vocabulary")
+            raise DecoError(
+                f"{path / 'tokenizer.json'}: added token {added['content']!r} has id {i} beyond the vocabulary"
+            )
         tokens[i] = added["content"]
         if i != unk_id:
             types[i] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
@@ -175,7 +182,13 @@ def load_vocab(path: Path, raw_config: dict) -> Vocab:
     declared_eos = raw_config.get("eos_token_id")
     declared_eos = set(declared_eos) if isinstance(declared_eos, list) else {declared_eos} - {None}
     if declared_eos and not declared_eos <= end_ids:
-        vocab.warnings.append(f"config.json eos_token_id={raw_config['eos_token_id']!r} disagrees with the tokenizer ({sorted(end_ids)}); using the tokenizer")
+        vocab.warnings.append(
+            f"config.json eos_token_id={raw_config['eos_token_id']!r} disagrees with the tokenizer "
+            f"({sorted(end_ids)}); using the tokenizer"
+        )
     if raw_config.get("bos_token_id") not in (None, vocab.bos_id):
-        vocab.warnings.append(f"config.json bos_token_id={raw_config['bos_token_id']!r} disagrees with the tokenizer ({vocab.bos_id}); using the tokenizer")
+        vocab.warnings.append(
+            f"config.json bos_token_id={raw_config['bos_token_id']!r} disagrees with the tokenizer "
+            f"({vocab.bos_id}); using the tokenizer"
+        )
     return vocab

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from deco_gguf.model.checkpoint import expected_shapes
 from deco_gguf.model.config import DecoConfig
-from deco_gguf.support.errors import DecoError
+from deco_gguf.model.layout import hf_shapes
 from deco_gguf.model.reference import DecoModel, rms_norm, rope
+from deco_gguf.support.errors import DecoError
 
 F64 = torch.float64
 
@@ -44,7 +44,7 @@ def random_state(c: DecoConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights for every tensor of c; the router scale has a zero and a negative entry."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in expected_shapes(c).items():
+    for name, shape in hf_shapes(c).items():
         if name.endswith("router_norm.weight"):
             t = 0.5 + torch.rand(shape, generator=g, dtype=F64)
             if t.numel() >= 3:
@@ -494,7 +494,7 @@ def test_loaded_fixture_matches_loop_implementation(fixture_dirs, name):
     from deco_gguf.model.checkpoint import HFCheckpoint
 
     ckpt = HFCheckpoint(fixture_dirs[name])
-    state = {n: ckpt.tensor(n) for n in expected_shapes(ckpt.config)}
+    state = {n: ckpt.tensor(n) for n in hf_shapes(ckpt.config)}
     ids = [5, 17, 300, 2]
     want, masks = loop_forward(ckpt.config, state, ids)
     out = m(torch.tensor(ids))

@@ -12,39 +12,29 @@ from typer.testing import CliRunner
 
 from deco_gguf.cli.main import app
 from deco_gguf.converter import convert
-from deco_gguf.support.errors import DecoError
 from deco_gguf.fixtures import VARIANTS, write_fixture
+from deco_gguf.model import layout
 from deco_gguf.model.reference import DecoModel
 from deco_gguf.runtime.context import DecoRuntime
 from deco_gguf.runtime.tools import quantize
+from deco_gguf.support.errors import DecoError
 
 # d 256 so that only the 64-wide expert down projections (and the 48-wide shared one) miss K-quant blocks.
 WIDE = dataclasses.replace(VARIANTS["de64"], name="wide", hidden_size=256, num_heads=4, head_dim=64, dense_ffn=512)
 
 
-# GGUF tensor kinds -> HF names (docs/gguf-format.md), to run the reference on dequantized weights.
-HF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "ffn_gate_inp": "mlp.moe_router", "ffn_router_scale": "mlp.router_norm", "ffn_exps_norm": "mlp.expert_act.rms_norm",
-    "ffn_up_exps": "mlp.expert_up_proj", "ffn_gate_exps": "mlp.expert_gate_proj", "ffn_down_exps": "mlp.expert_down_proj",
-    "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj",
-}
-
-
 def dequantized_reference(path, ref: DecoModel) -> DecoModel:
     """The reference model on the weights a GGUF really holds (dequantized)."""
     state = dict(ref.w)
+    table = {t.gguf_name: t for t in layout.tensors(ref.config)}
     for t in gguf.GGUFReader(path).tensors:
-        parts = t.name.split(".")
-        if parts[-2] == "ffn_exps_mean":  # derived, not a weight of the HF model
+        entry = table[t.name]
+        if not entry.in_checkpoint:  # derived, not a weight of the HF model
             continue
         data = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
-        if parts[-2] == "ffn_down_exps":  # [E, d, De] -> [d, E*De]
+        if entry.kind == "ffn_down_exps":  # [E, d, De] -> [d, E*De]
             data = data.transpose(1, 0, 2)
-        hf = f"model.layers.{parts[1]}.{HF_NAMES[parts[-2]]}.weight" if parts[0] == "blk" else f"{HF_NAMES[parts[0]]}.weight"
+        hf = entry.hf_name
         state[hf] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(state[hf].shape))
     return DecoModel(ref.config, state)
 

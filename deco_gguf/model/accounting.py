@@ -1,6 +1,6 @@
 """Resource accounting (docs/deco.md, "Resource accounting"): N, N_a, r_a and R_c.
 
-Counts come from tensor shapes in GGUF naming, so a GGUF file and an HF
+Counts come from tensor shapes in GGUF naming (layout.py), so a GGUF file and an HF
 checkpoint (through the converter's tensor plan) are counted the same way.
 """
 
@@ -9,14 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-EMBEDDING_TENSORS = ("token_embd", "output")
-EXPERT_TENSORS = ("ffn_up_exps", "ffn_gate_exps", "ffn_down_exps")
-# Precomputed from other weights at conversion time: not a parameter of the model.
-DERIVED_TENSORS = ("ffn_exps_mean",)
-
-
-def _base(name: str) -> str:
-    return name.split(".")[-2]
+from .layout import DERIVED_TENSORS, EMBEDDING_TENSORS, EXPERT_TENSORS, kind_of
 
 
 @dataclass
@@ -84,7 +77,7 @@ def account(
         raise ValueError(f"activation rate must be in [0, 1], got {activation_rate}")
     embedding = non_embedding = experts = 0
     for name, shape in shapes.items():
-        base = _base(name)
+        base = kind_of(name)
         size = math.prod(shape)
         if base in DERIVED_TENSORS:
             continue
@@ -94,4 +87,6 @@ def account(
         non_embedding += size
         if base in EXPERT_TENSORS:
             experts += size
-    return Accounting(embedding, non_embedding, experts, activation_rate, activation_source, hidden_size, num_layers, context)
+    return Accounting(
+        embedding, non_embedding, experts, activation_rate, activation_source, hidden_size, num_layers, context
+    )

@@ -2,7 +2,7 @@
 
 The converter, the reference model and `info` all read a checkpoint through
 this one description. How it is resolved from a released checkpoint (tensors
-first, then the Megatron keys) lives in `checkpoint.py`.
+first, then the Megatron keys) lives in `resolve.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from ..support.errors import DecoError
 EXPERT_ACTIVATIONS = ("norm_silu", "norm_silu_nomean", "norm_silu_norms", "silu", "relu")
 ROUTER_ACTIVATIONS = ("relu", "sqrelu")
 ROUTER_NORMS = ("simple", "rms", "normal", "none")
+# Released config.json files write router_norm_type "null" (or a JSON null) for "none".
+ROUTER_NORM_NONE_IN_JSON = "null"
 EXPERT_BIAS_METHODS = ("none", "base", "rms")
 
 
@@ -76,13 +78,32 @@ class DecoConfig:
             (self.expert_bias in EXPERT_BIAS_METHODS, f"unknown expert bias method {self.expert_bias!r}"),
             (len(self.moe_layers) == self.num_layers, "moe layer list does not match the layer count"),
             (self.num_heads > 0 and self.num_kv_heads > 0, "head counts must be positive"),
-            (self.num_heads % self.num_kv_heads == 0, f"{self.num_heads} heads not divisible into {self.num_kv_heads} KV groups"),
+            (
+                self.num_heads % self.num_kv_heads == 0,
+                f"{self.num_heads} heads not divisible into {self.num_kv_heads} KV groups",
+            ),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rope"),
-            (not any(self.moe_layers) or (self.num_experts > 0 and self.expert_ffn_size > 0), "DECO layers need experts"),
+            (
+                not any(self.moe_layers) or (self.num_experts > 0 and self.expert_ffn_size > 0),
+                "DECO layers need experts",
+            ),
             (all(self.moe_layers) or self.dense_ffn_size > 0, "dense layers need a feed-forward width"),
             (self.norm_eps > 0 and math.isfinite(self.norm_eps), f"norm epsilon must be positive, got {self.norm_eps}"),
-            (self.router_norm == "none" or self.router_scale_size in (1, self.num_experts), "router scale must have E or 1 entries"),
+            (
+                self.router_norm == "none" or self.router_scale_size in (1, self.num_experts),
+                "router scale must have E or 1 entries",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise DecoError(message)
+
+
+def router_norm_from_json(value: str | None) -> str:
+    """config.json's router_norm_type as one of ROUTER_NORMS."""
+    return "none" if value in (None, ROUTER_NORM_NONE_IN_JSON) else value
+
+
+def router_norm_to_json(router_norm: str) -> str:
+    """One of ROUTER_NORMS as released config.json files spell it."""
+    return ROUTER_NORM_NONE_IN_JSON if router_norm == "none" else router_norm

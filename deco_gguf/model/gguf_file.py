@@ -16,9 +16,10 @@ from pathlib import Path
 
 import gguf
 
+from ..support.errors import DecoError
 from .accounting import Accounting, account
 from .config import DecoConfig
-from ..support.errors import DecoError
+from .layout import gguf_name, kind_of
 
 ARCH = "deco"
 # This architecture's own keys (docs/gguf-format.md); the others are gguf's (gguf.Keys), written through
@@ -127,8 +128,8 @@ def _read_gguf(path: Path, size: int, mtime_ns: int, inode: int) -> ModelInfo:  
         for t in reader.tensors
     ]
     names = {t.name for t in tensors}
-    config.tied_embeddings = "output.weight" not in names
-    scale = next((t for t in tensors if t.name.endswith("ffn_router_scale.weight")), None)
+    config.tied_embeddings = gguf_name("output") not in names
+    scale = next((t for t in tensors if kind_of(t.name) == "ffn_router_scale"), None)
     config.router_scale_size = math.prod(scale.shape) if scale else 0
     config.validate()
     templates = [f.contents() for name, f in reader.fields.items() if name.startswith("tokenizer.chat_template")]

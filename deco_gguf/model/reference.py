@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import HFCheckpoint, expected_shapes
-from .config import DecoConfig
 from ..support.errors import DecoError
+from .checkpoint import HFCheckpoint
+from .config import DecoConfig
+from .layout import hf_shapes
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,7 +88,7 @@ class DecoOutput:
 
 
 class DecoModel:
-    """DECO forward pass over a dict of HF-named tensors (see checkpoint.expected_shapes)."""
+    """DECO forward pass over a dict of HF-named tensors (see layout.hf_shapes)."""
 
     def __init__(self, config: DecoConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
         config.validate()
@@ -95,7 +96,7 @@ class DecoModel:
         self.dtype = dtype
         self.router_dtype = _compute_dtype(dtype)  # docs/deco.md, DECO FFN: router logits in F32 at least
         self.w: dict[str, torch.Tensor] = {}
-        for name in expected_shapes(config):
+        for name in hf_shapes(config):
             if name not in state:
                 raise DecoError(f"missing tensor {name}")
             t = state[name]
@@ -105,9 +106,9 @@ class DecoModel:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "DecoModel":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> DecoModel:
         ckpt = HFCheckpoint(path)
-        state = {name: ckpt.tensor(name) for name in expected_shapes(ckpt.config)}
+        state = {name: ckpt.tensor(name) for name in hf_shapes(ckpt.config)}
         return cls(ckpt.config, state, dtype)
 
     # -- one layer ------------------------------------------------------------
@@ -193,14 +194,14 @@ class DecoModel:
         y = F.linear(v.flatten(-2), self.w[p + "expert_down_proj.weight"])
         if c.shared_ffn_size:  # added unscaled, no shared-expert gate
             s = p + "shared_experts."
-            y = y + swiglu(h, self.w[s + "gate_proj.weight"], self.w[s + "up_proj.weight"], self.w[s + "down_proj.weight"])
+            y = y + swiglu(h, *(self.w[s + f"{part}_proj.weight"] for part in ("gate", "up", "down")))
         return y, active
 
     def ffn(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.config.moe_layers[i]:
             return self.deco_ffn(i, h)
         p = f"model.layers.{i}.mlp."
-        return swiglu(h, self.w[p + "gate_proj.weight"], self.w[p + "up_proj.weight"], self.w[p + "down_proj.weight"]), None
+        return swiglu(h, *(self.w[p + f"{part}_proj.weight"] for part in ("gate", "up", "down"))), None
 
     def attn_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """x + residual_scale * Attn(RMSNorm(x) * input_layernorm)."""

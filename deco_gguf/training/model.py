@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fixtures
-from ..model.checkpoint import expected_shapes
 from ..model.config import DecoConfig
+from ..model.layout import hf_shapes
 from ..model.reference import DecoModel
 
 # -- model shape -------------------------------------------------------------------------------------
@@ -73,7 +73,8 @@ class Shape:
         )
 
 
-def init_state(config: DecoConfig, seed: int, std: float = 0.02, router_scale_init: float = 0.1) -> dict[str, torch.Tensor]:
+def init_state(config: DecoConfig, seed: int, std: float = 0.02,
+               router_scale_init: float = 0.1) -> dict[str, torch.Tensor]:
     """fp32 initial weights under their HF names.
 
     Matrices ~ N(0, std); the matrices that write into the residual stream
@@ -86,7 +87,7 @@ def init_state(config: DecoConfig, seed: int, std: float = 0.02, router_scale_in
     g = torch.Generator().manual_seed(seed)
     out_std = std / math.sqrt(2 * config.num_layers)
     state = {}
-    for name, shape in expected_shapes(config).items():
+    for name, shape in hf_shapes(config).items():
         if name.endswith("router_norm.weight"):
             t = torch.full(shape, router_scale_init)
         elif name.endswith("norm.weight"):
@@ -108,14 +109,14 @@ class TrainableDeco(nn.Module):
     def __init__(self, config: DecoConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
-        self.names = list(expected_shapes(config))
+        self.names = list(hf_shapes(config))
         self.weights = nn.ParameterList([nn.Parameter(state[n].detach().clone().to(dtype)) for n in self.names])
-        self.ref = DecoModel(config, dict(zip(self.names, self.weights)), dtype)
-        for n, p in zip(self.names, self.weights):  # the reference must use the parameters themselves
+        self.ref = DecoModel(config, dict(zip(self.names, self.weights, strict=True)), dtype)
+        for n, p in zip(self.names, self.weights, strict=True):  # the reference must use the parameters themselves
             assert self.ref.w[n] is p, n
 
     def named_weights(self) -> dict[str, nn.Parameter]:
-        return dict(zip(self.names, self.weights))
+        return dict(zip(self.names, self.weights, strict=True))
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Logits [B, T, V] and, per DECO layer, (post-ReLU router scores r [B, T, E], active mask).
@@ -171,7 +172,8 @@ class AdaptiveCoef:
                 self.values[k] = max(self.values[k] / self.multiplier, self.init)
 
 
-def loss_terms(model: TrainableDeco, ids: torch.Tensor, coef: AdaptiveCoef) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+def loss_terms(model: TrainableDeco, ids: torch.Tensor,
+               coef: AdaptiveCoef) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
     """(total loss, LM loss, per-layer activation rates, per-layer entropies) on ids [B, T+1]."""
     logits, routers = model(ids[:, :-1])
     lm = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
