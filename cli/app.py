@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -43,7 +43,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True, help="Versions of deco-gguf and its llama.cpp, the ggml patches and build flags, and exit.")] = None,
+    version: Annotated[bool | None, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Versions of deco-gguf and its llama.cpp, the ggml patches and build flags, and exit.")] = None,
 ) -> None:
     """Convert, inspect and run DECO sparse mixture-of-experts models as GGUF."""
 
@@ -73,7 +75,7 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
-def check_threads(*counts: Optional[int]) -> None:
+def check_threads(*counts: int | None) -> None:
     """Warn about more threads than cores: ggml's threads wait on each other at every step, and an
     oversubscribed run is slower by orders of magnitude, not by the ratio of threads to cores."""
     from ..runtime.native import available_cores

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from rich.table import Table
 
+from ..runtime.activity import mean_rate
 from ..runtime.chat import ChatSession, ReplyStats
 from ..support.errors import DecoError
-from ..runtime.activity import mean_rate
 
 HELP = """commands:
   /reset   forget the conversation (the system prompt stays)
@@ -29,20 +29,30 @@ def stats_table(stats: ReplyStats | None):
     def tps(v: float | None) -> str:
         return f"{v:,.1f} tokens/s" if v is not None else "-"
 
-    table.add_row("prompt", f"{stats.prompt_tokens} tokens, {stats.prompt_evaluated} evaluated (rest cached): {tps(stats.prompt_tps)}")
+    evaluated = f"{stats.prompt_evaluated} evaluated (rest cached)"
+    table.add_row("prompt", f"{stats.prompt_tokens} tokens, {evaluated}: {tps(stats.prompt_tps)}")
     table.add_row("reply", f"{stats.generated_tokens} tokens ({stats.finish_reason}): {tps(stats.decode_tps)} decode")
     ttft = f"{stats.first_token_seconds * 1e3:,.1f} ms" if stats.first_token_seconds is not None else "-"
     table.add_row("time to first token", ttft)
     table.add_row("wall time", f"{stats.wall_seconds:.2f} s")
     if (spec := stats.speculative) is not None:
-        acceptance = f"{spec.acceptance:.0%} ({spec.n_accepted}/{spec.n_drafted} drafted)" if spec.n_drafted else "nothing drafted"
-        table.add_row("speculation", f"{spec.n_verify} verifications, {spec.tokens_per_verify:.2f} tokens each; acceptance {acceptance}")
-    table.add_row("context", f"{stats.context_used} / {stats.n_ctx} tokens" + (f", {stats.trimmed_turns} oldest turn(s) dropped" if stats.trimmed_turns else ""))
+        if spec.n_drafted:
+            acceptance = f"{spec.acceptance:.0%} ({spec.n_accepted}/{spec.n_drafted} drafted)"
+        else:
+            acceptance = "nothing drafted"
+        verifications = f"{spec.n_verify} verifications, {spec.tokens_per_verify:.2f} tokens each"
+        table.add_row("speculation", f"{verifications}; acceptance {acceptance}")
+    dropped = f", {stats.trimmed_turns} oldest turn(s) dropped" if stats.trimmed_turns else ""
+    table.add_row("context", f"{stats.context_used} / {stats.n_ctx} tokens{dropped}")
     for label, rates in (("activation (prompt)", stats.prompt_activity), ("activation (reply)", stats.reply_activity)):
         mean = mean_rate(rates)
         most = max((r.tokens for r in rates), default=0)
         # llama.cpp runs the last layer only on positions whose logits are needed: say how few
-        layers = ", ".join(f"L{r.layer} {r.rate:.1%}" + (f" of {r.tokens} token(s)" if r.tokens < most else "") for r in rates if r.tokens)
+        layers = ", ".join(
+            f"L{r.layer} {r.rate:.1%}" + (f" of {r.tokens} token(s)" if r.tokens < most else "")
+            for r in rates
+            if r.tokens
+        )
         table.add_row(label, f"mean {mean:.1%} ({layers})" if mean is not None else "-")
     return table
 
@@ -56,92 +66,100 @@ def _stream(session: ChatSession, user: str, write: Callable[[str], None]) -> No
         gen.close()
 
 
-def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, interactive: bool = False, lines=None) -> int:
+def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, interactive: bool = False,
+             lines=None) -> int:
     """Drive `session`: one `prompt`, or the `lines` of a pipe (each a user turn), or a terminal.
 
     `out` and `err` are rich Consoles: replies stream raw to `out`, everything else is rich. A turn
     that fails (a message longer than the context) is reported and the session goes on, piped or
     interactive; returns how many turns failed.
     """
-    def write(text: str) -> None:
-        out.file.write(text)
-        out.file.flush()
+    loop = _ChatLoop(session, out, err)
+    if prompt is not None:
+        loop.turn(prompt)
+        return 0
+    return loop.terminal() if interactive else loop.piped(lines)
 
-    def notice(message: str) -> None:
-        err.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
 
-    def turn(user: str) -> None:
+class _ChatLoop:
+    def __init__(self, session: ChatSession, out, err):
+        self.session, self.out, self.err = session, out, err
+        self.failed = 0
+
+    def write(self, text: str) -> None:
+        self.out.file.write(text)
+        self.out.file.flush()
+
+    def notice(self, message: str) -> None:
+        self.err.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+
+    def report(self, error: DecoError) -> None:
+        self.err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        self.failed += 1
+
+    def turn(self, user: str) -> None:
         try:
-            _stream(session, user, write)
+            _stream(self.session, user, self.write)
         finally:
-            write("\n")
-            last = session.last
+            self.write("\n")
+            last = self.session.last
             if last is not None and last.trimmed_turns:
-                notice(f"(context full: dropped the {last.trimmed_turns} oldest turn(s))")
+                self.notice(f"(context full: dropped the {last.trimmed_turns} oldest turn(s))")
 
-    def command(line: str) -> bool:
+    def command(self, line: str) -> bool:
         """Run a /command; False when it asks to quit."""
         name = line.split()[0].lower()
         if name in ("/exit", "/quit"):
             return False
         if name == "/reset":
-            session.reset()
-            notice("(history cleared)")
+            self.session.reset()
+            self.notice("(history cleared)")
         elif name == "/stats":
-            out.print(stats_table(session.last))
+            self.out.print(stats_table(self.session.last))
         elif name in ("/help", "/?"):
-            out.print(HELP, highlight=False, markup=False)
+            self.out.print(HELP, highlight=False, markup=False)
         else:
-            err.print(f"[yellow]unknown command {name}[/] (try /help)", highlight=False)
+            self.err.print(f"[yellow]unknown command {name}[/] (try /help)", highlight=False)
         return True
 
-    def handle(line: str) -> bool:
+    def handle(self, line: str) -> bool:
         """One input line: a command or a user turn. False once the session should end."""
         if not line.strip():
             return True
         if line.startswith("/"):
-            return command(line)
-        turn(line)
+            return self.command(line)
+        self.turn(line)
         return True
 
-    def report(error: DecoError) -> None:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-
-    if prompt is not None:
-        turn(prompt)
-        return 0
-
-    failed = 0
-    if not interactive:
+    def piped(self, lines) -> int:
         for raw in lines:
             try:
-                if not handle(raw.rstrip("\r\n")):
+                if not self.handle(raw.rstrip("\r\n")):
                     break
             except DecoError as e:  # its reply line stays empty, so replies keep matching input lines
-                report(e)
-                failed += 1
-        return failed
+                self.report(e)
+        return self.failed
 
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    color = out.is_terminal and not out.no_color
-    ps = "\001\033[1;32m\002> \001\033[0m\002" if color else "> "
-    notice("type a message; /help for commands, /exit or Ctrl-D to quit, Ctrl-C stops a reply")
-    while True:
-        try:
-            line = input(ps)
-        except EOFError:
-            write("\n")
-            return failed
-        except KeyboardInterrupt:  # as in Python's REPL: drop the line, stay
-            write("\n")
-            notice("(Ctrl-D or /exit quits)")
-            continue
-        try:
-            if not handle(line):
-                return failed
-        except KeyboardInterrupt:
-            notice("(reply stopped)")
-        except DecoError as e:
-            report(e)
-            failed += 1
+    def terminal(self) -> int:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        color = self.out.is_terminal and not self.out.no_color
+        ps = "\001\033[1;32m\002> \001\033[0m\002" if color else "> "
+        self.notice("type a message; /help for commands, /exit or Ctrl-D to quit, Ctrl-C stops a reply")
+        while True:
+            try:
+                line = input(ps)
+            except EOFError:
+                self.write("\n")
+                return self.failed
+            except KeyboardInterrupt:  # as in Python's REPL: drop the line, stay
+                self.write("\n")
+                self.notice("(Ctrl-D or /exit quits)")
+                continue
+            try:
+                if not self.handle(line):
+                    return self.failed
+            except KeyboardInterrupt:
+                self.notice("(reply stopped)")
+            except DecoError as e:
+                self.report(e)

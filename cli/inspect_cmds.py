@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -17,9 +17,15 @@ from .app import app, console, friendly_errors, warn
 @friendly_errors
 def info(
     model: Annotated[Path, typer.Argument(help="A DECO GGUF file or an HF checkpoint directory.")],
-    activation_rate: Annotated[Optional[float], typer.Option(help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).", min=0.0, max=1.0)] = None,
-    context: Annotated[Optional[int], typer.Option(help="Context length for the attention term of the compute estimate; default: the model's.", min=1)] = None,
-    measure: Annotated[Optional[Path], typer.Option(help="Measure the per-layer activation rate on this text file and use it for N_a: a GGUF runs in the patched llama.cpp (the DECO op's counters), an HF checkpoint in the PyTorch reference model.", exists=True, dir_okay=False)] = None,
+    activation_rate: Annotated[float | None, typer.Option(
+        help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).",
+        min=0.0, max=1.0)] = None,
+    context: Annotated[int | None, typer.Option(
+        help="Context length for the attention term of the compute estimate; default: the model's.", min=1)] = None,
+    measure: Annotated[Path | None, typer.Option(
+        help="Measure the per-layer activation rate on this text file and use it for N_a: a GGUF runs in the patched "
+        "llama.cpp (the DECO op's counters), an HF checkpoint in the PyTorch reference model.",
+        exists=True, dir_okay=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
 ) -> None:
@@ -72,17 +78,21 @@ def _print_info(found, acct, list_tensors: bool) -> None:
     moe = [i for i, m in enumerate(c.moe_layers) if m]
     dense = [i for i, m in enumerate(c.moe_layers) if not m]
     arch = Table(title=f"DECO model: {found.path} ({found.kind})", show_header=False, title_justify="left")
+    gated = "gated" if c.expert_gated else "non-gated"
+    scale = f" (scale [{c.router_scale_size}])" if c.router_scale_size else ""
+    tied = " (tied embeddings)" if c.tied_embeddings else ""
     rows = [
         ("layers", f"{c.num_layers} ({len(dense)} dense {dense}, {len(moe)} DECO)"),
         ("hidden size d", str(c.hidden_size)),
-        ("attention", f"{c.num_heads} heads × {c.head_dim}, {c.num_kv_heads} KV groups, rope θ {c.rope_theta:g} (NeoX)"),
+        ("attention",
+         f"{c.num_heads} heads × {c.head_dim}, {c.num_kv_heads} KV groups, rope θ {c.rope_theta:g} (NeoX)"),
         ("dense FFN", f"SwiGLU {c.dense_ffn_size}" if dense else "none"),
-        ("experts", f"E {c.num_experts} × De {c.expert_ffn_size}, {'gated' if c.expert_gated else 'non-gated'}, {c.expert_act}"),
+        ("experts", f"E {c.num_experts} × De {c.expert_ffn_size}, {gated}, {c.expert_act}"),
         ("shared expert", f"SwiGLU {c.shared_ffn_size}" if c.shared_ffn_size else "none"),
-        ("router", f"{c.router_act}, norm {c.router_norm}" + (f" (scale [{c.router_scale_size}])" if c.router_scale_size else "") + f", expert bias {c.expert_bias}"),
+        ("router", f"{c.router_act}, norm {c.router_norm}{scale}, expert bias {c.expert_bias}"),
         ("norm eps", f"{c.norm_eps:g}"),
         ("mup scales", f"embedding ×{c.embedding_scale:g}, residual ×{c.residual_scale:g}, logits ÷{c.logit_scale:g}"),
-        ("vocab / context", f"{c.vocab_size} / {c.context_length}" + (" (tied embeddings)" if c.tied_embeddings else "")),
+        ("vocab / context", f"{c.vocab_size} / {c.context_length}{tied}"),
     ]
     for k, v in rows:
         arch.add_row(k, v)
@@ -119,10 +129,14 @@ def _print_info(found, acct, list_tensors: bool) -> None:
 @app.command()
 @friendly_errors
 def fixture(
-    name: Annotated[Optional[str], typer.Argument(help="A variant (small, for tests) or a preset (deco-0.1b, deco-0.5b: released shapes).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Argument(help="Directory to write the checkpoint into.")] = None,
+    name: Annotated[str | None, typer.Argument(
+        help="A variant (small, for tests) or a preset (deco-0.1b, deco-0.5b: released shapes).")] = None,
+    out_dir: Annotated[Path | None, typer.Argument(help="Directory to write the checkpoint into.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
-    calibrate: Annotated[Optional[float], typer.Option(help="Calibrate the routers so that about this fraction of experts is active on ordinary text (e.g. 0.2), and report the measured rates.", min=0.01, max=0.99)] = None,
+    calibrate: Annotated[float | None, typer.Option(
+        help="Calibrate the routers so that about this fraction of experts is active on ordinary text (e.g. 0.2), and "
+        "report the measured rates.",
+        min=0.01, max=0.99)] = None,
     list_all: Annotated[bool, typer.Option("--list", help="List the variants and presets.")] = False,
 ) -> None:
     """Write a random DECO checkpoint in the exact released Hugging Face layout.
@@ -133,9 +147,11 @@ def fixture(
     from .. import fixtures
 
     if list_all:
-        table = Table("name", "layers", "d", "experts", "De", "weights", "dtype", title="Fixtures", title_justify="left")
+        table = Table("name", "layers", "d", "experts", "De", "weights", "dtype", title="Fixtures",
+                      title_justify="left")
         for spec in [*fixtures.VARIANTS.values(), *fixtures.PRESETS.values()]:
-            table.add_row(spec.name, str(spec.num_layers), str(spec.hidden_size), str(spec.num_experts), str(spec.expert_ffn), spec.weight_format, spec.dtype)
+            sizes = (spec.num_layers, spec.hidden_size, spec.num_experts, spec.expert_ffn)
+            table.add_row(spec.name, *map(str, sizes), spec.weight_format, spec.dtype)
         console.print(table)
         return
     if name is None or out_dir is None:

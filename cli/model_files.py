@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -35,9 +35,14 @@ class ExpertType(str, Enum):
 def convert(
     hf_dir: Annotated[Path, typer.Argument(help="Checkpoint directory in the released Hugging Face layout.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="GGUF file to write (replaced only when complete).")],
-    outtype: Annotated[OutType, typer.Option(help="Type of the non-expert matrices (attention, dense FFN, shared expert, embeddings).")] = OutType.f16,
-    expert_type: Annotated[Optional[ExpertType], typer.Option(help="Type of the routed expert matrices; default: same as --outtype.")] = None,
-    override: Annotated[Optional[list[str]], typer.Option(help="Replace a config.json value, KEY=VALUE (VALUE read as JSON, else as text); repeatable. For µP checkpoints whose scale_emb, scale_depth or dim_model_base differ from training.", metavar="KEY=VALUE")] = None,
+    outtype: Annotated[OutType, typer.Option(
+        help="Type of the non-expert matrices (attention, dense FFN, shared expert, embeddings).")] = OutType.f16,
+    expert_type: Annotated[ExpertType | None, typer.Option(
+        help="Type of the routed expert matrices; default: same as --outtype.")] = None,
+    override: Annotated[list[str] | None, typer.Option(
+        help="Replace a config.json value, KEY=VALUE (VALUE read as JSON, else as text); repeatable. For µP "
+        "checkpoints whose scale_emb, scale_depth or dim_model_base differ from training.",
+        metavar="KEY=VALUE")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Convert a DECO checkpoint (safetensors or pytorch_model.bin) to GGUF.
@@ -87,10 +92,16 @@ def _config_overrides(items: list[str]) -> dict:
 def quantize(
     src: Annotated[Path, typer.Argument(help="A DECO GGUF (typically F16 or F32 from `convert`).")],
     dst: Annotated[Path, typer.Argument(help="GGUF file to write (replaced only when complete).")],
-    preset: Annotated[str, typer.Argument(help="Q4_0, Q5_0, Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS, F16 or BF16.")],
-    threads: Annotated[Optional[int], typer.Option(help="Threads; default: all cores.", min=1)] = None,
-    allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Accept an already quantized input (errors of both quantizations add up).")] = False,
-    imatrix: Annotated[Optional[Path], typer.Option(help="Importance matrix from `deco-gguf imatrix` (recommended for Q2_K, Q3_K_*, IQ4_XS).", dir_okay=False)] = None,
+    preset: Annotated[str, typer.Argument(
+        help="Q4_0, Q5_0, Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS, "
+        "F16 or BF16.")],
+    threads: Annotated[int | None, typer.Option(help="Threads; default: all cores.", min=1)] = None,
+    allow_requantize: Annotated[bool, typer.Option(
+        "--allow-requantize",
+        help="Accept an already quantized input (errors of both quantizations add up).")] = False,
+    imatrix: Annotated[Path | None, typer.Option(
+        help="Importance matrix from `deco-gguf imatrix` (recommended for Q2_K, Q3_K_*, IQ4_XS).",
+        dir_okay=False)] = None,
 ) -> None:
     """Quantize a DECO GGUF with llama.cpp's presets (the patched llama-quantize).
 
@@ -114,7 +125,8 @@ def quantize(
             on_tensor=lambda i, n, name: progress.update(task, completed=i - 1, total=n, tensor=name),
         )
     if fallbacks:
-        table = Table("tensor", "row", "wanted", "written as", title=f"{len(fallbacks)} tensor(s) fell back: rows do not fit the blocks", title_justify="left")
+        title = f"{len(fallbacks)} tensor(s) fell back: rows do not fit the blocks"
+        table = Table("tensor", "row", "wanted", "written as", title=title, title_justify="left")
         for f in fallbacks:
             table.add_row(f.tensor, str(f.row), f.wanted, f.got)
         console.print(table)
@@ -125,11 +137,13 @@ def quantize(
 @friendly_errors
 def imatrix(
     model: Annotated[Path, typer.Argument(help="A DECO GGUF, F16 or F32 (the unquantized weights).")],
-    text_file: Annotated[Path, typer.Argument(help="Text like the model's use (UTF-8), a few hundred KB.", exists=True, dir_okay=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Importance matrix to write (GGUF; replaced only when complete).")],
+    text_file: Annotated[Path, typer.Argument(
+        help="Text like the model's use (UTF-8), a few hundred KB.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Importance matrix to write (GGUF; replaced only when complete).")],
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="Chunk length in tokens.", min=16)] = 512,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)] = None,
-    chunks: Annotated[Optional[int], typer.Option(help="Use only this many chunks of the text.", min=1)] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)] = None,
+    chunks: Annotated[int | None, typer.Option(help="Use only this many chunks of the text.", min=1)] = None,
 ) -> None:
     """Importance matrix for low-bit quantization (llama-imatrix through the DECO routing).
 
@@ -143,5 +157,6 @@ def imatrix(
     check_threads(threads)
     with err_console.status("computing the importance matrix") as status:
         run_imatrix(model, text_file, output, ctx_size, threads, chunks,
-                    on_start=lambda n: status.update(f"computing the importance matrix over {n} chunks of {ctx_size} tokens"))
+                    on_start=lambda n: status.update(
+                        f"computing the importance matrix over {n} chunks of {ctx_size} tokens"))
     console.print(f"wrote [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)")

@@ -103,7 +103,8 @@ def dense_eq_plan(info) -> tuple[int, int, int, dict[str, str], dict[str, str]]:
 
     c = info.config
     d, layers = c.hidden_size, c.num_layers
-    deco_n = account({t.name: t.shape for t in info.tensors}, d, layers, c.context_length, 0.2, "assumed").non_embedding_params
+    shapes = {t.name: t.shape for t in info.tensors}
+    deco_n = account(shapes, d, layers, c.context_length, 0.2, "assumed").non_embedding_params
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     attn = d * q + 2 * d * kv + q * d
     fixed = layers * (attn + 2 * d) + d  # attention, two norms per layer, output norm
@@ -126,13 +127,12 @@ def dense_eq_plan(info) -> tuple[int, int, int, dict[str, str], dict[str, str]]:
 
 def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[str], None] | None = None) -> DenseEq:
     """The dense_eq GGUF for the DECO GGUF `deco_path` (cached by its shapes and types)."""
-    import gguf
-
     c = info.config
     ff, n, deco_n, types, substituted = dense_eq_plan(info)
+    tied = "output.weight" not in {t.name for t in info.tensors}
     key = json.dumps([DENSE_EQ_VERSION, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
                       c.vocab_size, ff, types, c.norm_eps, c.rope_theta, c.context_length,
-                      "output.weight" in {t.name for t in info.tensors}, deco_path.stat().st_size])
+                      not tied, deco_path.stat().st_size])
     out = cache_dir / f"dense-eq-{hashlib.sha256(key.encode()).hexdigest()[:20]}.gguf"
     result = DenseEq(out, ff, n, deco_n, types, substituted, built=False)
     if out.is_file():
@@ -140,9 +140,14 @@ def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[
     if on_status:
         on_status(f"building dense_eq (d {c.hidden_size}, {c.num_layers} layers, FFN {ff}, random weights) into {out}")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    reader = gguf.GGUFReader(deco_path)
+    _write_dense_eq(out, deco_path, c, ff, _tensor_plan(c, ff, types, tied))
+    result.built = True
+    return result
+
+
+def _tensor_plan(c, ff: int, types: dict[str, str], tied: bool) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, type) of every tensor of the dense Llama: DECO's attention, a SwiGLU of width ff."""
     d, hd = c.hidden_size, c.head_dim
-    tied = "output.weight" not in {t.name for t in info.tensors}
     plan: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (c.vocab_size, d), types["token_embd"])]
     for i in range(c.num_layers):
         plan += [
@@ -159,33 +164,17 @@ def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[
     plan.append(("output_norm.weight", (d,), "F32"))
     if not tied:
         plan.append(("output.weight", (c.vocab_size, d), types["output"]))
+    return plan
 
+
+def _write_dense_eq(out: Path, deco_path: Path, c, ff: int, plan: list[tuple[str, tuple[int, ...], str]]) -> None:
+    """The Llama GGUF: DECO's hyperparameters and tokenizer, random weights (norms 1)."""
+    import gguf
+
+    reader = gguf.GGUFReader(deco_path)
     with atomic_output(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(f"dense_eq of {reader.fields['general.name'].contents() if 'general.name' in reader.fields else deco_path.stem}")
-        writer.add_context_length(c.context_length)
-        writer.add_embedding_length(d)
-        writer.add_block_count(c.num_layers)
-        writer.add_feed_forward_length(ff)
-        writer.add_head_count(c.num_heads)
-        writer.add_head_count_kv(c.num_kv_heads)
-        writer.add_key_length(hd)
-        writer.add_value_length(hd)
-        writer.add_rope_dimension_count(hd)
-        writer.add_rope_freq_base(c.rope_theta)
-        writer.add_layer_norm_rms_eps(c.norm_eps)
-        writer.add_vocab_size(c.vocab_size)
-        for name, fld in reader.fields.items():
-            if name.startswith("tokenizer."):
-                sub = fld.types[1] if len(fld.types) > 1 else None
-                writer.add_key_value(name, fld.contents(), fld.types[0], sub)
-        rng = np.random.default_rng(0)
-
-        def encode(shape, type_name) -> np.ndarray:
-            if len(shape) == 1:
-                return np.ones(shape, np.float32)  # norms
-            return _quantize(rng.standard_normal(shape, dtype=np.float32) * 0.02, type_name)
-
+        _add_metadata(writer, reader, deco_path, c, ff)
         for name, shape, type_name in plan:
             qt = gguf.GGMLQuantizationType[type_name]
             block, size = gguf.GGML_QUANT_SIZES[qt]
@@ -194,8 +183,32 @@ def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        rng = np.random.default_rng(0)
         for _, shape, type_name in plan:
-            writer.write_tensor_data(encode(shape, type_name))
+            if len(shape) == 1:
+                data = np.ones(shape, np.float32)  # norms
+            else:
+                data = _quantize(rng.standard_normal(shape, dtype=np.float32) * 0.02, type_name)
+            writer.write_tensor_data(data)
         writer.close()
-    result.built = True
-    return result
+
+
+def _add_metadata(writer, reader, deco_path: Path, c, ff: int) -> None:
+    name = reader.fields["general.name"].contents() if "general.name" in reader.fields else deco_path.stem
+    writer.add_name(f"dense_eq of {name}")
+    writer.add_context_length(c.context_length)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    for key, fld in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub = fld.types[1] if len(fld.types) > 1 else None
+            writer.add_key_value(key, fld.contents(), fld.types[0], sub)

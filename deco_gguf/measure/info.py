@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-from ..support.errors import DecoError
 from ..model.gguf_file import ModelInfo, TensorInfo, read_gguf
+from ..support.errors import DecoError
+
 
 def read_hf(path: Path) -> ModelInfo:
     """The same table for an HF checkpoint, as the converter would write it (F32 = source size)."""
-    from ..model.checkpoint import HFCheckpoint
     from ..converter import DecoConverter
+    from ..model.checkpoint import HFCheckpoint
 
     converter = DecoConverter(HFCheckpoint(path), outtype="f32")
     tensors = [TensorInfo(p.name, p.qtype.name, p.shape, p.nbytes) for p in converter.plans]

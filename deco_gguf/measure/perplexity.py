@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..support.errors import DecoError
 from ..runtime.rpc import Offload
+from ..support.errors import DecoError
 
 DEFAULT_BATCH = 2048  # llama-perplexity's -b: with a smaller context, several chunks per decode
 MICRO_BATCH = 512  # llama-perplexity's -ub
@@ -118,100 +118,153 @@ def perplexity(
     # sequence in a context of n_seq * ctx tokens; a context over n_batch takes several decodes per chunk.
     n_seq = max(1, n_batch // ctx_size)
     n_batch = min(n_batch, n_seq * ctx_size)
-    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=min(n_batch, ctx_size), mode=mode, offload=offload)
+    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=min(n_batch, ctx_size), mode=mode,
+                     offload=offload)
     ctx = None
     try:
-        llm = rt.llm
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-        if llama_cpp.llama_vocab_get_add_eos(vocab):
-            raise DecoError(f"{model}: the vocabulary adds an EOS to every text; llama-perplexity refuses such models")
-        bos = llama_cpp.llama_vocab_bos(vocab)
-        tokens = np.asarray(llm.tokenize(text, add_bos=True, special=False), dtype=np.int32)
-        if len(tokens) < 2 * ctx_size:
-            raise DecoError(
-                f"{text_path}: not enough tokens: the text is {len(tokens)} tokens and a context of "
-                f"{ctx_size} needs at least {2 * ctx_size} (context too large for this text: lower --ctx-size)"
-            )
+        tokens, bos = _tokenize(llama_cpp, rt.llm, text, ctx_size, model, text_path)
         n_chunks = len(tokens) // ctx_size
-        first = ctx_size // 2
-        scored = ctx_size - 1 - first  # per chunk
-        n_vocab = llm.n_vocab()
         if on_start:
             on_start(n_chunks, len(tokens))
-
-        # A context of llama.cpp's defaults (F16 KV cache, flash attention when it applies), as llama-perplexity's.
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_seq * ctx_size
-        params.n_batch = n_batch
-        params.n_ubatch = min(MICRO_BATCH, n_batch)
-        params.n_seq_max = n_seq
-        params.n_threads = params.n_threads_batch = llm.context_params.n_threads
-        ctx = llama_cpp.llama_init_from_model(llm.model, params)
-        if not ctx:
-            raise DecoError(f"{model}: llama.cpp cannot create a context of {n_seq} x {ctx_size} tokens")
-        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        # the batch's token, pos and logits arrays as numpy views; every token has one sequence id
-        fields = [np.ctypeslib.as_array(getattr(batch, name), shape=(n_batch,)) for name in ("token", "pos", "logits")]
-        np.ctypeslib.as_array(batch.n_seq_id, shape=(n_batch,))[:] = 1
-        memory = llama_cpp.llama_get_memory(ctx)
-        nll_sum = nll2_sum = 0.0
-        count = 0
-        chunk_ppl: list[float] = []
+        ctx, threads = _context(llama_cpp, rt, n_seq, ctx_size, n_batch)
+        decoder = _ChunkDecoder(llama_cpp, ctx, model, n_batch, ctx_size, rt.llm.n_vocab())
         rt.reset_activity()
         start = time.perf_counter()
         try:
-            for i in range(0, n_chunks, n_seq):
-                chunks = tokens[i * ctx_size:min(i + n_seq, n_chunks) * ctx_size].reshape(-1, ctx_size).copy()
-                if add_bos:
-                    chunks[:, 0] = bos
-                llama_cpp.llama_memory_clear(memory, True)
-                rows: list[list[np.ndarray]] = [[] for _ in chunks]  # per sequence: logits of its positions >= first
-                for j in range(0, ctx_size, n_batch):
-                    size = min(n_batch, ctx_size - j)
-                    n = len(chunks) * size
-                    positions = np.arange(j, j + size)
-                    fields[0][:n] = chunks[:, j:j + size].reshape(-1)
-                    fields[1][:n] = np.tile(positions, len(chunks))
-                    fields[2][:n] = np.tile(positions >= first, len(chunks))
-                    for k in range(n):
-                        batch.seq_id[k][0] = k // size
-                    batch.n_tokens = n
-                    rc = llama_cpp.llama_decode(ctx, batch)
-                    if rc != 0:
-                        raise DecoError(f"{model}: llama_decode failed ({rc}) on chunk {i + 1}")
-                    per_seq = j + size - max(first, j)  # outputs of each sequence in this decode
-                    if per_seq > 0:
-                        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(chunks) * per_seq * n_vocab,))
-                        for seq, logits in enumerate(out.reshape(len(chunks), per_seq, n_vocab)):
-                            rows[seq].append(logits.copy())
-                for seq, chunk in enumerate(chunks):
-                    logits = np.concatenate(rows[seq])[:scored]  # positions first .. n_ctx-2
-                    nll = _nll(logits, chunk[first + 1:].astype(np.int64))  # the text's tokens, never the BOS
-                    nll_sum += float(nll.sum())
-                    nll2_sum += float((nll * nll).sum())
-                    count += len(nll)
-                    chunk_ppl.append(math.exp(nll_sum / count))
-                    if on_chunk:
-                        on_chunk(i + seq, chunk_ppl[-1])
+            nll = decoder.score(tokens[: n_chunks * ctx_size].reshape(n_chunks, ctx_size), n_seq, bos, on_chunk)
         finally:
-            llama_cpp.llama_batch_free(batch)
+            decoder.free()
         seconds = time.perf_counter() - start
-
-        mean = nll_sum / count
-        var = nll2_sum / count - mean * mean
-        ppl = math.exp(mean)
-        err = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else float("nan")
+        mean, ppl, err = nll.ppl()
         layers = [
             {"layer": a.layer, "tokens": a.tokens, "rate": a.rate} for a in rt.activity() if a is not None and a.tokens
         ]
         return PerplexityResult(
             model=str(model), text=str(text_path), ctx_size=ctx_size, mode=mode,
-            threads=int(params.n_threads), tokens=len(tokens), chunks=n_chunks,
-            scored_tokens=count, add_bos=add_bos, ppl=ppl, ppl_error=err, mean_nll=mean, seconds=seconds,
-            chunk_ppl=chunk_ppl, activation=layers, mean_activation=rt.mean_activation(),
+            threads=threads, tokens=len(tokens), chunks=n_chunks,
+            scored_tokens=nll.count, add_bos=bos is not None, ppl=ppl, ppl_error=err, mean_nll=mean, seconds=seconds,
+            chunk_ppl=nll.chunk_ppl, activation=layers, mean_activation=rt.mean_activation(),
         )
     finally:
         if ctx:
             llama_cpp.llama_free(ctx)
         rt.close()
+
+
+def _tokenize(llama_cpp, llm, text: bytes, ctx_size: int, model, text_path) -> tuple[np.ndarray, int | None]:
+    """The text's tokens (a BOS in front when the model adds one) and the BOS that starts every chunk, or
+    None when the model adds none."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+    if llama_cpp.llama_vocab_get_add_eos(vocab):
+        raise DecoError(f"{model}: the vocabulary adds an EOS to every text; llama-perplexity refuses such models")
+    tokens = np.asarray(llm.tokenize(text, add_bos=True, special=False), dtype=np.int32)
+    if len(tokens) < 2 * ctx_size:
+        raise DecoError(
+            f"{text_path}: not enough tokens: the text is {len(tokens)} tokens and a context of "
+            f"{ctx_size} needs at least {2 * ctx_size} (context too large for this text: lower --ctx-size)"
+        )
+    return tokens, llama_cpp.llama_vocab_bos(vocab) if add_bos else None
+
+
+def _context(llama_cpp, rt, n_seq: int, ctx_size: int, n_batch: int):
+    """A context of llama.cpp's defaults (F16 KV cache, flash attention when it applies), as
+    llama-perplexity's, for n_seq sequences, counting expert activity into the runtime's counter; and its
+    thread count."""
+    llm = rt.llm
+    params = llama_cpp.llama_context_default_params()
+    rt.counter.install(params)
+    params.n_ctx = n_seq * ctx_size
+    params.n_batch = n_batch
+    params.n_ubatch = min(MICRO_BATCH, n_batch)
+    params.n_seq_max = n_seq
+    params.n_threads = params.n_threads_batch = llm.context_params.n_threads
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise DecoError(f"{rt.path}: llama.cpp cannot create a context of {n_seq} x {ctx_size} tokens")
+    return ctx, int(params.n_threads)
+
+
+@dataclass
+class _Nll:
+    """Sums over the scored tokens' NLL, and the running PPL after each chunk."""
+
+    total: float = 0.0
+    squares: float = 0.0
+    count: int = 0
+    chunk_ppl: list[float] = field(default_factory=list)
+
+    def add(self, nll: np.ndarray) -> float:
+        self.total += float(nll.sum())
+        self.squares += float((nll * nll).sum())
+        self.count += len(nll)
+        self.chunk_ppl.append(math.exp(self.total / self.count))
+        return self.chunk_ppl[-1]
+
+    def ppl(self) -> tuple[float, float, float]:
+        """Mean NLL, PPL and llama.cpp's ± (module docstring)."""
+        mean = self.total / self.count
+        var = self.squares / self.count - mean * mean
+        ppl = math.exp(mean)
+        err = math.sqrt(var / (self.count - 1)) * ppl if var > 0 and self.count > 1 else float("nan")
+        return mean, ppl, err
+
+
+class _ChunkDecoder:
+    """Chunks decoded as llama-perplexity does: n_seq side by side, each its own sequence from an empty KV
+    cache, logits requested for the scored half only."""
+
+    def __init__(self, llama_cpp, ctx, model, n_batch: int, ctx_size: int, n_vocab: int):
+        self.llama_cpp, self.ctx, self.model = llama_cpp, ctx, model
+        self.n_batch, self.ctx_size, self.n_vocab = n_batch, ctx_size, n_vocab
+        self.first = ctx_size // 2  # the first position whose logits are scored
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # the batch's token, pos and logits arrays as numpy views; every token has one sequence id
+        self.token, self.pos, self.wants_logits = (
+            np.ctypeslib.as_array(getattr(self.batch, name), shape=(n_batch,)) for name in ("token", "pos", "logits")
+        )
+        np.ctypeslib.as_array(self.batch.n_seq_id, shape=(n_batch,))[:] = 1
+        self.memory = llama_cpp.llama_get_memory(ctx)
+
+    def free(self) -> None:
+        self.llama_cpp.llama_batch_free(self.batch)
+
+    def score(self, chunks: np.ndarray, n_seq: int, bos: int | None, on_chunk) -> _Nll:
+        """The NLL of the second half of every chunk [n_chunks, ctx_size], n_seq chunks per decode."""
+        nll = _Nll()
+        scored = self.ctx_size - 1 - self.first  # per chunk
+        for i in range(0, len(chunks), n_seq):
+            group = chunks[i : i + n_seq].copy()
+            if bos is not None:
+                group[:, 0] = bos
+            for seq, logits in enumerate(self.logits(group, i)):
+                # positions first .. n_ctx-2 predict the text's tokens first+1 .. n_ctx-1, never the BOS
+                running_ppl = nll.add(_nll(logits[:scored], chunks[i + seq, self.first + 1 :].astype(np.int64)))
+                if on_chunk:
+                    on_chunk(i + seq, running_ppl)
+        return nll
+
+    def logits(self, group: np.ndarray, chunk_index: int) -> list[np.ndarray]:
+        """Per sequence of `group`, the logits of its positions from `first` on, in decodes of n_batch tokens."""
+        self.llama_cpp.llama_memory_clear(self.memory, True)
+        rows: list[list[np.ndarray]] = [[] for _ in group]
+        for j in range(0, self.ctx_size, self.n_batch):
+            size = min(self.n_batch, self.ctx_size - j)
+            n = len(group) * size
+            positions = np.arange(j, j + size)
+            self.token[:n] = group[:, j : j + size].reshape(-1)
+            self.pos[:n] = np.tile(positions, len(group))
+            self.wants_logits[:n] = np.tile(positions >= self.first, len(group))
+            for k in range(n):
+                self.batch.seq_id[k][0] = k // size
+            self.batch.n_tokens = n
+            rc = self.llama_cpp.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise DecoError(f"{self.model}: llama_decode failed ({rc}) on chunk {chunk_index + 1}")
+            per_seq = j + size - max(self.first, j)  # outputs of each sequence in this decode
+            if per_seq > 0:
+                shape = (len(group) * per_seq * self.n_vocab,)
+                out = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(self.ctx), shape=shape)
+                for seq, logits in enumerate(out.reshape(len(group), per_seq, self.n_vocab)):
+                    rows[seq].append(logits.copy())
+        return [np.concatenate(r) for r in rows]

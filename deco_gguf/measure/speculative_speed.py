@@ -29,11 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import plotting
-from ..support.errors import DecoError
 from ..runtime.context import DecoRuntime
 from ..runtime.sampling import GREEDY
-from ..runtime.speculative import DEFAULT_DRAFT_MAX, DraftModel, Speculator, SpecStats
+from ..runtime.speculative import DEFAULT_DRAFT_MAX, DraftModel, SpecStats, Speculator
+from ..support.errors import DecoError
+from . import plotting
 
 AUTOREGRESSIVE = ("sparse", "dense")
 
@@ -73,7 +73,8 @@ class Config:
         return {
             "name": self.name, "threads": self.threads, "tokens_per_second": self.tokens_per_second,
             "median": self.median, "acceptance": self.acceptance, "tokens_per_verify": self.tokens_per_verify,
-            "verify_cost_steps": self.verify_us / baseline.verify_us, "speedup_vs_sparse": self.median / baseline.median,
+            "verify_cost_steps": self.verify_us / baseline.verify_us,
+            "speedup_vs_sparse": self.median / baseline.median,
             "draft_ms": self.total("t_draft_us") / 1e3, "verify_ms": self.total("t_verify_us") / 1e3,
         }
 
@@ -109,11 +110,13 @@ def plot(report: SpeculativeReport, path: str | Path) -> None:
         configs = [report.find(name, t) for name in names]
         xs = [i + (k - (len(threads) - 1) / 2) * width for i in range(len(names))]
         medians = [c.median for c in configs]
-        errors = [[c.median - min(c.tokens_per_second) for c in configs], [max(c.tokens_per_second) - c.median for c in configs]]
+        errors = [[c.median - min(c.tokens_per_second) for c in configs],
+                  [max(c.tokens_per_second) - c.median for c in configs]]
         bars = ax.bar(xs, medians, width, yerr=errors, capsize=3, label=f"{t} thread{'s' if t > 1 else ''}")
         sparse = report.find("sparse", t).median
         ax.bar_label(bars, labels=[f"×{m / sparse:.2f}" for m in medians], padding=2, fontsize=8)
-    ax.set_xticks(range(len(names)), [f"autoregressive\n{n}" if n in AUTOREGRESSIVE else n.replace(" ", "\n", 1) for n in names])
+    ticks = [f"autoregressive\n{n}" if n in AUTOREGRESSIVE else n.replace(" ", "\n", 1) for n in names]
+    ax.set_xticks(range(len(names)), ticks)
     ax.set_ylabel("tokens/s (labels: × autoregressive sparse)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
@@ -145,7 +148,8 @@ def measure_speculative(
     configs: list[Config] = []
     total, done = len(threads) * n_passages * (len(AUTOREGRESSIVE) + len(kinds)), 0
     for t in threads:
-        runtimes = {mode: DecoRuntime(path, n_ctx=prompt + tg + draft_max + 8, n_threads=t, mode=mode) for mode in AUTOREGRESSIVE}
+        n_ctx = prompt + tg + draft_max + 8
+        runtimes = {mode: DecoRuntime(path, n_ctx=n_ctx, n_threads=t, mode=mode) for mode in AUTOREGRESSIVE}
         draft_model = DraftModel(draft, runtimes["sparse"]) if draft else None
         engines: dict[str, Speculator] = {}
         try:
@@ -169,8 +173,13 @@ def measure_speculative(
                     tokens, stats = engines[name].generate(p, tg, GREEDY)
                     want = want or tokens
                     if tokens != want and name != "dense":
-                        at = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), min(len(tokens), len(want)))
-                        raise DecoError(f"{name} (threads {t}) generated other tokens than autoregressive sparse decoding, from token {at}")
+                        # the first token that differs (zip stops at the shorter list: the longer one differs there)
+                        pairs = enumerate(zip(tokens, want, strict=False))
+                        at = next((i for i, (a, b) in pairs if a != b), min(len(tokens), len(want)))
+                        raise DecoError(
+                            f"{name} (threads {t}) generated other tokens than autoregressive sparse decoding, "
+                            f"from token {at}"
+                        )
                     cfg.runs.append(stats)
                     done += 1
                     if on_step:

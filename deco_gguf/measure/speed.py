@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.rpc import Offload
+from ..support.errors import DecoError
 from . import plotting
 from .dense_eq import DenseEq, build_dense_eq
-from ..support.errors import DecoError
-from ..runtime.rpc import Offload
 
 # Ordinary English prose (written for this benchmark), repeated as needed.
 DEFAULT_TEXT = (
@@ -75,17 +75,16 @@ class WeightBytes:
 
 def weight_bytes(tensors) -> WeightBytes:
     """Bytes per decoded token by role, from the GGUF tensor table (deco_gguf.model.gguf_file.TensorInfo)."""
-    from ..model.accounting import EXPERT_TENSORS
+    from ..model.layout import EXPERT_TENSORS, gguf_name, kind_of
 
     names = {t.name for t in tensors}
-    tied = "output.weight" not in names
+    tied = gguf_name("output") not in names
     non_expert, experts = 0, {}
     for t in tensors:
-        parts = t.name.split(".")
-        if parts[-2] in EXPERT_TENSORS:
-            layer = int(parts[1])
+        if kind_of(t.name) in EXPERT_TENSORS:
+            layer = int(t.name.split(".")[1])
             experts[layer] = experts.get(layer, 0) + t.nbytes
-        elif t.name == "token_embd.weight" and not tied:
+        elif t.name == gguf_name("token_embd") and not tied:
             non_expert += t.nbytes // t.shape[0]  # get_rows: one row per token
         else:
             non_expert += t.nbytes
@@ -138,7 +137,8 @@ class SpeedReport:
     text_tokens: int = 0
 
     def find(self, model: str, mode: str, threads: int, test: str) -> Series | None:
-        return next((s for s in self.series if (s.model, s.mode, s.threads, s.test) == (model, mode, threads, test)), None)
+        key = (model, mode, threads, test)
+        return next((s for s in self.series if (s.model, s.mode, s.threads, s.test) == key), None)
 
     def noisy(self, spread: float = 1.5) -> list[Series]:
         """Configurations whose fastest run beat their slowest by more than `spread`x."""
@@ -171,7 +171,8 @@ class SpeedReport:
         b = self.bytes
         return {
             "model": self.model,
-            "settings": {"pp": self.pp, "tg": self.tg, "repetitions": self.repetitions, "warmup": self.warmup, "threads": self.threads},
+            "settings": {"pp": self.pp, "tg": self.tg, "repetitions": self.repetitions, "warmup": self.warmup,
+                         "threads": self.threads},
             "results": [s.as_dict() for s in self.series],
             "activation": {
                 "layers": [{"layer": k, "rate": v} for k, v in sorted(self.layer_rates.items())],
@@ -260,12 +261,42 @@ def measure(
     offload: Offload | None = None,
 ) -> SpeedReport:
     """Run the benchmark; `on_step(done, total)` after every timed or warm-up run."""
-    from ..support.cache import cache_root
-    from ..runtime.context import DecoRuntime, load_llama
-    from ..runtime.activity import LayerActivity
-    from ..runtime.native import available_cores, library
+    from ..runtime.context import DecoRuntime
+    from ..runtime.native import library
 
     library()  # one error line when the runtime is missing
+    threads = _checked_settings(pp, tg, repetitions, warmup, threads, modes)
+    model = Path(model)
+    n_ctx = pp + tg + 16
+    benches: list[_Bench] = []
+    try:
+        for mode in modes:
+            rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), mode=mode,
+                             offload=offload)
+            benches.append(_Bench("deco", mode, rt.llm, rt))
+        info = benches[0].rt.info
+        tokens = _tokens(benches[0].llm, text or DEFAULT_TEXT, max(pp, tg))
+        eq = eq_bytes = None
+        if vs_dense:
+            eq, bench = _dense_eq_bench(model, info, n_ctx, threads[0], pp, benches[0].rt.offload, on_status)
+            benches.append(bench)
+            eq_bytes = _file_weight_bytes(eq.path).dense
+        runs = _Runs(benches, threads, warmup, repetitions, on_step)
+        runs.run(tokens[:pp], tokens[:tg])
+        return SpeedReport(
+            model=str(model), pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=list(threads),
+            series=list(runs.series.values()), layer_rates=runs.layer_rates(), bytes=weight_bytes(info.tensors),
+            dense_eq=eq, dense_eq_bytes=eq_bytes, text_tokens=len(tokens),
+        )
+    finally:
+        for b in reversed(benches):
+            b.close()
+
+
+def _checked_settings(pp: int, tg: int, repetitions: int, warmup: int, threads: list[int] | None,
+                      modes: tuple[str, ...]) -> list[int]:
+    """The thread counts to measure (default: all cores), once every setting is checked."""
+    from ..runtime.native import available_cores
 
     if pp < 1 or tg < 1 or repetitions < 1 or warmup < 0:
         raise DecoError("--pp, --tg and --repetitions must be at least 1, --warmup at least 0")
@@ -274,82 +305,91 @@ def measure(
         raise DecoError("--threads: every count must be at least 1")
     if "sparse" not in modes:
         raise DecoError("the sparse mode is needed (its counters give the activation rate)")
-    model = Path(model)
-    n_ctx = pp + tg + 16
-    benches: list[_Bench] = []
-    try:
-        for mode in modes:
-            rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), mode=mode, offload=offload)
-            benches.append(_Bench("deco", mode, rt.llm, rt))
-        info = benches[0].rt.info
-        tokens = _tokens(benches[0].llm, text or DEFAULT_TEXT, max(pp, tg))
-        eq = eq_bytes = None
-        if vs_dense:
-            from ..model.gguf_file import TensorInfo
+    return threads
 
-            eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
-            llm = load_llama(eq.path, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), seed=0,
-                             n_gpu_layers=benches[0].rt.offload.n_gpu_layers)
-            benches.append(_Bench("dense_eq", "dense", llm))
-            import gguf
 
-            eq_bytes = weight_bytes([
-                TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes))
-                for t in gguf.GGUFReader(eq.path).tensors
-            ]).dense
+def _dense_eq_bench(model: Path, info, n_ctx: int, threads: int, pp: int, offload: Offload, on_status):
+    """dense_eq for `model` (built once into the cache) and a bench of it."""
+    from ..runtime.context import load_llama
+    from ..support.cache import cache_root
 
-        series = {
-            (b.label, b.mode, t, test): Series(b.label, b.mode, t, test, pp if test == "pp" else tg)
-            for t in threads for b in benches for test in ("pp", "tg")
+    eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
+    llm = load_llama(eq.path, n_ctx=n_ctx, n_threads=threads, n_batch=min(pp, MAX_BATCH), seed=0,
+                     n_gpu_layers=offload.n_gpu_layers)
+    return eq, _Bench("dense_eq", "dense", llm)
+
+
+def _file_weight_bytes(path: Path) -> WeightBytes:
+    """weight_bytes of any GGUF file (dense_eq's is a plain Llama)."""
+    import gguf
+
+    from ..model.gguf_file import TensorInfo
+
+    return weight_bytes([
+        TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes))
+        for t in gguf.GGUFReader(path).tensors
+    ])
+
+
+class _Runs:
+    """Every bench at every thread count: --warmup untimed runs each, then --repetitions timed rounds, each
+    round running every bench once (interleaved, so a busy moment spreads over all). The activity is
+    counted over the sparse bench's timed tg runs."""
+
+    def __init__(self, benches: list[_Bench], threads: list[int], warmup: int, repetitions: int, on_step):
+        self.benches, self.threads, self.warmup, self.repetitions = benches, threads, warmup, repetitions
+        self.on_step = on_step
+        self.series: dict[tuple, Series] = {}
+        self.total, self.done = len(threads) * len(benches) * 2 * (warmup + repetitions), 0
+        self.counted: dict = {}  # layer -> its runtime.activity.LayerActivity, summed
+
+    def step(self) -> None:
+        self.done += 1
+        if self.on_step:
+            self.on_step(self.done, self.total)
+
+    def run(self, prompt: list[int], generated: list[int]) -> None:
+        self.series = {
+            (b.label, b.mode, t, test): Series(b.label, b.mode, t, test, len(prompt if test == "pp" else generated))
+            for t in self.threads for b in self.benches for test in ("pp", "tg")
         }
-        total, done = len(threads) * len(benches) * 2 * (warmup + repetitions), 0
-        sparse = benches[0]
-        counted: dict[int, LayerActivity] = {}  # over the sparse tg runs
+        for t in self.threads:
+            for b in self.benches:
+                for _ in range(self.warmup):
+                    b.pp(prompt, t)
+                    self.step()
+                    b.tg(generated, t)
+                    self.step()
+            for _ in range(self.repetitions):
+                for b in self.benches:
+                    self.timed(b, t, prompt, generated)
 
-        def step() -> None:
-            nonlocal done
-            done += 1
-            if on_step:
-                on_step(done, total)
+    def timed(self, b: _Bench, t: int, prompt: list[int], generated: list[int]) -> None:
+        series = self.series[(b.label, b.mode, t, "pp")]
+        tokens_per_second, first_token = b.pp(prompt, t)
+        series.samples.append(tokens_per_second)
+        series.first_token_ms.append(first_token * 1e3)
+        self.step()
+        sparse = b is self.benches[0]
+        if sparse:
+            b.rt.reset_activity()
+        self.series[(b.label, b.mode, t, "tg")].samples.append(b.tg(generated, t))
+        self.step()
+        if sparse:
+            for a in b.rt.activity():
+                if a is not None:
+                    self.counted[a.layer] = self.counted[a.layer] + a if a.layer in self.counted else a
 
-        for t in threads:
-            for b in benches:
-                for _ in range(warmup):
-                    b.pp(tokens[:pp], t)
-                    step()
-                    b.tg(tokens[:tg], t)
-                    step()
-            for _ in range(repetitions):
-                for b in benches:
-                    prompt = series[(b.label, b.mode, t, "pp")]
-                    tokens_per_second, first_token = b.pp(tokens[:pp], t)
-                    prompt.samples.append(tokens_per_second)
-                    prompt.first_token_ms.append(first_token * 1e3)
-                    step()
-                    if b is sparse:
-                        sparse.rt.reset_activity()
-                    series[(b.label, b.mode, t, "tg")].samples.append(b.tg(tokens[:tg], t))
-                    step()
-                    if b is sparse:
-                        for a in sparse.rt.activity():
-                            if a is not None:
-                                counted[a.layer] = counted[a.layer] + a if a.layer in counted else a
-        rates = {layer: a.rate for layer, a in counted.items() if a.tokens}
-        return SpeedReport(
-            model=str(model), pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=list(threads),
-            series=list(series.values()), layer_rates=rates, bytes=weight_bytes(info.tensors),
-            dense_eq=eq, dense_eq_bytes=eq_bytes, text_tokens=len(tokens),
-        )
-    finally:
-        for b in reversed(benches):
-            b.close()
+    def layer_rates(self) -> dict[int, float]:
+        return {layer: a.rate for layer, a in self.counted.items() if a.tokens}
 
 
 def plot(report: SpeedReport, path: str | Path) -> None:
     """tokens/s by threads, pp and tg side by side, one line per model/mode (median, min-max bars)."""
     fig, axes = plotting.subplots(1, 2, figsize=(10, 4))
     labels = sorted({(s.model, s.mode) for s in report.series}, key=lambda x: (x[0] != "deco", x[1] != "sparse"))
-    for ax, test, title in ((axes[0], "pp", f"prompt processing (pp{report.pp})"), (axes[1], "tg", f"generation (tg{report.tg})")):
+    panels = ((axes[0], "pp", f"prompt processing (pp{report.pp})"), (axes[1], "tg", f"generation (tg{report.tg})"))
+    for ax, test, title in panels:
         for k, (model, mode) in enumerate(labels):
             rows = [report.find(model, mode, t, test) for t in report.threads]
             xs = [t + 0.04 * (k - (len(labels) - 1) / 2) for t in report.threads]  # keep the bars apart
@@ -365,5 +405,6 @@ def plot(report: SpeedReport, path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     rate = report.mean_rate
-    fig.suptitle(f"{Path(report.model).name}: {rate:.1%} experts active" if rate is not None else Path(report.model).name)
+    name = Path(report.model).name
+    fig.suptitle(f"{name}: {rate:.1%} experts active" if rate is not None else name)
     plotting.save(fig, path)

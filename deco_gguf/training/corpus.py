@@ -165,7 +165,8 @@ def fetch_kjv(cache_dir: Path | str | None = None) -> tuple[str, dict]:
             work = Path(tmp)
             versions = _download(work)
             root = work / "root"
-            text = _run([str(root / "usr/bin/bible"), "-f", "-p", str(root / "usr/lib"), "-d", "bible.data", "gen1:1-rev22:21"])
+            bible = [str(root / "usr/bin/bible"), "-f", "-p", str(root / "usr/lib"), "-d", "bible.data"]
+            text = _run([*bible, "gen1:1-rev22:21"])
             if text.count("\n") < 31000:
                 raise DecoError(f"the KJV dump has only {text.count(chr(10))} lines (expected 31102)")
             part = txt.with_suffix(".part")

@@ -31,7 +31,7 @@ def heldout_eval(model: DecoModel, stream: torch.Tensor, ctx: int = 256, max_win
         nll -= logp.gather(-1, ids[1:, None]).sum().item()
         count += ctx - 1
         rates = [r for r in out.activation_rate if r is not None]
-        act_sum = rates if act_sum is None else [a + b for a, b in zip(act_sum, rates)]
+        act_sum = rates if act_sum is None else [a + b for a, b in zip(act_sum, rates, strict=True)]
     rates = [a / n_windows for a in act_sum] if act_sum else []
     return {
         "tokens_predicted": count,
@@ -51,7 +51,8 @@ def unigram_ppl(train: torch.Tensor, heldout: torch.Tensor, vocab: int) -> float
 
 
 @torch.no_grad()
-def generate(model: DecoModel, sp, prompt: str, n: int, temperature: float = 0.0, seed: int = 0, top_k: int = 40) -> str:
+def generate(model: DecoModel, sp, prompt: str, n: int, temperature: float = 0.0, seed: int = 0,
+             top_k: int = 40) -> str:
     """Greedy (temperature 0) or top-k temperature sampling from the reference model; returns the continuation."""
     ids = [sp.bos_id()] + sp.encode(prompt)
     g = torch.Generator().manual_seed(seed)

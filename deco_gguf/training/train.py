@@ -45,7 +45,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -75,8 +75,9 @@ def make_optimizer(model: TrainableDeco, lr: float, weight_decay: float) -> torc
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="HF checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (the cosine schedule spans them)")
     ap.add_argument("--minutes", type=float, default=None,
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="stored dtype of everything but the router (fp32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true",
-                    help="run the reference forward eagerly (torch.compile fuses its element-wise ops: ~2x faster here)")
+                    help="run the reference forward eagerly (torch.compile fuses its element-wise ops: ~2x faster "
+                         "here)")
     ap.add_argument("--corpus-cache", type=Path, default=None)
     ap.add_argument("--log-dir", type=Path, default=Path("/tmp/deco-tiny-train"),
                     help="training log (CSV), resumable state, summary JSON")
@@ -109,14 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     for f in Shape.__dataclass_fields__.values():
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
+    if args.steps <= 0 and args.minutes is None:
+        ap.error("--steps 0 needs --minutes")
+    return args
 
+
+@dataclass
+class Data:
+    corpus: object  # corpus.Corpus
+    tokenizer: bytes  # tokenizer.model
+    sp: object  # its SentencePieceProcessor
+    train_ids: torch.Tensor
+    heldout_ids: torch.Tensor
+
+
+def load_data(args: argparse.Namespace, shape: Shape) -> Data:
+    """The corpus, its tokenizer (trained unless --tokenizer) and both halves as token streams."""
     from .corpus import load_corpus
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    shape = Shape(**{k: getattr(args, k) for k in Shape.__dataclass_fields__})
-    log_dir: Path = args.log_dir
-    log_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     corpus = load_corpus(args.corpus_cache)
@@ -127,29 +138,54 @@ def main(argv: list[str] | None = None) -> int:
     train_ids, held_ids = token_stream(sp, corpus.train), token_stream(sp, corpus.heldout)
     print(f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids)} train / {len(held_ids)} held-out tokens "
           f"({time.time() - t0:.0f}s)", flush=True)
+    return Data(corpus, tok, sp, train_ids, held_ids)
 
+
+@dataclass
+class Run:
+    """What a run changes as it goes, and what --resume restores: model, optimizer, regulariser
+    coefficients, the batch sampler's generator, steps and time."""
+
+    model: TrainableDeco
+    opt: torch.optim.Optimizer
+    coef: AdaptiveCoef
+    gen: torch.Generator
+    step: int = 0
+    elapsed: float = 0.0  # training seconds before this process
+
+    def save(self, path: Path, elapsed: float) -> None:
+        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "coef": self.coef.values,
+                    "gen": self.gen.get_state(), "step": self.step, "elapsed": elapsed}, path)
+
+    def load(self, path: Path) -> None:
+        st = torch.load(path, weights_only=False)
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.coef.values = st["coef"]
+        self.gen.set_state(st["gen"])
+        self.step, self.elapsed = st["step"], st["elapsed"]
+
+
+def start_run(args: argparse.Namespace, shape: Shape, state_path: Path) -> Run:
     config = shape.config()
     model = TrainableDeco(config, init_state(config, args.seed, router_scale_init=shape.router_scale_init))
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    n_moe = config.num_moe_layers
-    coef = AdaptiveCoef(n_moe, args.coef_init, args.coef_mult, args.target, args.coef_scope)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    step, elapsed_before = 0, 0.0
-    state_path = log_dir / "state.pt"
+    run = Run(
+        model=model,
+        opt=make_optimizer(model, args.lr, args.weight_decay),
+        coef=AdaptiveCoef(config.num_moe_layers, args.coef_init, args.coef_mult, args.target, args.coef_scope),
+        gen=torch.Generator().manual_seed(args.seed + 1),
+    )
     if args.resume and state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        coef.values = st["coef"]
-        g.set_state(st["gen"])
-        step, elapsed_before = st["step"], st["elapsed"]
-        print(f"resumed at step {step}", flush=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    if not args.no_compile:  # same math, fused; the first step pays ~1 min of compilation
-        model.forward = torch.compile(model.forward)
-    print(f"model: {n_params / 1e6:.2f}M parameters, {asdict(shape)}", flush=True)
+        run.load(state_path)
+        print(f"resumed at step {run.step}", flush=True)
+    return run
 
-    log_path = log_dir / "train_log.csv"
+
+def train(args: argparse.Namespace, shape: Shape, run: Run, data: Data, state_path: Path) -> tuple[float, float | None]:
+    """Step until --steps or --minutes, logging every step and saving every --save-every; then export the
+    checkpoint. Returns the training seconds and the smoothed language-model loss."""
+    n_moe = run.model.config.num_moe_layers
+    log_path = args.log_dir / "train_log.csv"
     new_log = not (args.resume and log_path.is_file())
     with open(log_path, "w" if new_log else "a", newline="") as log_f:
         log = csv.writer(log_f)
@@ -157,74 +193,103 @@ def main(argv: list[str] | None = None) -> int:
             log.writerow(["step", "elapsed_s", "lr", "loss", "lm_loss"]
                          + [f"act{k}" for k in range(n_moe)] + [f"coef{k}" for k in range(n_moe)]
                          + [f"entropy{k}" for k in range(n_moe)])
-
         budget = args.minutes * 60 if args.minutes else None
-        t_start = time.time() - elapsed_before
+        t_start = time.time() - run.elapsed
         ema_loss = None
-        model.train()
+        run.model.train()
         max_steps = args.steps if args.steps > 0 else 10**9
-        if args.steps <= 0 and budget is None:
-            ap.error("--steps 0 needs --minutes")
-        while step < max_steps:
+        while run.step < max_steps:
             elapsed = time.time() - t_start
             if budget is not None and elapsed >= budget:
-                print(f"time budget reached at step {step}", flush=True)
+                print(f"time budget reached at step {run.step}", flush=True)
                 break
-            progress = step / args.steps if args.steps > 0 else elapsed / budget
-            lr = lr_at(progress, step, args.lr, args.warmup)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            ids = sample_batch(train_ids, args.batch, args.seq, g)
-            loss, lm, rates, ents = loss_terms(model, ids, coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            coefs_used = list(coef.values)
-            coef.step(rates)
-            step += 1
-            ema_loss = lm.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * lm.item()
-            log.writerow([step, f"{time.time() - t_start:.1f}", f"{lr:.3g}", f"{loss.item():.4f}", f"{lm.item():.4f}"]
+            lr = lr_at(run.step / args.steps if args.steps > 0 else elapsed / budget, run.step, args.lr, args.warmup)
+            lm, rates, coefs_used, ents, loss = train_step(args, run, data.train_ids, lr)
+            ema_loss = lm if ema_loss is None else 0.98 * ema_loss + 0.02 * lm
+            log.writerow([run.step, f"{time.time() - t_start:.1f}", f"{lr:.3g}", f"{loss:.4f}", f"{lm:.4f}"]
                          + [f"{r:.4f}" for r in rates] + [f"{c:.4g}" for c in coefs_used] + [f"{e:.4f}" for e in ents])
-            if step % 10 == 0 or step == 1:
+            if run.step % 10 == 0 or run.step == 1:
                 log_f.flush()
-                print(f"step {step:5d}  {time.time() - t_start:7.0f}s  lr {lr:.2e}  lm {lm.item():.3f} (ema {ema_loss:.3f})  "
-                      f"act {' '.join(f'{r:.2f}' for r in rates)}  coef {' '.join(f'{c:.2g}' for c in coef.values)}", flush=True)
-            if step % args.save_every == 0:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "coef": coef.values,
-                            "gen": g.get_state(), "step": step, "elapsed": time.time() - t_start}, state_path)
-                export(model, shape, tok, args.out, args.dtype)  # a usable checkpoint at every save
+                acts, coefs = " ".join(f"{r:.2f}" for r in rates), " ".join(f"{c:.2g}" for c in run.coef.values)
+                print(f"step {run.step:5d}  {time.time() - t_start:7.0f}s  lr {lr:.2e}  "
+                      f"lm {lm:.3f} (ema {ema_loss:.3f})  act {acts}  coef {coefs}", flush=True)
+            if run.step % args.save_every == 0:
+                run.save(state_path, time.time() - t_start)
+                export(run.model, shape, data.tokenizer, args.out, args.dtype)  # a usable checkpoint at every save
     train_seconds = time.time() - t_start
-    export(model, shape, tok, args.out, args.dtype)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "coef": coef.values,
-                "gen": g.get_state(), "step": step, "elapsed": train_seconds}, state_path)
-    print(f"trained {step} steps in {train_seconds / 60:.1f} min; evaluating {args.out}", flush=True)
+    export(run.model, shape, data.tokenizer, args.out, args.dtype)
+    run.save(state_path, train_seconds)
+    return train_seconds, ema_loss
 
-    # Evaluate what was shipped: the HF directory, through the plain reference model.
+
+def train_step(args: argparse.Namespace, run: Run, train_ids: torch.Tensor, lr: float):
+    """One optimizer step at learning rate `lr`, then the regulariser's coefficient update. Returns the
+    language-model loss, the activation rates, the coefficients used, the router entropies and the loss."""
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    ids = sample_batch(train_ids, args.batch, args.seq, run.gen)
+    loss, lm, rates, ents = loss_terms(run.model, ids, run.coef)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.opt.step()
+    coefs_used = list(run.coef.values)
+    run.coef.step(rates)
+    run.step += 1
+    return lm.item(), rates, coefs_used, ents, loss.item()
+
+
+def summarize(args: argparse.Namespace, shape: Shape, data: Data, run: Run, n_params: int, train_seconds: float,
+              ema_loss: float | None) -> dict:
+    """Evaluate what was shipped: the HF directory, through the plain reference model."""
     ref = DecoModel.from_pretrained(args.out)
-    ev = heldout_eval(ref, held_ids, ctx=args.seq, max_windows=args.eval_windows)
+    ev = heldout_eval(ref, data.heldout_ids, ctx=args.seq, max_windows=args.eval_windows)
+    source = data.corpus.source
     summary = {
-        "steps": step,
+        "steps": run.step,
         "train_seconds": round(train_seconds, 1),
-        "tokens_seen": step * args.batch * args.seq,
+        "tokens_seen": run.step * args.batch * args.seq,
         "final_train_lm_loss_ema": round(ema_loss, 4) if ema_loss is not None else None,
         "heldout": ev,
-        "unigram_ppl": unigram_ppl(train_ids, held_ids, shape.vocab_size),
-        "final_coef": coef.values,
-        "corpus": {k: v for k, v in corpus.source.items() if not k.startswith("_") and k != "heldout_refs"},
-        "train_tokens": len(train_ids),
-        "heldout_tokens": len(held_ids),
+        "unigram_ppl": unigram_ppl(data.train_ids, data.heldout_ids, shape.vocab_size),
+        "final_coef": run.coef.values,
+        "corpus": {k: v for k, v in source.items() if not k.startswith("_") and k != "heldout_refs"},
+        "train_tokens": len(data.train_ids),
+        "heldout_tokens": len(data.heldout_ids),
         "parameters": n_params,
         "shape": asdict(shape),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     prompts = ["In the beginning", "And the LORD said unto Moses,", "Blessed are the"]
     summary["samples"] = [
-        {"prompt": p, "greedy": generate(ref, sp, p, 40), "t0.8": generate(ref, sp, p, 40, temperature=0.8, seed=k)}
+        {"prompt": p, "greedy": generate(ref, data.sp, p, 40),
+         "t0.8": generate(ref, data.sp, p, 40, temperature=0.8, seed=k)}
         for k, p in enumerate(prompts)
     ]
-    (log_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: summary[k] for k in ("steps", "train_seconds", "final_train_lm_loss_ema", "heldout", "unigram_ppl")}, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    shape = Shape(**{k: getattr(args, k) for k in Shape.__dataclass_fields__})
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    state_path = args.log_dir / "state.pt"
+
+    data = load_data(args, shape)
+    run = start_run(args, shape, state_path)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    if not args.no_compile:  # same math, fused; the first step pays ~1 min of compilation
+        run.model.forward = torch.compile(run.model.forward)
+    print(f"model: {n_params / 1e6:.2f}M parameters, {asdict(shape)}", flush=True)
+
+    train_seconds, ema_loss = train(args, shape, run, data, state_path)
+    print(f"trained {run.step} steps in {train_seconds / 60:.1f} min; evaluating {args.out}", flush=True)
+    summary = summarize(args, shape, data, run, n_params, train_seconds, ema_loss)
+    (args.log_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    headline = ("steps", "train_seconds", "final_train_lm_loss_ema", "heldout", "unigram_ppl")
+    print(json.dumps({k: summary[k] for k in headline}, indent=2))
     for s in summary["samples"]:
         print(f"\n{s['prompt']!r}\n  greedy: {s['greedy']}\n  t=0.8:  {s['t0.8']}")
     return 0

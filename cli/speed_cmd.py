@@ -1,0 +1,302 @@
+"""`deco-gguf speed`: tokens/s of DECO sparse vs dense decoding, or of speculative decoding."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..support.errors import DecoError
+from .app import app, check_threads, console, err_console, friendly_errors, warn
+from .options import (
+    DraftMax,
+    DraftPath,
+    Lookup,
+    ModelPath,
+    RpcLayers,
+    RpcServers,
+    offload_of,
+    status,
+)
+
+# -- speed -----------------------------------------------------------------------------------------
+
+
+def _thread_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        counts = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise DecoError(f"--threads {value!r}: expected counts separated by commas, e.g. 1,2") from None
+    if not counts or min(counts) < 1:
+        raise DecoError(f"--threads {value!r}: every count must be at least 1")
+    return sorted(set(counts))
+
+
+def _rates(value: str | None) -> tuple[float, ...]:
+    if value is None:
+        return ()
+    try:
+        rates = tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise DecoError(f"--synthetic {value!r}: expected probabilities separated by commas, e.g. 0.5,0.8") from None
+    if not rates or not all(0 <= r <= 1 for r in rates):
+        raise DecoError(f"--synthetic {value!r}: every rate must be within [0, 1]")
+    return rates
+
+
+PromptTokens = Annotated[int, typer.Option(help="Prompt-processing test: tokens in the prompt.", min=1)]
+GeneratedTokens = Annotated[int, typer.Option(help="Generation test: tokens decoded one at a time.", min=1)]
+Repetitions = Annotated[int, typer.Option(
+    "--repetitions", "-r", help="Timed runs of every configuration (interleaved).", min=1)]
+Warmup = Annotated[int, typer.Option(help="Untimed runs of every configuration first.", min=0)]
+ThreadCounts = Annotated[str | None, typer.Option(
+    "--threads", "-t", help="Thread counts to sweep, e.g. 1,2; default: all cores.")]
+SampleText = Annotated[Path | None, typer.Option(
+    help="Take the benchmark tokens from this text (default: a built-in English paragraph).",
+    exists=True, dir_okay=False)]
+VsDense = Annotated[bool, typer.Option(
+    "--vs-dense",
+    help="Also measure dense_eq: a random-weight Llama with the same d, layers, heads, vocab and tensor types "
+    "and an FFN width giving the same N (built once into ~/.cache/deco-gguf/dense-eq).")]
+SpeedJson = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout (schema below).")]
+PlotFile = Annotated[Path | None, typer.Option(
+    "--plot",
+    help="Write a PNG of tokens/s by threads, sparse vs dense (and dense_eq); with speculation, of every "
+    "configuration with its speed-up.", dir_okay=False)]
+Synthetic = Annotated[str | None, typer.Option(
+    metavar="RATES",
+    help="Speculate with a synthetic draft: the model's own greedy continuation, each token right with these "
+    "probabilities, e.g. 0.5,0.8 (measures the engine, not a draft).")]
+
+# The series of a sparse/dense measurement: (model, mode) -> its name in the tables.
+SERIES_NAMES = {("deco", "sparse"): "DECO sparse", ("deco", "dense"): "DECO dense", ("dense_eq", "dense"): "dense_eq"}
+
+
+@app.command()
+@friendly_errors
+def speed(
+    model: ModelPath,
+    pp: PromptTokens = 128,
+    tg: GeneratedTokens = 64,
+    repetitions: Repetitions = 3,
+    warmup: Warmup = 1,
+    threads: ThreadCounts = None,
+    text: SampleText = None,
+    vs_dense: VsDense = False,
+    as_json: SpeedJson = False,
+    plot_file: PlotFile = None,
+    draft: DraftPath = None,
+    lookup: Lookup = False,
+    draft_max: DraftMax = None,
+    synthetic: Synthetic = None,
+    rpc: RpcServers = None,
+    n_gpu_layers: RpcLayers = None,
+) -> None:
+    """Prompt (pp) and generation (tg) tokens/s, DECO sparse vs dense in one run, with the bytes bound.
+
+    With --draft, --lookup or --synthetic: speculative decoding against
+    autoregressive sparse and dense decoding instead, greedy, on --repetitions
+    passages of the text (--pp prompt tokens, --tg generated), the same tokens
+    asserted; reported: tokens/s, speed-ups, acceptance, tokens per
+    verification and a verification's cost in decode steps. --json gives
+    {model, speculative: {settings, results: list of {name, threads, median,
+    tokens_per_second, acceptance, tokens_per_verify, verify_cost_steps,
+    speedup_vs_sparse, speedup_vs_dense, draft_ms, verify_ms}}}.
+
+    TTFT: time to first token, the pp prompt evaluated and then one token decoded.
+
+    Every configuration (sparse, dense, dense_eq × threads) gets --warmup
+    untimed runs, then --repetitions timed runs interleaved with the others;
+    reported: median, min and max. The activation rate is the DECO op's counters
+    during the sparse tg runs; bytes read per decoded token = non-expert
+    weight bytes + Σ_layer rate × expert bytes, and the sparse/dense decode
+    ratio bound = dense bytes / sparse bytes (reached only when decoding is
+    memory-bound), printed beside the measured ratio.
+
+    --json schema: {model, settings: {pp, tg, repetitions, warmup, threads: list},
+    results: list of {model: deco|dense_eq, mode: sparse|dense, threads, test: pp|tg,
+    tokens, samples: list of t/s, tokens_per_second: {median, min, max},
+    time_to_first_token_ms (pp only): {median, min, max}},
+    activation: {layers: list of {layer, rate}, mean, source},
+    bytes_per_token: {non_expert, expert_total, expert_by_layer: {layer: bytes},
+    embedding_row_only, sparse, dense, dense_eq|null},
+    ratios: list of {threads, sparse_over_dense_tg, sparse_over_dense_pp,
+    sparse_over_dense_eq_tg|null, sparse_over_dense_eq_pp|null, bound,
+    bound_vs_dense_eq|null}, dense_eq: null | {path, ffn_width, params,
+    deco_params, types: {role: type}, substituted: {role: deco type}, built}}.
+    """
+    from ..support.cache import resolve_model
+
+    counts = _thread_list(threads)
+    check_threads(*(counts or []))
+    offload = offload_of(rpc, n_gpu_layers)
+    if plot_file is not None and not plot_file.parent.is_dir():
+        raise DecoError(f"{plot_file.parent}: output directory does not exist")
+    sample = text.read_text(encoding="utf-8", errors="replace") if text else None
+    if sample is not None and not sample.strip():
+        raise DecoError(f"{text}: empty text")
+    path = resolve_model(model, on_status=status)
+    speculative = draft is not None or lookup or synthetic is not None
+    if speculative:
+        from ..measure.speculative_speed import plot
+
+        rates = _rates(synthetic)
+        if offload.rpc or vs_dense:
+            raise DecoError("--rpc and --vs-dense are not available with speculative decoding")
+        if draft is not None:
+            draft = resolve_model(draft, on_status=status)
+        report = _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, repetitions, counts)
+    else:
+        from ..measure.speed import plot
+
+        report = _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, offload)
+    if plot_file is not None:
+        plot(report, plot_file)
+    if speculative:
+        _print_speculative(report, as_json)
+    elif as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_speed(report, path, pp, tg, repetitions)
+    if plot_file is not None:
+        (err_console if as_json else console).print(f"wrote {plot_file}", highlight=False)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                    transient=True, disable=not err_console.is_terminal)
+
+
+def _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, repetitions, counts):
+    from ..measure.speculative_speed import measure_speculative
+    from ..measure.speed import DEFAULT_TEXT
+    from ..runtime.native import available_cores
+    from ..runtime.speculative import DEFAULT_DRAFT_MAX
+
+    progress = _progress()
+    with progress:
+        task = progress.add_task("runs", total=None)
+        return measure_speculative(
+            path, sample or DEFAULT_TEXT, draft=draft, lookup=lookup, synthetic=rates,
+            draft_max=draft_max or DEFAULT_DRAFT_MAX, prompt=pp, tg=tg, n_passages=repetitions,
+            threads=counts or [available_cores()],
+            on_step=lambda done, total: progress.update(task, completed=done, total=total))
+
+
+def _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, offload):
+    from ..measure.speed import measure
+
+    progress = _progress()
+    with progress:
+        task = progress.add_task("runs", total=None)
+        return measure(path, pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=counts,
+                       vs_dense=vs_dense, text=sample, on_status=status, offload=offload,
+                       on_step=lambda done, total: progress.update(task, completed=done, total=total))
+
+
+def _print_speculative(report, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"model": report.model, "speculative": report.as_dict()}, indent=2))
+        return
+    title = (f"Speculative decoding on {report.model}: greedy, {report.passages} passage(s) of "
+             f"{report.prompt}+{report.tg} tokens, draft max {report.draft_max}, median t/s")
+    table = Table("threads", "", "t/s", "× sparse", "× dense", "acceptance", "tokens / verification",
+                  "verification cost", title=title, title_justify="left")
+    for r in report.as_dict()["results"]:
+        speculating = r["name"] not in ("sparse", "dense")
+        name = r["name"] if speculating else f"autoregressive {r['name']}"
+        speedups = [f"{r['median']:,.1f}", f"{r['speedup_vs_sparse']:.2f}", f"{r['speedup_vs_dense']:.2f}"]
+        if speculating:
+            acceptance = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
+            verification = [acceptance, f"{r['tokens_per_verify']:.2f}", f"{r['verify_cost_steps']:.2f} steps"]
+        else:
+            verification = ["", "", ""]
+        table.add_row(str(r["threads"]), name, *speedups, *verification)
+    console.print(table)
+    console.print("[dim]every configuration generated the same tokens; verification cost: a verification's time over "
+                  "one autoregressive sparse step[/]", highlight=False)
+
+
+def _print_speed(report, path: Path, pp: int, tg: int, repetitions: int) -> None:
+    _print_speed_table(report, path, pp, tg, repetitions)
+    _print_weight_bytes(report)
+    _print_ratios(report)
+    noisy = report.noisy()
+    if noisy:
+        which = ", ".join(f"{SERIES_NAMES[(s.model, s.mode)]} t{s.threads} {s.test}" for s in noisy)
+        warn(f"{len(noisy)} configuration(s) varied by more than 1.5x between runs ({which}): the machine was busy; "
+             "trust those ratios less, or raise --repetitions")
+    if report.dense_eq is not None:
+        e = report.dense_eq
+        substituted = f" (substituted for {e.substituted})" if e.substituted else ""
+        note = f"; types {e.types['ffn']} FFN, {e.types['attn_q']} attention{substituted}"
+        console.print(f"dense_eq: FFN width {e.ffn_width}, N {e.params / 1e6:.3f} M vs DECO "
+                      f"{e.deco_params / 1e6:.3f} M{note}", highlight=False)
+
+
+def _print_speed_table(report, path: Path, pp: int, tg: int, repetitions: int) -> None:
+    """Tokens/s of every series, and the time to first token."""
+
+    def cells(s) -> list[str]:
+        return [f"{s.median:,.1f}", f"[dim]{min(s.samples):,.0f}-{max(s.samples):,.0f}[/]"] if s else ["-", ""]
+
+    table = Table("threads", "", f"pp{pp} t/s", "min-max", f"tg{tg} t/s", "min-max",
+                  title=f"Speed of {path.name}: median of {repetitions} interleaved runs", title_justify="left")
+    for t in report.threads:
+        for (m, md), name in SERIES_NAMES.items():
+            if report.find(m, md, t, "tg"):
+                table.add_row(str(t), name, *cells(report.find(m, md, t, "pp")), *cells(report.find(m, md, t, "tg")))
+    console.print(table)
+    first_tokens = ", ".join(
+        f"{SERIES_NAMES[(s.model, s.mode)]} t{s.threads} {statistics.median(s.first_token_ms):,.1f} ms"
+        for s in report.series if s.test == "pp"
+    )
+    console.print(f"time to first token (pp{pp} prompt, then one decode): {first_tokens}", highlight=False)
+
+
+def _print_weight_bytes(report) -> None:
+    """The activation measured and the weight bytes each decoded token reads."""
+    b = report.bytes
+    layers = ", ".join(f"L{k} {v:.1%}" for k, v in sorted(report.layer_rates.items()))
+    console.print(f"expert activation (sparse tg): mean {report.mean_rate:.1%} ({layers})", highlight=False)
+    table = Table("", "MiB / decoded token", title="Weight bytes read per decoded token", title_justify="left",
+                  show_header=False)
+    non_expert = "non-expert" + (" (embedding: one row)" if b.embedding_row_only else "")
+    table.add_row(non_expert, f"{b.non_expert / 2**20:.3f}")
+    table.add_row("routed experts, all", f"{b.expert / 2**20:.3f}")
+    table.add_row("DECO sparse (at the measured rate)", f"{report.sparse_bytes / 2**20:.3f}")
+    table.add_row("DECO dense", f"{b.dense / 2**20:.3f}")
+    if report.dense_eq_bytes:
+        table.add_row("dense_eq", f"{report.dense_eq_bytes / 2**20:.3f}")
+    console.print(table)
+
+
+def _print_ratios(report) -> None:
+    """The measured speed-ups of sparse decoding beside the weight-bytes bound."""
+    table = Table("threads", "tg sparse/dense", "bound", "pp sparse/dense",
+                  title="Speed-up of DECO sparse: measured vs the weight-bytes bound", title_justify="left")
+    has_eq = report.dense_eq is not None
+    if has_eq:
+        table.add_column("tg vs dense_eq")
+        table.add_column("bound")
+
+    def fmt(v: float | None) -> str:
+        return f"{v:.2f}x" if v is not None else "-"
+
+    for r in report.ratios():
+        row = [str(r["threads"]), fmt(r["sparse_over_dense_tg"]), fmt(r["bound"]), fmt(r["sparse_over_dense_pp"])]
+        if has_eq:
+            row += [fmt(r["sparse_over_dense_eq_tg"]), fmt(r["bound_vs_dense_eq"])]
+        table.add_row(*row)
+    console.print(table)
+    if any(r["sparse_over_dense_tg"] and r["sparse_over_dense_tg"] > 1.05 * r["bound"] for r in report.ratios()):
+        console.print("[dim]measured above the bound: decode time here is not set by weight bytes alone (compute "
+                      "and per-expert overheads, which skipped experts also save, count too)[/]", highlight=False)
