@@ -34,7 +34,8 @@ DraftMax = Annotated[int | None, typer.Option(
     "--draft-max",
     help="Most tokens drafted per verification (default 4); each draft is as long as pays, given the "
     "acceptance and the verification times seen so far.", min=1)]
-# Options every command spells the same way.
+
+# Options every command running a model spells the same way.
 Threads = Annotated[int | None, typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)]
 ModelPath = Annotated[Path, typer.Argument(
     help="A DECO GGUF (or an HF checkpoint directory, converted to F16 once and cached).")]

@@ -23,8 +23,6 @@ from .options import (
     status,
 )
 
-# -- speed -----------------------------------------------------------------------------------------
-
 
 def _thread_list(value: str | None) -> list[int] | None:
     if value is None:

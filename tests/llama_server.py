@@ -38,7 +38,8 @@ def llama_server(*args: str) -> Iterator[str]:
                         break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"llama-server did not become healthy: {proc.stderr.read().decode()[-2000:]}") from None
+                    log = proc.stderr.read().decode()[-2000:]
+                    raise RuntimeError(f"llama-server did not become healthy: {log}") from None
                 time.sleep(0.2)
         yield url
     finally:

@@ -95,7 +95,8 @@ def gguf_file(tmp_path_factory):
             hf = REPO / "models" / "deco-tiny" if source == "tiny" else write_fixture(d / "hf", source)
             convert(hf, d / "m.gguf", outtype=outtype, expert_type=expert_type)
             ref = DecoModel.from_pretrained(hf)
-            cache[name] = (d / "m.gguf", ref if outtype == expert_type == "f32" else dequantized_reference(d / "m.gguf", ref))
+            exact = outtype == expert_type == "f32"
+            cache[name] = (d / "m.gguf", ref if exact else dequantized_reference(d / "m.gguf", ref))
         return cache[name]
 
     return get

@@ -9,8 +9,8 @@ import torch
 
 from deco_gguf.fixtures.calibrate import calibrate_routers, calibration_tokens, expert_targets, fixture_hook
 from deco_gguf.model.checkpoint import HFCheckpoint
-from deco_gguf.support.errors import DecoError
 from deco_gguf.model.reference import DecoModel
+from deco_gguf.support.errors import DecoError
 
 fixtures = pytest.importorskip("deco_gguf.fixtures")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import signal
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -25,14 +25,15 @@ BUNDLED = REPO / "models" / "deco-tiny"
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from deco_gguf.runtime.native import is_patched  # noqa: E402
+
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
-from deco_gguf.support.cache import dir_fingerprint, resolve_model  # noqa: E402
 from deco_gguf.runtime.chat import ChatSession, Sampling  # noqa: E402
 from deco_gguf.runtime.context import DecoRuntime  # noqa: E402
+from deco_gguf.support.cache import dir_fingerprint, resolve_model  # noqa: E402
 
 N = 24  # reply length: short, and the bundled model rarely ends a reply by itself
 QUESTION = "Who is the LORD?"
@@ -48,7 +49,8 @@ def gguf_path(tmp_path_factory) -> Path:
     return out
 
 
-def cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, stdin: str | None = None, env: dict | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "deco_gguf.cli.main", *args], input=stdin, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, "NO_COLOR": "1", **(env or {})}, cwd=REPO,
@@ -100,7 +102,8 @@ def expected(gguf_path):
 
 
 def test_prompt_greedy_is_deterministic_and_matches_llama_cpp_python(gguf_path, expected):
-    runs = [cli("chat", str(gguf_path), "--prompt", QUESTION, "--temperature", "0", "-n", str(N), "-t", "1") for _ in range(2)]
+    args = ("chat", str(gguf_path), "--prompt", QUESTION, "--temperature", "0", "-n", str(N), "-t", "1")
+    runs = [cli(*args) for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr
     assert runs[0].stdout == runs[1].stdout == expected["first"] + "\n"

@@ -27,7 +27,8 @@ def test_version_names_the_package_runtime_patches_and_build():
     lines = r.stdout.splitlines()
     assert lines[0] == f"deco-gguf {deco_gguf.__version__}"
     pinned = re.search(r"^LCP_VERSION=(\S+)$", (REPO / "scripts" / "build-runtime.sh").read_text(), re.M).group(1)
-    assert re.match(rf"llama\.cpp: ggml-org/llama\.cpp@[0-9a-f]{{7,}} as vendored by llama-cpp-python {re.escape(pinned)} \(ggml ", lines[1])
+    vendored = rf"llama\.cpp: ggml-org/llama\.cpp@[0-9a-f]{{7,}} as vendored by llama-cpp-python {re.escape(pinned)}"
+    assert re.match(vendored + r" \(ggml ", lines[1])
     patches = sorted(p.stem for p in (REPO / "ggml_patches" / "patches").glob("*.patch"))
     assert lines[2].endswith(": " + ", ".join(patches))
     assert lines[3].startswith("build: Release, native CPU ON") and "RPC ON" in lines[3]
@@ -57,11 +58,13 @@ def test_more_threads_than_cores_is_warned():
 
 
 # The CLI in a Python where llama_cpp cannot be imported.
-WITHOUT_RUNTIME = "import sys; sys.modules['llama_cpp'] = None; from deco_gguf.cli import run; sys.argv[0] = 'deco-gguf'; run()"
+WITHOUT_RUNTIME = (
+    "import sys; sys.modules['llama_cpp'] = None; from deco_gguf.cli import run; sys.argv[0] = 'deco-gguf'; run()"
+)
 
 
-@pytest.mark.parametrize("command", [["chat", "-p", "hi"], ["perplexity", "TEXT"], ["speed"], ["quantize", "OUT", "Q4_0"],
-                                     ["info", "--measure", "TEXT"]])
+@pytest.mark.parametrize("command", [["chat", "-p", "hi"], ["perplexity", "TEXT"], ["speed"],
+                                     ["quantize", "OUT", "Q4_0"], ["info", "--measure", "TEXT"]])
 def test_runtime_commands_without_the_runtime_say_how_to_get_it(command, tmp_path):
     from deco_gguf.converter import convert
 

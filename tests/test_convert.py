@@ -52,7 +52,7 @@ def expected_gguf_tensors(spec, src: dict[str, np.ndarray]) -> dict[str, np.ndar
         p, b = f"model.layers.{i}", f"blk.{i}"
         out[f"{b}.attn_norm.weight"] = src[f"{p}.input_layernorm.weight"]
         out[f"{b}.ffn_norm.weight"] = src[f"{p}.post_attention_layernorm.weight"]
-        for ours, theirs in zip(("q", "k", "v", "output"), "qkvo"):
+        for ours, theirs in zip(("q", "k", "v", "output"), "qkvo", strict=True):
             out[f"{b}.attn_{ours}.weight"] = src[f"{p}.self_attn.{theirs}_proj.weight"]
         if not moe:
             for part in ("gate", "up", "down"):
@@ -61,9 +61,10 @@ def expected_gguf_tensors(spec, src: dict[str, np.ndarray]) -> dict[str, np.ndar
         m = f"{p}.mlp"
         out[f"{b}.ffn_gate_inp.weight"] = src[f"{m}.moe_router.weight"]
         if spec.router_norm_type != "null":
-            out[f"{b}.ffn_router_scale.weight"] = (
-                np.array([spec.router_norm_init_var], np.float32) if spec.router_norm_fixed else src[f"{m}.router_norm.weight"].reshape(-1)
-            )
+            if spec.router_norm_fixed:
+                out[f"{b}.ffn_router_scale.weight"] = np.array([spec.router_norm_init_var], np.float32)
+            else:
+                out[f"{b}.ffn_router_scale.weight"] = src[f"{m}.router_norm.weight"].reshape(-1)
         if spec.expert_bias:
             out[f"{b}.exp_probs_b.bias"] = src[f"{m}.expert_bias"]
         up = src[f"{m}.expert_up_proj.weight"]
@@ -288,7 +289,8 @@ def test_mup_scales_are_named_and_can_be_overridden(fixture_dirs, tmp_path):
     run = lambda *extra: CliRunner().invoke(app, ["convert", str(fixture_dirs["mup"]), "-o", str(out), "-q", *extra])  # noqa: E731
     result = run()
     assert result.exit_code == 0, result.output
-    assert f"use_mup is true: using scale_emb={spec.scale_emb!r}, scale_depth={spec.scale_depth!r}, dim_model_base={spec.dim_model_base!r}" in " ".join(result.output.split())
+    values = f"scale_emb={spec.scale_emb!r}, scale_depth={spec.scale_depth!r}, dim_model_base={spec.dim_model_base!r}"
+    assert f"use_mup is true: using {values}" in " ".join(result.output.split())
     result = run("--override", "scale_emb=10", "--override", "scale_depth=2.0", "--override", "dim_model_base=16")
     assert result.exit_code == 0 and "use_mup" not in result.output, result.output
     fields, _ = read_gguf(out)

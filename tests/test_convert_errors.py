@@ -59,37 +59,57 @@ CASES = [
     ("no_config", "base", lambda d: (d / "config.json").unlink(), "config.json: file not found"),
     ("config_not_json", "base", lambda d: (d / "config.json").write_text("{ not json"), "not valid JSON"),
     ("no_weights", "base", lambda d: (d / "model.safetensors").unlink(), "no weights found"),
-    ("truncated_safetensors", "base", lambda d: _truncate(d / "model.safetensors", 0.5), "corrupt or truncated safetensors"),
-    ("garbage_safetensors", "base", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "corrupt or truncated safetensors"),
+    ("truncated_safetensors", "base", lambda d: _truncate(d / "model.safetensors", 0.5),
+     "corrupt or truncated safetensors"),
+    ("garbage_safetensors", "base", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
+     "corrupt or truncated safetensors"),
     ("missing_shard", "sharded", lambda d: next(d.glob("model-00002-*.safetensors")).unlink(), "weight file not found"),
     (
         "index_lists_absent_tensor",
         "sharded",
         lambda d: (d / "model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] | {"model.layers.9.mlp.ghost": next(d.glob("model-00001-*")).name}})
+            json.dumps({
+                "weight_map": json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+                | {"model.layers.9.mlp.ghost": next(d.glob("model-00001-*")).name}
+            })
         ),
         "listed in the index is missing",
     ),
-    ("missing_tensor", "base", lambda d: edit_tensors(d, lambda s: s.pop("model.layers.1.mlp.expert_down_proj.weight")), "missing tensor model.layers.1.mlp.expert_down_proj.weight"),
+    (
+        "missing_tensor",
+        "base",
+        lambda d: edit_tensors(d, lambda s: s.pop("model.layers.1.mlp.expert_down_proj.weight")),
+        "missing tensor model.layers.1.mlp.expert_down_proj.weight",
+    ),
     (
         "wrong_shape",
         "base",
-        lambda d: edit_tensors(d, lambda s: s.update({"model.layers.2.mlp.expert_down_proj.weight": torch.zeros(64, 13 * 32 - 1)})),
+        lambda d: edit_tensors(
+            d, lambda s: s.update({"model.layers.2.mlp.expert_down_proj.weight": torch.zeros(64, 13 * 32 - 1)})
+        ),
         "model.layers.2.mlp.expert_down_proj.weight has shape [64, 415], expected [64, 416]",
     ),
     (
         "experts_not_divisible",
         "base",
-        lambda d: edit_tensors(d, lambda s: s.update({"model.layers.1.mlp.expert_up_proj.weight": torch.zeros(13 * 32 + 1, 64)})),
+        lambda d: edit_tensors(
+            d, lambda s: s.update({"model.layers.1.mlp.expert_up_proj.weight": torch.zeros(13 * 32 + 1, 64)})
+        ),
         "not a multiple of 13 experts",
     ),
-    ("unknown_expert_act", "base", lambda d: edit_config(d, expert_act_func="swish_norm"), "unknown expert activation 'swish_norm'"),
-    ("dense_router_act", "base", lambda d: edit_config(d, router_act_func="gelu"), "router activation 'gelu' is not sparse"),
-    ("unknown_router_norm", "base", lambda d: edit_config(d, router_norm_type="layernorm"), "unknown router norm type 'layernorm'"),
+    ("unknown_expert_act", "base", lambda d: edit_config(d, expert_act_func="swish_norm"),
+     "unknown expert activation 'swish_norm'"),
+    ("dense_router_act", "base", lambda d: edit_config(d, router_act_func="gelu"),
+     "router activation 'gelu' is not sparse"),
+    ("unknown_router_norm", "base", lambda d: edit_config(d, router_norm_type="layernorm"),
+     "unknown router norm type 'layernorm'"),
     ("no_heads", "base", lambda d: edit_config(d, num_attention_heads=None), "num_attention_heads is missing"),
-    ("heads_not_dividing", "base", lambda d: edit_config(d, num_attention_heads=3), "not divisible by num_attention_heads=3"),
-    ("mup_without_scales", "base", lambda d: edit_config(d, use_mup=True, scale_depth=None), "use_mup is true but scale_depth is missing"),
-    ("router_norm_normal", "base", lambda d: edit_config(d, router_norm_type="normal"), "router_norm_type 'normal' gives inactive experts non-zero scores"),
+    ("heads_not_dividing", "base", lambda d: edit_config(d, num_attention_heads=3),
+     "not divisible by num_attention_heads=3"),
+    ("mup_without_scales", "base", lambda d: edit_config(d, use_mup=True, scale_depth=None),
+     "use_mup is true but scale_depth is missing"),
+    ("router_norm_normal", "base", lambda d: edit_config(d, router_norm_type="normal"),
+     "router_norm_type 'normal' gives inactive experts non-zero scores"),
     ("not_blockffn", "base", lambda d: edit_config(d, use_blockffn=False), "not a DECO (BlockFFN) checkpoint"),
     (
         "pickle_not_weights",
@@ -99,7 +119,8 @@ CASES = [
     ),
     ("truncated_bin", "bin", lambda d: _truncate(d / "pytorch_model.bin", 0.6), "corrupt or truncated PyTorch file"),
     ("no_tokenizer", "base", lambda d: (d / "tokenizer.model").unlink(), "no tokenizer"),
-    ("corrupt_tokenizer", "base", lambda d: (d / "tokenizer.model").write_bytes(b"junk" * 10), "cannot load the SentencePiece model"),
+    ("corrupt_tokenizer", "base", lambda d: (d / "tokenizer.model").write_bytes(b"junk" * 10),
+     "cannot load the SentencePiece model"),
 ]
 
 
@@ -260,7 +281,7 @@ run()
 HOOKS = {
     # inside the first tensor read (where an exception from a handler used to become a ValueError)
     "tensor_read": """
-from deco_gguf import checkpoint
+from deco_gguf.model import checkpoint
 read = checkpoint._SafetensorsFile.tensor
 def interrupted_read(self, name):
     os.kill(os.getpid(), signal.SIGINT)

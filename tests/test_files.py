@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from deco_gguf import files
+from deco_gguf.support import files
 from deco_gguf.support.errors import DecoError
 
 

@@ -107,7 +107,7 @@ def bpe_encode(tok: dict, text: str) -> list[int]:
         syms.extend([ch] if ch in vocab else [f"<0x{b:02X}>" for b in ch.encode("utf-8")])
     while True:
         best = min(
-            ((ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))),
+            ((ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(syms, syms[1:], strict=False))),
             default=(math.inf, -1),
         )
         if best[0] == math.inf:

@@ -92,14 +92,18 @@ def test_info_errors(tmp_path):
     w.write_tensors_to_file()
     w.close()
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 20)
-    for path, fragment in ((other, "not a DECO GGUF (architecture 'llama')"), (tmp_path / "junk.gguf", "not a readable GGUF"), (tmp_path / "absent", "no such file")):
+    for path, fragment in (
+        (other, "not a DECO GGUF (architecture 'llama')"),
+        (tmp_path / "junk.gguf", "not a readable GGUF"),
+        (tmp_path / "absent", "no such file"),
+    ):
         result = CliRunner().invoke(app, ["info", str(path)])
         assert result.exit_code == 1 and fragment in result.output, result.output
 
 
 def test_measured_activation_feeds_the_accounting(base, tmp_path):
-    from deco_gguf.fixtures.calibrate import calibrate_routers
     from deco_gguf.fixtures import fixture_corpus
+    from deco_gguf.fixtures.calibrate import calibrate_routers
 
     hf = write_fixture(tmp_path / "calibrated", "base")
     calibrate_routers(hf, 0.2)
@@ -116,14 +120,17 @@ def test_measured_activation_feeds_the_accounting(base, tmp_path):
 
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    for args, fragment in (([hf, "--measure", text, "--activation-rate", "0.3"], "not both"), ([hf, "--measure", empty], "empty text")):
+    for args, fragment in (
+        ([hf, "--measure", text, "--activation-rate", "0.3"], "not both"),
+        ([hf, "--measure", empty], "empty text"),
+    ):
         result = CliRunner().invoke(app, ["info", *map(str, args)])
         assert result.exit_code == 1 and fragment in result.output, result.output
 
 
 def test_measured_activation_of_a_gguf_is_the_reference_models(tmp_path):
-    from deco_gguf.fixtures.calibrate import calibrate_routers
     from deco_gguf.fixtures import fixture_corpus
+    from deco_gguf.fixtures.calibrate import calibrate_routers
     from deco_gguf.model.reference import DecoModel
     from deco_gguf.runtime.context import DecoRuntime
 
@@ -143,8 +150,11 @@ def test_measured_activation_of_a_gguf_is_the_reference_models(tmp_path):
     rows = [[bos] + ids[i:i + 255] for i in range(0, len(ids), 255)]
     per_row = [model(torch.tensor([row])).activation_rate for row in rows]
     n = sum(len(r) for r in rows)
-    want = [None if per_row[0][l] is None else sum(pr[l] * len(r) for pr, r in zip(per_row, rows)) / n
-            for l in range(len(rates))]
+    want = [
+        None if per_row[0][layer] is None
+        else sum(pr[layer] * len(r) for pr, r in zip(per_row, rows, strict=True)) / n
+        for layer in range(len(rates))
+    ]
     assert rates[0] is None and want[0] is None
     assert rates[1:] == pytest.approx(want[1:], abs=2e-3)
 

@@ -23,6 +23,7 @@ LLAMA_PERPLEXITY = BIN / "llama-perplexity"
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from deco_gguf.runtime.native import is_patched  # noqa: E402
+
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 

@@ -280,7 +280,7 @@ def loop_rope(v: np.ndarray, pos: int, theta: float) -> np.ndarray:
 
 
 def loop_swiglu(h, gate, up, down):
-    return down @ np.array([silu(g) * u for g, u in zip(gate @ h, up @ h)])
+    return down @ np.array([silu(g) * u for g, u in zip(gate @ h, up @ h, strict=True)])
 
 
 def loop_deco_ffn(c: DecoConfig, W: dict, p: str, h: np.ndarray):
@@ -312,7 +312,8 @@ def loop_deco_ffn(c: DecoConfig, W: dict, p: str, h: np.ndarray):
     if c.expert_act in ("norm_silu", "norm_silu_norms"):
         a = a - sum(a) / len(a)
     if c.expert_act in ("norm_silu", "norm_silu_nomean"):
-        a = np.concatenate([loop_rms(a[e * De:(e + 1) * De], W[p + "expert_act.rms_norm.weight"], c.norm_eps) for e in range(E)])
+        block_norm = W[p + "expert_act.rms_norm.weight"]
+        a = np.concatenate([loop_rms(a[e * De:(e + 1) * De], block_norm, c.norm_eps) for e in range(E)])
     a = np.array([max(z, 0.0) if c.expert_act == "relu" else silu(z) for z in a])
     v = a * u if c.expert_gated else a
     y = np.zeros(c.hidden_size)
@@ -338,7 +339,8 @@ def loop_forward(c: DecoConfig, state: dict, ids: list[int]):
         hs = [loop_rms(x, W[p + "input_layernorm.weight"], eps) for x in xs]
         q, k, v = (W[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
         Q = [[loop_rope(q[j * hd:(j + 1) * hd] @ hs[t], t, c.rope_theta) for j in range(c.num_heads)] for t in range(T)]
-        K = [[loop_rope(k[g * hd:(g + 1) * hd] @ hs[t], t, c.rope_theta) for g in range(c.num_kv_heads)] for t in range(T)]
+        K = [[loop_rope(k[g * hd:(g + 1) * hd] @ hs[t], t, c.rope_theta) for g in range(c.num_kv_heads)]
+             for t in range(T)]
         V = [[v[g * hd:(g + 1) * hd] @ hs[t] for g in range(c.num_kv_heads)] for t in range(T)]
         for t in range(T):
             heads = []
@@ -355,7 +357,7 @@ def loop_forward(c: DecoConfig, state: dict, ids: list[int]):
                 y, active = loop_deco_ffn(c, W, p + "mlp.", h)
                 layer_mask.append(active)
             else:
-                y = loop_swiglu(h, W[p + "mlp.gate_proj.weight"], W[p + "mlp.up_proj.weight"], W[p + "mlp.down_proj.weight"])
+                y = loop_swiglu(h, *(W[p + f"mlp.{part}_proj.weight"] for part in ("gate", "up", "down")))
             xs[t] = xs[t] + c.residual_scale * y
         masks.append(layer_mask if c.moe_layers[i] else None)
     logits = [W["lm_head.weight"] @ loop_rms(x, W["model.norm.weight"], eps) / c.logit_scale for x in xs]
@@ -383,7 +385,8 @@ CASES = {
     "sqrelu": dict(router_act="sqrelu"),
     "bias_base": dict(expert_bias="base"),
     "bias_rms": dict(expert_bias="rms"),
-    "mup": dict(embedding_scale=12.0, residual_scale=1.4 / math.sqrt(2), logit_scale=4.0, num_layers=2, moe_layers=[False, True]),
+    "mup": dict(embedding_scale=12.0, residual_scale=1.4 / math.sqrt(2), logit_scale=4.0, num_layers=2,
+                moe_layers=[False, True]),
     "tied": dict(tied_embeddings=True),
     "no_shared": dict(shared_ffn_size=0),
     "rope_theta_small": dict(rope_theta=3.0, head_dim=4, num_heads=1, hidden_size=4),
@@ -450,7 +453,8 @@ def test_one_token_dense_forward_by_hand():
         "model.norm.weight": one, "lm_head.weight": torch.tensor([[1.0, 0], [0, 1], [1, 1]]),
         "model.layers.0.input_layernorm.weight": one, "model.layers.0.post_attention_layernorm.weight": one,
         "model.layers.0.self_attn.q_proj.weight": torch.eye(2), "model.layers.0.self_attn.k_proj.weight": torch.eye(2),
-        "model.layers.0.self_attn.v_proj.weight": torch.eye(2), "model.layers.0.self_attn.o_proj.weight": 0.5 * torch.eye(2),
+        "model.layers.0.self_attn.v_proj.weight": torch.eye(2),
+        "model.layers.0.self_attn.o_proj.weight": 0.5 * torch.eye(2),
         "model.layers.0.mlp.gate_proj.weight": torch.tensor([[1.0, 0]]),
         "model.layers.0.mlp.up_proj.weight": torch.tensor([[0.0, 1]]),
         "model.layers.0.mlp.down_proj.weight": torch.tensor([[1.0], [1.0]]),

@@ -22,12 +22,13 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from deco_gguf.runtime.native import is_patched  # noqa: E402
+
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
-from deco_gguf.support.errors import DecoError  # noqa: E402
 from deco_gguf.runtime.rpc import PROTOCOL_MAJOR, protocol_version  # noqa: E402
 from deco_gguf.runtime.tools import tool  # noqa: E402
+from deco_gguf.support.errors import DecoError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
@@ -88,7 +89,8 @@ import numpy as np
 from deco_gguf.runtime.rpc import Offload
 from deco_gguf.runtime.context import DecoRuntime
 path, out, mode, *rpc = sys.argv[1:]
-with DecoRuntime(path, n_ctx=64, n_threads=1, exact=True, all_logits=True, mode=mode, offload=Offload(tuple(rpc))) as rt:
+offload = Offload(tuple(rpc))
+with DecoRuntime(path, n_ctx=64, n_threads=1, exact=True, all_logits=True, mode=mode, offload=offload) as rt:
     tokens = rt.llm.tokenize(b"In the beginning God created the heaven and the earth.", add_bos=True)
     rt.llm.eval(tokens)
     np.save(out, np.array(rt.llm.scores[: len(tokens)]))

@@ -105,7 +105,7 @@ def test_activity_counters_match_the_reference(model):
         rt.reset_activity()
         rt.llm.eval(PROMPT)
         activity = rt.activity()
-    for layer, (mask, act) in enumerate(zip(masks, activity)):
+    for layer, (mask, act) in enumerate(zip(masks, activity, strict=True)):
         if mask is None:
             assert act is None
             continue
@@ -144,7 +144,9 @@ def test_quantize_keeps_deco_tensors_f32_and_reports_fallbacks(model, tmp_path, 
     fallen = {f.tensor for f in fallbacks}
     if preset == "Q4_K_M":
         # Exactly the tensors whose rows (64 expert rows, 48 shared rows) do not fit 256-blocks.
-        misfits = {n for n, t in tensors.items() if len(t.shape) > 1 and int(t.shape[0]) % 256 and "ffn_gate_inp" not in n}
+        misfits = {
+            n for n, t in tensors.items() if len(t.shape) > 1 and int(t.shape[0]) % 256 and "ffn_gate_inp" not in n
+        }
         assert fallen == misfits and any("ffn_down_exps" in n for n in fallen)
         assert all(tensors[f.tensor].tensor_type.name == f.got for f in fallbacks)
     else:
@@ -152,13 +154,15 @@ def test_quantize_keeps_deco_tensors_f32_and_reports_fallbacks(model, tmp_path, 
     # Against the reference on the dequantized weights: only the runtime's 8-bit activations differ.
     with DecoRuntime(out, n_ctx=64, n_threads=2, exact=True) as rt:
         got = rt.eval_logits(PROMPT)
-    # Measured ~1.2% for both presets (8-bit rounding of every matmul input); weights alone would be ~18% at Q4_K_M here.
+    # Measured ~1.2% for both presets (8-bit rounding of every matmul input); weights alone would be ~18% at
+    # Q4_K_M here.
     assert rel_err(got, dequantized_reference(out, ref)(PROMPT).logits[0, -1].numpy()) < 3e-2
 
 
 def test_quantize_cli(model, tmp_path):
     _, paths, _ = model
-    result = CliRunner().invoke(app, ["quantize", str(paths["f16"]), str(tmp_path / "q.gguf"), "q4_k_m", "--threads", "2"])
+    args = ["quantize", str(paths["f16"]), str(tmp_path / "q.gguf"), "q4_k_m", "--threads", "2"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "fell back" in result.output and "ffn_down_exps" in result.output
     bad = CliRunner().invoke(app, ["quantize", str(paths["f16"]), str(tmp_path / "x.gguf"), "q9"])

@@ -16,16 +16,16 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from llama_server import llama_server, post  # tests/llama_server.py
 
-from deco_gguf.fixtures.calibrate import fixture_hook
 from deco_gguf.converter.convert import convert
 from deco_gguf.fixtures import VARIANTS as FIXTURES
 from deco_gguf.fixtures import write_fixture
+from deco_gguf.fixtures.calibrate import fixture_hook
 from deco_gguf.model.reference import DecoModel
 from deco_gguf.runtime.activity import ActivityCounter
 from deco_gguf.runtime.context import MODE_KEY, MODES
 from deco_gguf.runtime.native import library
-from llama_server import llama_server, post  # tests/llama_server.py
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_BIN = REPO / ".deps" / "build" / "bin"
@@ -69,7 +69,8 @@ class Runtime:
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
 
-    def decode(self, seqs: list[list[int]], start: list[int] | None = None, all_logits: bool = False) -> list[np.ndarray]:
+    def decode(self, seqs: list[list[int]], start: list[int] | None = None,
+               all_logits: bool = False) -> list[np.ndarray]:
         """One llama_decode over several sequences; returns the last position's logits of each (or all rows)."""
         start = start or [0] * len(seqs)
         n = sum(len(s) for s in seqs)
@@ -77,7 +78,7 @@ class Runtime:
         try:
             i = 0
             last = []
-            for sid, (s, p0) in enumerate(zip(seqs, start)):
+            for sid, (s, p0) in enumerate(zip(seqs, start, strict=True)):
                 for j, tok in enumerate(s):
                     batch.token[i] = tok
                     batch.pos[i] = p0 + j
@@ -90,7 +91,10 @@ class Runtime:
             rc = llama_cpp.llama_decode(self.ctx, batch)
             assert rc == 0, f"llama_decode returned {rc}"
             rows = range(n) if all_logits else last
-            return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, r), shape=(self.n_vocab,)).copy() for r in rows]
+            return [
+                np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, r), shape=(self.n_vocab,)).copy()
+                for r in rows
+            ]
         finally:
             llama_cpp.llama_batch_free(batch)
 
@@ -162,7 +166,7 @@ def test_several_sequences_in_one_batch(models):
         got = rt.decode(seqs)
     finally:
         rt.close()
-    for s, g in zip(seqs, got):
+    for s, g in zip(seqs, got, strict=True):
         want = ref(s).logits[0, -1].float().numpy()
         assert _rel_err(g, want) < TOL
 
@@ -263,7 +267,7 @@ def test_activity_belongs_to_the_context_that_counted_it(models):
     """Two models in one process, evaluated in turns: each context's counts are the tokens it evaluated."""
     (path_a, ref_a), (path_b, ref_b) = models("base"), models("router_sqrelu")
     counters = [ActivityCounter(r.config.moe_layers, r.config.num_experts) for r in (ref_a, ref_b)]
-    runtimes = [Runtime(p, counter=c) for p, c in zip((path_a, path_b), counters)]
+    runtimes = [Runtime(p, counter=c) for p, c in zip((path_a, path_b), counters, strict=True)]
     try:
         runtimes[0].decode([_ids(ref_a, 7, seed=1)], all_logits=True)
         runtimes[1].decode([_ids(ref_b, 5, seed=2)], all_logits=True)
@@ -271,7 +275,7 @@ def test_activity_belongs_to_the_context_that_counted_it(models):
     finally:
         for rt in runtimes:
             rt.close()
-    for counter, n_tokens in zip(counters, (10, 5)):
+    for counter, n_tokens in zip(counters, (10, 5), strict=True):
         assert [a.tokens for a in counter.read() if a is not None] == [n_tokens] * sum(counter.moe_layers)
 
 

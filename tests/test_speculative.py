@@ -21,16 +21,18 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from deco_gguf.runtime.native import is_patched  # noqa: E402
+
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
+from llama_server import llama_server, post  # noqa: E402  (tests/llama_server.py)
+
 from deco_gguf.converter.convert import convert  # noqa: E402
-from deco_gguf.support.errors import DecoError  # noqa: E402
 from deco_gguf.fixtures import write_fixture  # noqa: E402
 from deco_gguf.runtime.context import DecoRuntime  # noqa: E402
 from deco_gguf.runtime.sampling import Sampling  # noqa: E402
 from deco_gguf.runtime.speculative import DraftModel, Speculator  # noqa: E402
-from llama_server import llama_server, post  # noqa: E402  (tests/llama_server.py)
+from deco_gguf.support.errors import DecoError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
@@ -243,7 +245,7 @@ def _chi_square_p(counts: dict[int, int], probs: np.ndarray) -> float:
     big = [int(t) for t in order if probs[t] * n >= 5]
     observed = [counts.get(t, 0) for t in big] + [n - sum(counts.get(t, 0) for t in big)]
     expected = [probs[t] * n for t in big] + [n * (1 - probs[big].sum())]
-    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True) if e > 0)
     k = len(observed) - 1
     z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
     return 0.5 * math.erfc(z / math.sqrt(2))
@@ -340,8 +342,8 @@ def test_speed_speculative_json(fixture_gguf, tmp_path):
 
 
 def test_llama_server_with_a_deco_draft(bundled_gguf, tmp_path):
-    """`llama-server -m TARGET -md DRAFT --spec-type draft-simple` with the bundled DECO pair: greedy completions are the target's
-    autoregressive tokens, and the server reports drafted and accepted tokens."""
+    """`llama-server -m TARGET -md DRAFT --spec-type draft-simple` with the bundled DECO pair: greedy completions are
+    the target's autoregressive tokens, and the server reports drafted and accepted tokens."""
     draft = tmp_path / "draft.gguf"
     convert(BUNDLED_DRAFT, draft, "f16")
     rt = open_runtime(bundled_gguf)
@@ -350,8 +352,8 @@ def test_llama_server_with_a_deco_draft(bundled_gguf, tmp_path):
     finally:
         rt.close()
     want = autoregressive(bundled_gguf, prompt, 32)
-    with llama_server("-m", str(bundled_gguf), "-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max", "4", "-c", "512", "-t", "2",
-                      "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-warmup") as url:
+    with llama_server("-m", str(bundled_gguf), "-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max",
+                      "4", "-c", "512", "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-warmup") as url:
         out = post(url + "/completion", {"prompt": prompt, "n_predict": len(want), "temperature": 0, "top_k": 1,
                                          "return_tokens": True, "cache_prompt": False})
     assert out["tokens"] == want

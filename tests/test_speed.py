@@ -17,11 +17,12 @@ BUNDLED = REPO / "models" / "deco-tiny"
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from deco_gguf.runtime.native import is_patched  # noqa: E402
+
 if not is_patched():
     pytest.skip("llama_cpp is not the patched DECO build (run scripts/build-runtime.sh)", allow_module_level=True)
 
-from deco_gguf.model.gguf_file import read_gguf  # noqa: E402
 from deco_gguf.measure.dense_eq import dense_eq_plan  # noqa: E402
+from deco_gguf.model.gguf_file import read_gguf  # noqa: E402
 
 TINY = ["--pp", "16", "--tg", "8", "--repetitions", "1", "--threads", "1"]
 
@@ -71,7 +72,8 @@ def test_json_schema_and_values(gguf_path, tmp_path):
     assert b["expert_total"] == experts
     assert b["non_expert"] == info.total_bytes - experts - embd.nbytes + embd.nbytes // embd.shape[0]
     rates = {x["layer"]: x["rate"] for x in layers}
-    assert b["sparse"] == pytest.approx(b["non_expert"] + sum(rates[int(k)] * v for k, v in b["expert_by_layer"].items()))
+    active_experts = sum(rates[int(k)] * v for k, v in b["expert_by_layer"].items())
+    assert b["sparse"] == pytest.approx(b["non_expert"] + active_experts)
     assert b["dense"] == b["non_expert"] + b["expert_total"] > b["sparse"]
     (ratio,) = rep["ratios"]
     assert ratio["threads"] == 1 and ratio["bound"] == pytest.approx(b["dense"] / b["sparse"]) and ratio["bound"] > 1
@@ -83,7 +85,8 @@ def test_json_schema_and_values(gguf_path, tmp_path):
 def test_table_output(gguf_path):
     r = cli("speed", gguf_path, *TINY)
     assert r.returncode == 0, r.stderr
-    for words in ("DECO sparse", "DECO dense", "pp16 t/s", "time to first token", "tg8 t/s", "expert activation", "bound", "Weight bytes"):
+    for words in ("DECO sparse", "DECO dense", "pp16 t/s", "time to first token", "tg8 t/s", "expert activation",
+                  "bound", "Weight bytes"):
         assert words in r.stdout
 
 
@@ -141,8 +144,8 @@ def test_dense_eq_keeps_k_quant_types(gguf_path, tmp_path):
     """llama.cpp's Q4_0 preset writes a Q6_K output head: dense_eq writes Q6_K too (libggml's quantizer)."""
     import numpy as np
 
-    from deco_gguf.runtime.tools import quantize
     from deco_gguf.measure.dense_eq import _quantize, build_dense_eq
+    from deco_gguf.runtime.tools import quantize
 
     x = np.random.default_rng(0).standard_normal((4, 512), dtype=np.float32)
     back = gguf.quants.dequantize(_quantize(x, "Q6_K"), gguf.GGMLQuantizationType.Q6_K)

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from deco_gguf.model.checkpoint import HFCheckpoint
-from deco_gguf.training.corpus import HELDOUT_PERCENT, is_heldout, parse_chapters, split_chapters
 from deco_gguf.model.reference import DecoModel
+from deco_gguf.training.corpus import HELDOUT_PERCENT, is_heldout, parse_chapters, split_chapters
 from deco_gguf.training.data import sample_batch
 from deco_gguf.training.model import AdaptiveCoef, Shape, TrainableDeco, init_state, loss_terms, router_entropy
 from deco_gguf.training.train import make_optimizer
@@ -276,6 +276,7 @@ def test_bundled_model_converts(tmp_path):
     if not Path(exe).exists():
         pytest.skip("deco-gguf CLI not installed")
     out = tmp_path / "deco-tiny.gguf"
-    r = subprocess.run([exe, "convert", str(BUNDLED), "-o", str(out), "-q"], check=False, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([exe, "convert", str(BUNDLED), "-o", str(out), "-q"], check=False, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
     assert out.stat().st_size > 1_000_000

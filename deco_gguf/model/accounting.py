@@ -77,15 +77,15 @@ def account(
         raise ValueError(f"activation rate must be in [0, 1], got {activation_rate}")
     embedding = non_embedding = experts = 0
     for name, shape in shapes.items():
-        base = kind_of(name)
+        kind = kind_of(name)
         size = math.prod(shape)
-        if base in DERIVED_TENSORS:
+        if kind in DERIVED_TENSORS:
             continue
-        if base in EMBEDDING_TENSORS:
+        if kind in EMBEDDING_TENSORS:
             embedding += size
             continue
         non_embedding += size
-        if base in EXPERT_TENSORS:
+        if kind in EXPERT_TENSORS:
             experts += size
     return Accounting(
         embedding, non_embedding, experts, activation_rate, activation_source, hidden_size, num_layers, context
