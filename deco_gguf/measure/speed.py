@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..model.layout import EXPERT_TENSORS, gguf_name, kind_of
 from ..runtime.rpc import Offload
 from ..support.errors import DecoError
 from . import plotting
@@ -75,8 +76,6 @@ class WeightBytes:
 
 def weight_bytes(tensors) -> WeightBytes:
     """Bytes per decoded token by role, from the GGUF tensor table (deco_gguf.model.gguf_file.TensorInfo)."""
-    from ..model.layout import EXPERT_TENSORS, gguf_name, kind_of
-
     names = {t.name for t in tensors}
     tied = gguf_name("output") not in names
     non_expert, experts = 0, {}
