@@ -57,4 +57,15 @@ struct llama_model_deco : public llama_model_base {
     };
 
     std::unique_ptr<llm_graph_context> build_arch_graph(const llm_graph_params & params) const override;
+
+  private:
+    // the parts of load_arch_hparams, in the order it runs them
+    void load_ffn_mode(llama_model_loader & ml);
+    void load_width_and_eps(llama_model_loader & ml);
+    void check_attention() const;
+    void load_expert_widths(llama_model_loader & ml);
+    void load_moe_layers(llama_model_loader & ml);
+    void load_ffn_variant(llama_model_loader & ml);
+    void load_mup_scales(llama_model_loader & ml);
+    void load_context_and_vocab(llama_model_loader & ml);
 };
