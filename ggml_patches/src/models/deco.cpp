@@ -72,7 +72,8 @@ static bool deco_finite(float x) {
     return std::isfinite(x);
 }
 
-// The released shapes; the class names N, the non-embedding parameters (DECO-0.1B has N = 109M).
+// The released shapes (docs/deco.md, Released checkpoints and their config.json); the class names N, the
+// non-embedding parameters (DECO-0.1B has N = 109M).
 static llm_type deco_model_type(const llama_hparams & hparams) {
     switch (hparams.n_layer()) {
         case 16: return hparams.n_embd == 768  ? LLM_TYPE_109M : LLM_TYPE_UNKNOWN;
@@ -190,8 +191,8 @@ void llama_model_deco::load_ffn_variant(llama_model_loader & ml) {
     router_act = deco_parse_enum(kv(LLM_KV_DECO_ROUTER_ACTIVATION), s, DECO_ROUTER_ACTIVATIONS);
     ml.get_key(LLM_KV_DECO_ROUTER_NORM, s);
     if (s == "normal") {
-        // mean-subtracting router norm gives inactive experts non-zero scores (the authors' dense forward uses
-        // them): such a model is not sparse, and the converter refuses it too
+        // mean-subtracting router norm gives inactive experts non-zero scores (docs/deco.md, DECO FFN): such a
+        // model is not sparse, and the converter refuses it too
         deco_fail(format("%s = 'normal' is not supported: it gives inactive experts non-zero scores, the model is not sparse",
                 kv(LLM_KV_DECO_ROUTER_NORM).c_str()));
     }

@@ -1,7 +1,7 @@
 #pragma once
 
-// DECO (BlockFFN-v2): Llama-style attention + ReLU-routed sparse expert FFN layers.
-// GGUF layout: docs/gguf-format.md of deco-gguf. The expert layers are evaluated by GGML_OP_DECO_MOE.
+// DECO (BlockFFN-v2): Llama-style attention + ReLU-routed sparse expert FFN layers (the math: docs/deco.md of
+// deco-gguf). GGUF layout: docs/gguf-format.md. The expert layers are evaluated by GGML_OP_DECO_MOE.
 
 #include "models.h"
 
@@ -9,7 +9,7 @@
 
 #include <array>
 
-// how the DECO FFN layers are evaluated (env DECO_FFN, read when a graph is built)
+// how the DECO FFN layers are evaluated (llama_model_deco::ffn_mode, read when a model is loaded)
 enum llama_deco_ffn_mode {
     LLAMA_DECO_FFN_SPARSE = 0, // GGML_OP_DECO_MOE, active experts only (default)
     LLAMA_DECO_FFN_DENSE  = 1, // GGML_OP_DECO_MOE evaluating every expert (same result, dense cost)
