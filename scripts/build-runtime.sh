@@ -10,10 +10,11 @@
 # What it does (every step is skipped when already up to date, so reruns are incremental):
 #   1. fetch llama-cpp-python 0.3.36 sdist from the package index pip uses, verify its sha256
 #      (cached in ~/.cache/deco-gguf/downloads);
-#   2. unpack it under .deps/ and make vendor/llama.cpp a git repo whose first commit is the
-#      pristine upstream tree (so `git diff` there regenerates ggml_patches/, see
+#   2. unpack it under .deps/ and make vendor/llama.cpp a git repo whose first commit, tagged
+#      `pristine`, is the upstream tree;
+#   3. when the patch set changed, reset that tree to pristine and apply ggml_patches/ there, one commit
+#      per *.patch, then the plain new files (scripts/ggml-patches.sh apply; how to edit the patches:
 #      ggml_patches/README.md);
-#   3. apply ggml_patches/ (*.patch edits + plain new files) when the patch set changed;
 #   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
 #      ccache in ~/.cache/ccache when there is one): the runtime (libllama/libggml*, libmtmd,
 #      libdeco-speculative, llama-quantize, llama-imatrix, ggml-rpc-server: the RPC backend is on,
@@ -166,46 +167,9 @@ if [ ! -d "$LLAMA/.git" ] || [ ! -f "$SRC/.deco-unpacked" ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 3. apply ggml_patches/ when the patch set (or the --no-patch choice) changed
+# 3. the vendor tree: pristine plus ggml_patches/, one commit per patch (nothing done when up to date)
 # ---------------------------------------------------------------------------------------------
-patch_stamp() {
-    if [ "$APPLY_PATCHES" = 0 ]; then echo pristine; return; fi
-    (cd "$PATCHES" && find . -type f ! -name '*.md' -print0 | LC_ALL=C sort -z \
-        | xargs -0 sha256sum 2>/dev/null) | sha256sum | cut -d' ' -f1
-}
-tree_stamp() {   # state of the vendor tree relative to pristine
-    (cd "$LLAMA" && git diff pristine --binary && git ls-files -o --exclude-standard -z \
-        | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
-}
-WANT="$(patch_stamp)"
-HAVE="$(cat "$SRC/.deco-patch-stamp" 2>/dev/null || true)"
-if [ "$WANT" != "$HAVE" ]; then
-    if [ -f "$SRC/.deco-tree-stamp" ] && [ "$(tree_stamp)" != "$(cat "$SRC/.deco-tree-stamp")" ] \
-       && [ -z "${DECO_FORCE_REPATCH:-}" ]; then
-        echo "vendor tree $LLAMA has local edits not in ggml_patches/ and the patch set changed." >&2
-        echo "Export them first (scripts/ggml-patches.sh export) or rerun with DECO_FORCE_REPATCH=1." >&2
-        exit 1
-    fi
-    log "applying ggml_patches ($( [ "$APPLY_PATCHES" = 1 ] && echo patched || echo pristine ))"
-    # Back to pristine, touching only files that differ (keeps mtimes => incremental builds).
-    git -C "$LLAMA" checkout -q pristine -- .
-    git -C "$LLAMA" reset -q
-    git -C "$LLAMA" clean -q -fd
-    if [ "$APPLY_PATCHES" = 1 ]; then
-        # edits of upstream files: ggml_patches/**/*.patch, applied in sorted order
-        while IFS= read -r -d '' p; do
-            git -C "$LLAMA" apply --whitespace=nowarn "$p" || { echo "patch failed: $p" >&2; exit 1; }
-        done < <(find "$PATCHES" -name '*.patch' -print0 | LC_ALL=C sort -z)
-        # new files: everything else under ggml_patches/ (README.md excluded), same relative path
-        while IFS= read -r -d '' f; do
-            rel="${f#$PATCHES/}"
-            mkdir -p "$LLAMA/$(dirname "$rel")"
-            cmp -s "$f" "$LLAMA/$rel" || cp "$f" "$LLAMA/$rel"
-        done < <(find "$PATCHES" -type f ! -name '*.patch' ! -name README.md ! -name '*.md' -print0)
-    fi
-    echo "$WANT" > "$SRC/.deco-patch-stamp"
-    tree_stamp > "$SRC/.deco-tree-stamp"
-fi
+bash "$REPO/scripts/ggml-patches.sh" "$( [ "$APPLY_PATCHES" = 1 ] && echo apply || echo pristine )" "$LLAMA"
 if [ "$SOURCE_ONLY" = 1 ]; then
     echo "$LLAMA"
     exit 0

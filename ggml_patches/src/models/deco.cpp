@@ -72,18 +72,41 @@ static bool deco_finite(float x) {
     return std::isfinite(x);
 }
 
-void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
-    const auto kv = LLM_KV(arch);
+// The released shapes (docs/deco.md, Released checkpoints and their config.json); the class names N, the
+// non-embedding parameters (DECO-0.1B has N = 109M).
+static llm_type deco_model_type(const llama_hparams & hparams) {
+    switch (hparams.n_layer()) {
+        case 16: return hparams.n_embd == 768  ? LLM_TYPE_109M : LLM_TYPE_UNKNOWN;
+        case 27: return hparams.n_embd == 1280 ? LLM_TYPE_0_5B : LLM_TYPE_UNKNOWN;
+        default: return LLM_TYPE_UNKNOWN;
+    }
+}
 
-    // how this model evaluates DECO FFN layers: the deco.ffn_mode override (never in a file), else DECO_FFN
+void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
+    load_ffn_mode(ml);
+    load_width_and_eps(ml);
+    check_attention();
+    load_expert_widths(ml);
+    load_moe_layers(ml);
+    load_ffn_variant(ml);
+    load_mup_scales(ml);
+    load_context_and_vocab(ml);
+    type = deco_model_type(hparams);
+}
+
+// how this model evaluates DECO FFN layers: the deco.ffn_mode override (never in a file), else DECO_FFN
+void llama_model_deco::load_ffn_mode(llama_model_loader & ml) {
+    const auto kv = LLM_KV(arch);
     std::string mode;
     if (!ml.get_key(LLM_KV_DECO_FFN_MODE, mode, false)) {
         const char * env = getenv("DECO_FFN");
         mode = env != nullptr && *env != '\0' ? env : "sparse";
     }
     ffn_mode = deco_parse_enum(kv(LLM_KV_DECO_FFN_MODE) + " (or DECO_FFN)", mode, DECO_FFN_MODES);
-    const uint32_t n_layer = hparams.n_layer();
+}
 
+void llama_model_deco::load_width_and_eps(llama_model_loader & ml) {
+    const auto kv = LLM_KV(arch);
     if (hparams.n_layer_nextn != 0) {
         deco_fail("nextn layers are not supported");
     }
@@ -95,9 +118,11 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
     if (!(hparams.f_norm_rms_eps > 0.0f) || !deco_finite(hparams.f_norm_rms_eps) || hparams.f_norm_rms_eps > 1.0f) {
         deco_fail(format("invalid %s = %g", kv(LLM_KV_ATTENTION_LAYERNORM_RMS_EPS).c_str(), hparams.f_norm_rms_eps));
     }
+}
 
-    // attention geometry: heads, KV groups, head_dim; NeoX rope over the whole head
-    for (uint32_t il = 0; il < n_layer; ++il) {
+// attention geometry: heads, KV groups, head_dim; NeoX rope over the whole head
+void llama_model_deco::check_attention() const {
+    for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
         const uint32_t nh = hparams.n_head(il), nkv = hparams.n_head_kv(il);
         if (nh == 0 || nh > 4096 || nkv == 0 || nh % nkv != 0) {
             deco_fail(format("layer %u: invalid head_count %u / head_count_kv %u (head_count must be a positive multiple of head_count_kv)", il, nh, nkv));
@@ -114,8 +139,10 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
     if (!(hparams.rope_freq_base_train > 0.0f) || !deco_finite(hparams.rope_freq_base_train)) {
         deco_fail(format("invalid rope.freq_base %g", hparams.rope_freq_base_train));
     }
+}
 
-    // experts
+// experts: De, and Ds of the shared expert
+void llama_model_deco::load_expert_widths(llama_model_loader & ml) {
     ml.get_key(LLM_KV_EXPERT_FEED_FORWARD_LENGTH, n_ff_exp);
     if (n_ff_exp == 0 || n_ff_exp > (1u << 16)) {
         deco_fail(format("invalid expert_feed_forward_length %u", n_ff_exp));
@@ -126,7 +153,12 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
     }
     hparams.n_ff_shexp = n_ff_shexp;
     std::fill(hparams.n_ff_exp_arr.begin(), hparams.n_ff_exp_arr.end(), n_ff_exp);
+}
 
+// which layers are DECO FFN layers; the dense ones need a width
+void llama_model_deco::load_moe_layers(llama_model_loader & ml) {
+    const auto kv = LLM_KV(arch);
+    const uint32_t n_layer = hparams.n_layer();
     std::vector<int32_t> mask;
     ml.get_arr(LLM_KV_DECO_MOE_LAYER_MASK, mask, true);
     if (mask.size() != n_layer) {
@@ -144,7 +176,12 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
             deco_fail(format("layer %u is dense but feed_forward_length is %u", il, ff));
         }
     }
+}
 
+// the variant of the DECO FFN (docs/deco.md, DECO FFN): gated experts, expert activation, router activation and
+// norm, expert bias
+void llama_model_deco::load_ffn_variant(llama_model_loader & ml) {
+    const auto kv = LLM_KV(arch);
     ml.get_key(LLM_KV_DECO_EXPERT_GATED, expert_gated);
 
     std::string s;
@@ -154,16 +191,18 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
     router_act = deco_parse_enum(kv(LLM_KV_DECO_ROUTER_ACTIVATION), s, DECO_ROUTER_ACTIVATIONS);
     ml.get_key(LLM_KV_DECO_ROUTER_NORM, s);
     if (s == "normal") {
-        // mean-subtracting router norm gives inactive experts non-zero scores (the authors' dense forward uses
-        // them): such a model is not sparse, and the converter refuses it too
+        // mean-subtracting router norm gives inactive experts non-zero scores (docs/deco.md, DECO FFN): such a
+        // model is not sparse, and the converter refuses it too
         deco_fail(format("%s = 'normal' is not supported: it gives inactive experts non-zero scores, the model is not sparse",
                 kv(LLM_KV_DECO_ROUTER_NORM).c_str()));
     }
     router_norm = deco_parse_enum(kv(LLM_KV_DECO_ROUTER_NORM), s, DECO_ROUTER_NORMS);
     ml.get_key(LLM_KV_DECO_EXPERT_BIAS, s);
     bias_mode = deco_parse_enum(kv(LLM_KV_DECO_EXPERT_BIAS), s, DECO_EXPERT_BIASES);
+}
 
-    // mup scales (1 unless use_mup)
+// mup scales (1 unless use_mup)
+void llama_model_deco::load_mup_scales(llama_model_loader & ml) {
     hparams.f_embedding_scale = 1.0f;
     hparams.f_residual_scale  = 1.0f;
     hparams.f_logit_scale     = 1.0f;
@@ -175,20 +214,15 @@ void llama_model_deco::load_arch_hparams(llama_model_loader & ml) {
         deco_fail(format("invalid mup scales (embedding %g, residual %g, logit %g)",
                 hparams.f_embedding_scale, hparams.f_residual_scale, hparams.f_logit_scale));
     }
+}
 
+void llama_model_deco::load_context_and_vocab(llama_model_loader & ml) {
     if (hparams.n_ctx_train == 0) {
         deco_fail("context_length is 0");
     }
     n_vocab_kv = 0;
     if (ml.get_key(LLM_KV_VOCAB_SIZE, n_vocab_kv, false) && n_vocab_kv == 0) {
         deco_fail("vocab_size is 0");
-    }
-
-    // The released shapes; the class names N, the non-embedding parameters (DECO-0.1B has N = 109M).
-    switch (n_layer) {
-        case 16: type = hparams.n_embd == 768  ? LLM_TYPE_109M : LLM_TYPE_UNKNOWN; break;
-        case 27: type = hparams.n_embd == 1280 ? LLM_TYPE_0_5B : LLM_TYPE_UNKNOWN; break;
-        default: type = LLM_TYPE_UNKNOWN;
     }
 }
 

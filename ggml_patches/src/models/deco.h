@@ -1,7 +1,7 @@
 #pragma once
 
-// DECO (BlockFFN-v2): Llama-style attention + ReLU-routed sparse expert FFN layers.
-// GGUF layout: docs/gguf-format.md of deco-gguf. The expert layers are evaluated by GGML_OP_DECO_MOE.
+// DECO (BlockFFN-v2): Llama-style attention + ReLU-routed sparse expert FFN layers (the math: docs/deco.md of
+// deco-gguf). GGUF layout: docs/gguf-format.md. The expert layers are evaluated by GGML_OP_DECO_MOE.
 
 #include "models.h"
 
@@ -9,7 +9,7 @@
 
 #include <array>
 
-// how the DECO FFN layers are evaluated (env DECO_FFN, read when a graph is built)
+// how the DECO FFN layers are evaluated (llama_model_deco::ffn_mode, read when a model is loaded)
 enum llama_deco_ffn_mode {
     LLAMA_DECO_FFN_SPARSE = 0, // GGML_OP_DECO_MOE, active experts only (default)
     LLAMA_DECO_FFN_DENSE  = 1, // GGML_OP_DECO_MOE evaluating every expert (same result, dense cost)
@@ -57,4 +57,15 @@ struct llama_model_deco : public llama_model_base {
     };
 
     std::unique_ptr<llm_graph_context> build_arch_graph(const llm_graph_params & params) const override;
+
+  private:
+    // the parts of load_arch_hparams, in the order it runs them
+    void load_ffn_mode(llama_model_loader & ml);
+    void load_width_and_eps(llama_model_loader & ml);
+    void check_attention() const;
+    void load_expert_widths(llama_model_loader & ml);
+    void load_moe_layers(llama_model_loader & ml);
+    void load_ffn_variant(llama_model_loader & ml);
+    void load_mup_scales(llama_model_loader & ml);
+    void load_context_and_vocab(llama_model_loader & ml);
 };
