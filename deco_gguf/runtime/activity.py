@@ -96,5 +96,5 @@ class ActivityCounter:
         return [
             LayerActivity(layer, c.n_tokens, c.n_active, c.min_active if c.n_tokens else None,
                           c.max_active if c.n_tokens else None, self.num_experts) if is_moe else None
-            for layer, (c, is_moe) in enumerate(zip(self._layers, self.moe_layers))
+            for layer, (c, is_moe) in enumerate(zip(self._layers, self.moe_layers, strict=True))
         ]

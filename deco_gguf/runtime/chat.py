@@ -73,7 +73,7 @@ class ChatFormat:
             prompt = prompt[len(self.bos):]  # the tokenizer adds it (llama.cpp strips it the same way)
         return prompt
 
-    def __call__(self, *, messages, **kwargs):  # llama_cpp's ChatFormatter protocol
+    def __call__(self, *, messages, **kwargs):  # noqa: ARG002  llama_cpp's ChatFormatter protocol passes more
         from llama_cpp.llama_chat_format import ChatFormatterResponse
 
         return ChatFormatterResponse(prompt=self.render(messages), stop=list(STOP_STRINGS), added_special=False)
@@ -228,7 +228,7 @@ class ChatSession:
             after = self._activity()
             if stats.prompt_activity is None:  # nothing was generated
                 stats.prompt_activity = after
-            stats.reply_activity = [a - b for a, b in zip(after, stats.prompt_activity)]
+            stats.reply_activity = [a - b for a, b in zip(after, stats.prompt_activity, strict=True)]
             self.last = stats
 
     def _complete(self, messages: list[dict], prompt: list[int], n_predict: int, stats: ReplyStats) -> Iterator[str]:
@@ -328,7 +328,7 @@ class ChatSession:
                 self.spec.draft_model.close()
         self.rt.close()
 
-    def __enter__(self) -> "ChatSession":
+    def __enter__(self) -> ChatSession:
         return self
 
     def __exit__(self, *exc) -> None:

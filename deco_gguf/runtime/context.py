@@ -64,7 +64,7 @@ def _chatml_while_loading():
     original = llama_chat_format.Jinja2ChatFormatter
 
     class ChatMLFormatter(original):  # a subclass: the formatter reaches its nested classes through the module
-        def __init__(self, template: str, **kwargs):
+        def __init__(self, template: str, **kwargs):  # noqa: ARG002  the template that does not compile
             super().__init__(llama_chat_format.CHATML_CHAT_TEMPLATE, **kwargs)
 
     llama_chat_format.Jinja2ChatFormatter = ChatMLFormatter
@@ -160,7 +160,7 @@ class DecoRuntime:
     def close(self) -> None:
         self.llm.close()
 
-    def __enter__(self) -> "DecoRuntime":
+    def __enter__(self) -> DecoRuntime:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -41,7 +41,7 @@ class Offload:
         return -1 if self.rpc else 0  # -1: every layer
 
     @classmethod
-    def parse(cls, rpc: str | None, layers: int | None) -> "Offload":
+    def parse(cls, rpc: str | None, layers: int | None) -> Offload:
         """`--rpc HOST:PORT[,HOST:PORT...]` and `--n-gpu-layers N` as given on the command line."""
         endpoints = tuple(e.strip() for e in (rpc or "").split(",") if e.strip())
         for endpoint in endpoints:

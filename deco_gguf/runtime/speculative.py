@@ -28,8 +28,8 @@ from pathlib import Path
 import gguf
 
 from ..support.errors import DecoError
-from .native import GET_RUNTIME, library, runtime_library
 from .context import DecoRuntime, load_llama
+from .native import GET_RUNTIME, library, runtime_library
 from .sampling import GREEDY, Sampling
 
 DRAFTS = {"none": 0, "model": 1, "lookup": 2, "script": 3}  # enum deco_spec_draft
@@ -256,7 +256,7 @@ class Speculator:
             _lib().deco_spec_free(self._handle)
             self._handle = None
 
-    def __enter__(self) -> "Speculator":
+    def __enter__(self) -> Speculator:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,6 @@ from ..support.errors import DecoError
 from ..support.files import atomic_output, refuse_inputs
 from .native import GET_RUNTIME, available_cores, lib_dir, library
 
-
 # -- quantization ----------------------------------------------------------------------------------
 
 # llama-quantize's presets (the patched build's, installed beside libllama); routers, norms, scales and

@@ -45,7 +45,7 @@ def held_interrupts() -> Iterator[Callable[[], None]]:
 
     for s, handler in previous.items():
         if handler is not signal.SIG_IGN:  # a background job ignores Ctrl-C: keep it that way
-            signal.signal(s, lambda signum, frame: held.append(signum))
+            signal.signal(s, lambda signum, _frame: held.append(signum))
     try:
         yield check
     finally:
