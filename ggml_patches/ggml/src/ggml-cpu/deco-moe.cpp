@@ -54,7 +54,7 @@ struct deco_layout {
     int64_t d, De, E, T, P;
     ggml_type vdt_up, vdt_down;
     size_t row_x, row_v;
-    size_t off_xq, off_s, off_mean, off_flag, off_nact, off_cnt, off_off, off_ptok, off_u, off_g, off_vq;
+    size_t off_xq, off_s, off_mean, off_flag, off_cnt, off_off, off_ptok, off_u, off_g, off_vq;
     size_t off_xg, off_cb, off_stage, stage, off_priv, priv, seg, gb_size, off_bpriv, bpriv;
     int nth;
     size_t total;
@@ -85,7 +85,6 @@ deco_layout make_layout(const ggml_tensor * node, int nth) {
     L.off_s    = o; o = pad64(o + L.T * L.E * sizeof(float));
     L.off_mean = o; o = pad64(o + L.T * sizeof(float));
     L.off_flag = o; o = pad64(o + L.T * L.E);
-    L.off_nact = o; o = pad64(o + L.T * sizeof(int32_t));
     L.off_cnt  = o; o = pad64(o + L.E * sizeof(int32_t));
     L.off_off  = o; o = pad64(o + (L.E + 1) * sizeof(int64_t));
     L.off_ptok = o; o = pad64(o + L.P * sizeof(int32_t));
@@ -101,7 +100,7 @@ deco_layout make_layout(const ggml_tensor * node, int nth) {
     // decode (T == 1): per-thread private routing state + gather buffer for the down projection
     L.seg      = ggml_row_size(down->type, L.De);
     L.gb_size  = pad64(std::max<size_t>(32768, L.E * L.seg) + L.E * L.seg);
-    L.priv     = pad64(L.row_x) + pad64(L.E * sizeof(float)) * 2 + pad64(L.E) + pad64(L.E * sizeof(int32_t)) * 2
+    L.priv     = pad64(L.row_x) + pad64(L.E * sizeof(float)) * 2 + pad64(L.E) + pad64(L.E * sizeof(int32_t))
                + pad64((L.E + 1) * sizeof(int64_t)) + pad64(L.E * L.row_v) + pad64(L.E * L.De * sizeof(float)) + L.gb_size
                + pad64(L.d * sizeof(float));
     L.off_priv = o; o = pad64(o + (L.T == 1 ? L.nth * L.priv : 0));
@@ -146,11 +145,11 @@ extern "C" bool ggml_cpu_deco_moe_supported(const ggml_tensor * node) {
            node->src[3]->type == GGML_TYPE_F32 && node->src[4]->type == GGML_TYPE_F32;
 }
 
-// router scores and active flags for one token; returns the number of router-active experts
-static int64_t deco_route_token(const ggml_deco_moe_params & p, int64_t E, const float * raw,
+// router scores and computed flags for one token
+static void deco_route_token(const ggml_deco_moe_params & p, int64_t E, const float * raw,
                                 const float * scale, int64_t n_scale, const float * bias,
                                 bool dense, float * s, uint8_t * flag) {
-    const int64_t n_active = ggml_deco_moe_router_active(&p, E, raw, bias, flag);
+    ggml_deco_moe_router_active(&p, E, raw, bias, flag);
     for (int64_t e = 0; e < E; ++e) {
         float r = raw[e] > 0.0f ? raw[e] : 0.0f;
         if (p.router_act == GGML_DECO_ROUTER_SQRELU) r *= r;
@@ -173,7 +172,6 @@ static int64_t deco_route_token(const ggml_deco_moe_params & p, int64_t E, const
         if (!flag[e]) s[e] = 0.0f;                        // inactive experts contribute exactly 0
         flag[e] = dense ? 1 : (flag[e] && s[e] != 0.0f);  // which experts are computed
     }
-    return n_active;
 }
 
 
@@ -258,7 +256,6 @@ struct deco_state {
     float   * S;
     float   * MEAN;
     uint8_t * FLAG;
-    int32_t * NACT;
     int32_t * CNT;
     int64_t * OFF;
     int32_t * PTOK;
@@ -277,17 +274,6 @@ void deco_group(int64_t E, int64_t T, const uint8_t * FLAG, int32_t * CNT, int64
         CNT[e] = (int32_t) (pos - OFF[e]);
     }
     OFF[E] = pos;
-}
-
-void deco_count(const ggml_deco_moe_params & p, int64_t T, const int32_t * NACT) {
-    if (p.layer < 0) return;
-    int64_t sum = 0, mn = INT64_MAX, mx = 0;
-    for (int64_t t = 0; t < T; ++t) {
-        sum += NACT[t];
-        mn = std::min<int64_t>(mn, NACT[t]);
-        mx = std::max<int64_t>(mx, NACT[t]);
-    }
-    ggml_deco_stats_add(p.layer, T, sum, T > 0 ? mn : 0, mx);
 }
 
 } // namespace
@@ -389,7 +375,7 @@ struct deco_op {
 
     void route_and_quantize(const deco_state & st, int64_t t) const {
         const float * raw = (const float *) ((const char *) logits->data + t * logits->nb[1]);
-        st.NACT[t] = (int32_t) deco_route_token(p, E, raw, scale_d, n_scale, bias_d, dense, st.S + t * E, st.FLAG + t * E);
+        deco_route_token(p, E, raw, scale_d, n_scale, bias_d, dense, st.S + t * E, st.FLAG + t * E);
         const float * xt = (const float *) ((const char *) x->data + t * x->nb[1]);
         from_float_x(xt, st.xq + t * L.row_x, d);
         float m = 0.0f;
@@ -411,7 +397,6 @@ struct deco_op {
         float   * MEAN1 = (float *) take(E * sizeof(float)); // only [0] used
         st.MEAN = MEAN1;
         st.FLAG = (uint8_t *) take(E);
-        st.NACT = (int32_t *) take(E * sizeof(int32_t));      // only [0] used
         st.CNT  = (int32_t *) take(E * sizeof(int32_t));
         st.OFF  = (int64_t *) take((E + 1) * sizeof(int64_t));
         char  * vq1 = take(E * L.row_v);
@@ -426,9 +411,6 @@ struct deco_op {
         int64_t np = 0;
         for (int64_t e = 0; e < E; ++e) {
             if (st.FLAG[e]) EXP[np++] = (int32_t) e;
-        }
-        if (ith == 0) {
-            deco_count(p, 1, st.NACT);
         }
 
         // phase 3: the np*De up (gate) rows, split evenly over threads in whole row groups
@@ -506,7 +488,6 @@ struct deco_op {
         st.S    = (float   *) (wbase + L.off_s);
         st.MEAN = (float   *) (wbase + L.off_mean);
         st.FLAG = (uint8_t *) (wbase + L.off_flag);
-        st.NACT = (int32_t *) (wbase + L.off_nact);
         st.CNT  = (int32_t *) (wbase + L.off_cnt);
         st.OFF  = (int64_t *) (wbase + L.off_off);
         st.PTOK = (int32_t *) (wbase + L.off_ptok);
@@ -523,7 +504,6 @@ struct deco_op {
         // phase 2: group the (expert, token) pairs by expert
         if (ith == 0) {
             deco_group(E, T, st.FLAG, st.CNT, st.OFF, st.PTOK);
-            deco_count(p, T, st.NACT);
         }
         ggml_barrier(params->threadpool);
 
