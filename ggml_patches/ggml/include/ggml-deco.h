@@ -43,6 +43,16 @@ enum ggml_deco_act {
     GGML_DECO_ACT_COUNT,
 };
 
+// whether the activation subtracts the mean w_mean . x (the op then needs the `mean` row)
+static inline bool ggml_deco_act_uses_mean(enum ggml_deco_act act) {
+    return act == GGML_DECO_ACT_NORM_SILU || act == GGML_DECO_ACT_NORM_SILU_NORMS;
+}
+
+// whether the activation has a block RMSNorm (the op then needs the `norm` weight)
+static inline bool ggml_deco_act_uses_norm(enum ggml_deco_act act) {
+    return act == GGML_DECO_ACT_NORM_SILU || act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
+}
+
 enum ggml_deco_router_act {
     GGML_DECO_ROUTER_RELU   = 0,
     GGML_DECO_ROUTER_SQRELU = 1,

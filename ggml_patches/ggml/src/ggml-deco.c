@@ -46,8 +46,8 @@ const char * ggml_deco_moe_check(
     if (logits->type != GGML_TYPE_F32 || logits->ne[0] != E || logits->ne[1] != x->ne[1] || logits->nb[0] != sizeof(float) ||
         logits->ne[2] != 1 || logits->ne[3] != 1)                         return "logits must be F32 [E, T]";
 
-    const bool need_mean = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NORMS;
-    const bool need_norm = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
+    const bool need_mean = ggml_deco_act_uses_mean(p.act);
+    const bool need_norm = ggml_deco_act_uses_norm(p.act);
     if (need_mean != (mean != NULL))                                      return need_mean ? "activation needs the mean row" : "unexpected mean row";
     if (mean && !deco_is_f32_vec(mean, d))                                return "mean must be F32 [d]";
     if (need_norm != (norm != NULL))                                      return need_norm ? "activation needs the block norm weight" : "unexpected block norm weight";

@@ -225,7 +225,7 @@ inline void deco_activate(const ggml_deco_moe_params & p, int64_t De, const floa
     switch (p.act) {
         case GGML_DECO_ACT_NORM_SILU:
         case GGML_DECO_ACT_NORM_SILU_NOMEAN: {
-            const float mm = p.act == GGML_DECO_ACT_NORM_SILU ? m : 0.0f;
+            const float mm = ggml_deco_act_uses_mean(p.act) ? m : 0.0f;
             double ss = 0.0;
             for (int64_t i = 0; i < De; ++i) { const float z = a[i] - mm; v[i] = z; ss += (double) z * z; }
             const float inv = (float) (1.0 / sqrt(ss / (double) De + (double) p.eps));

@@ -268,11 +268,13 @@ static __global__ void deco_up(
     }
 }
 
-// activation of the computed pairs, times the score: F32 in place of U, or q8_1 blocks VQ[t][e][De/32] if q8
+// activation of the computed pairs, times the score: F32 in place of U, or q8_1 blocks VQ[t][e][De/32] if q8;
+// uses_mean / uses_norm: ggml_deco_act_uses_mean / _uses_norm of p.act (host functions)
 template <bool q8>
 static __global__ void deco_act(
         float * U, const float * G, const float * S, const int * LIST, const int * NCOMP, const float * MEAN,
-        const float * nw, const ggml_deco_moe_params p, const int E, const int De, block_q8_1 * VQ) {
+        const float * nw, const ggml_deco_moe_params p, const bool uses_mean, const bool uses_norm,
+        const int E, const int De, block_q8_1 * VQ) {
     const int kk   = blockIdx.x*DECO_NW + threadIdx.y;
     const int t    = blockIdx.y;
     const int lane = threadIdx.x;
@@ -284,11 +286,10 @@ static __global__ void deco_act(
     const float * g  = G ? G + pair*De : nullptr;
     const float   se = S[pair];
 
-    const bool  rms = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
-    const float mm  = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NORMS ? MEAN[t] : 0.0f;
+    const float mm = uses_mean ? MEAN[t] : 0.0f;
 
     float inv = 1.0f;
-    if (rms) {
+    if (uses_norm) {
         double ss = 0.0;
         for (int i = lane; i < De; i += WARP_SIZE) {
             const float z = a[i] - mm;
@@ -303,7 +304,7 @@ static __global__ void deco_act(
         float v = 0.0f;
         if (i < De) {
             float z = a[i] - mm;
-            if (rms) {
+            if (uses_norm) {
                 z = z*inv*nw[i];
             }
             v = p.act == GGML_DECO_ACT_RELU ? (z > 0.0f ? z : 0.0f) : z / (1.0f + expf(-z));
@@ -487,12 +488,14 @@ void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     // 4: activations
     const dim3 grid_pairs((E + DECO_NW - 1)/DECO_NW, T);
     const float * nw = norm ? (const float *) norm->data : nullptr;
+    const bool uses_mean = ggml_deco_act_uses_mean(p.act);
+    const bool uses_norm = ggml_deco_act_uses_norm(p.act);
     if (down_q) {
         deco_act<true><<<grid_pairs, block, 0, stream>>>(
-            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, E, De, VQ.get());
+            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, VQ.get());
     } else {
         deco_act<false><<<grid_pairs, block, 0, stream>>>(
-            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, E, De, nullptr);
+            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, nullptr);
     }
     CUDA_CHECK(cudaGetLastError());
 
