@@ -116,7 +116,7 @@ int64_t ggml_deco_moe_router_active(const struct ggml_deco_moe_params * p, int64
     int64_t n_active = 0;
     for (int64_t e = 0; e < n_expert; ++e) {
         active[e] = p->bias_mode == GGML_DECO_BIAS_NONE ? raw[e] > 0.0f : raw[e] + bias[e] * k > 0.0f;
-        n_active += active[e] && raw[e] > 0.0f; // counted like the reference: a non-zero routed score
+        n_active += active[e] && raw[e] > 0.0f; // a non-zero routed score (docs/deco.md, "DECO FFN")
     }
     return n_active;
 }
