@@ -9,7 +9,7 @@
 #    router norms, expert bias, dense) on CUDA against the CPU backend; fails on a failed case and on a case
 #    that CUDA does not support (the scheduler would silently run it on the CPU); then the perf cases;
 # 3. tests/test_runtime_llama.py with every layer on the GPU (DECO_TEST_NGL=99): logits of every fixture
-#    variant vs the reference (sparse, dense, ops), KV cache, batches, Q8_0/Q4_0 experts, activity counters;
+#    variant vs the reference (sparse, dense, ops), KV cache, batches, Q8_0/Q4_0 experts, activity counts;
 # 4. llama-bench -ngl 99 on a random DECO-0.5B-shaped model (~20% activation, Q4_0 with a Q6_K head),
 #    DECO_FFN=sparse vs dense: decode (tg64) and prefill (pp512).
 #

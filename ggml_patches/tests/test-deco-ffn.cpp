@@ -148,8 +148,8 @@ double silu(double x) { return x / (1.0 + exp(-x)); }
 bool run_case(const case_params & c, int n_threads) {
     std::mt19937 rng(1234 + (unsigned) c.E * 7 + (unsigned) c.T * 13 + (unsigned) c.type);
 
-    const bool need_mean = c.act == GGML_DECO_ACT_NORM_SILU || c.act == GGML_DECO_ACT_NORM_SILU_NORMS;
-    const bool need_norm = c.act == GGML_DECO_ACT_NORM_SILU || c.act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
+    const bool need_mean = ggml_deco_act_uses_mean(c.act);
+    const bool need_norm = ggml_deco_act_uses_norm(c.act);
 
     size_t mem = 0;
     mem += 3 * ggml_row_size(c.type, c.d) * c.De * c.E + 1024;

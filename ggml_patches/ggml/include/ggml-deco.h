@@ -43,6 +43,16 @@ enum ggml_deco_act {
     GGML_DECO_ACT_COUNT,
 };
 
+// whether the activation subtracts the mean w_mean . x (the op then needs the `mean` row)
+static inline bool ggml_deco_act_uses_mean(enum ggml_deco_act act) {
+    return act == GGML_DECO_ACT_NORM_SILU || act == GGML_DECO_ACT_NORM_SILU_NORMS;
+}
+
+// whether the activation has a block RMSNorm (the op then needs the `norm` weight)
+static inline bool ggml_deco_act_uses_norm(enum ggml_deco_act act) {
+    return act == GGML_DECO_ACT_NORM_SILU || act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
+}
+
 enum ggml_deco_router_act {
     GGML_DECO_ROUTER_RELU   = 0,
     GGML_DECO_ROUTER_SQRELU = 1,
@@ -75,7 +85,7 @@ struct ggml_deco_moe_params {
     enum ggml_deco_bias_mode   bias_mode;
     float                      eps;     // block RMSNorm eps and rms router-norm eps
     int32_t                    flags;   // enum ggml_deco_flags
-    int32_t                    layer;   // layer index for the activity counters, -1: do not count
+    int32_t                    layer;   // model layer, -1: none (the op ignores it; the eval callback counting activity reads it)
 };
 
 // op params layout (int32 slots): 0 act, 1 router_act, 2 router_norm, 3 bias_mode, 4 eps (f32), 5 flags, 6 layer
@@ -110,8 +120,8 @@ GGML_API struct ggml_deco_moe_params ggml_deco_moe_get_params(const struct ggml_
 
 // the router's decision for one token (raw: its [E] logits; bias: [E], only read with an expert bias):
 // active[e] = raw[e] > 0, or raw[e] + b[e]*k > 0 with an expert bias; returns how many active experts also
-// have raw[e] > 0, i.e. a non-zero routed score: the experts the op computes for the token (the count the
-// activity counters add). Shared by the CPU op and tools that follow the routing (llama-imatrix).
+// have raw[e] > 0, i.e. a non-zero routed score: the experts the op computes for the token. Shared by the CPU
+// op and tools that follow the routing (llama-imatrix).
 GGML_API int64_t ggml_deco_moe_router_active(const struct ggml_deco_moe_params * p, int64_t n_expert, const float * raw,
                                              const float * bias, uint8_t * active);
 
@@ -137,27 +147,6 @@ struct ggml_deco_activity {
 
 // a ggml_backend_sched_eval_callback; user_data: struct ggml_deco_activity *
 GGML_API bool ggml_deco_activity_eval(struct ggml_tensor * t, bool ask, void * user_data);
-
-//
-// activity counters: every evaluation of a GGML_OP_DECO_MOE node with layer >= 0 adds its token count and
-// the number of active experts (router decision, also in dense mode) for that layer. Process-wide, thread-safe.
-//
-#define GGML_DECO_STATS_MAX_LAYERS 1024
-
-GGML_API void    ggml_deco_stats_add(int32_t layer, int64_t n_tokens, int64_t n_active, int64_t n_active_min, int64_t n_active_max);
-// fills out[0..3] = { n_tokens, n_active (sum over tokens), min per token, max per token }; returns false if layer is out of range
-GGML_API bool    ggml_deco_stats_get(int32_t layer, int64_t * out);
-// number of layers that have been counted so far (highest layer index + 1)
-GGML_API int32_t ggml_deco_stats_n_layers(void);
-GGML_API void    ggml_deco_stats_reset(void);
-
-// for backends that count on their device (e.g. CUDA, without a host synchronisation per layer): the
-// callback is run by ggml_deco_stats_get / _n_layers / _reset before they read or clear the counters; it must
-// add the device's pending counts with ggml_deco_stats_add and clear them on the device. Registering the same
-// callback again is a no-op; at most GGML_DECO_STATS_MAX_FLUSH callbacks.
-#define GGML_DECO_STATS_MAX_FLUSH 16
-typedef void (*ggml_deco_stats_flush_t)(void);
-GGML_API void    ggml_deco_stats_register_flush(ggml_deco_stats_flush_t flush);
 
 #ifdef __cplusplus
 }

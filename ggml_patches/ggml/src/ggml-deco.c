@@ -1,11 +1,10 @@
-// DECO sparse expert evaluation: graph op constructor and activity counters (backend-independent part).
-// The CPU kernel is in ggml-cpu/deco-moe.cpp.
+// DECO sparse expert evaluation, backend-independent part: graph op constructor, validation and the router's
+// decision for one token. The CPU kernel is in ggml-cpu/deco-moe.cpp.
 
 #include "ggml-deco.h"
 #include "ggml-backend.h"
 #include "ggml-impl.h"
 
-#include <stdatomic.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,8 +48,8 @@ const char * ggml_deco_moe_check(
     if (logits->type != GGML_TYPE_F32 || logits->ne[0] != E || logits->ne[1] != x->ne[1] || logits->nb[0] != sizeof(float) ||
         logits->ne[2] != 1 || logits->ne[3] != 1)                         return "logits must be F32 [E, T]";
 
-    const bool need_mean = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NORMS;
-    const bool need_norm = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
+    const bool need_mean = ggml_deco_act_uses_mean(p.act);
+    const bool need_norm = ggml_deco_act_uses_norm(p.act);
     if (need_mean != (mean != NULL))                                      return need_mean ? "activation needs the mean row" : "unexpected mean row";
     if (mean && !deco_is_f32_vec(mean, d))                                return "mean must be F32 [d]";
     if (need_norm != (norm != NULL))                                      return need_norm ? "activation needs the block norm weight" : "unexpected block norm weight";
@@ -119,7 +118,7 @@ int64_t ggml_deco_moe_router_active(const struct ggml_deco_moe_params * p, int64
     int64_t n_active = 0;
     for (int64_t e = 0; e < n_expert; ++e) {
         active[e] = p->bias_mode == GGML_DECO_BIAS_NONE ? raw[e] > 0.0f : raw[e] + bias[e] * k > 0.0f;
-        n_active += active[e] && raw[e] > 0.0f; // counted like the reference: a non-zero routed score
+        n_active += active[e] && raw[e] > 0.0f; // a non-zero routed score (docs/deco.md, "DECO FFN")
     }
     return n_active;
 }
@@ -186,79 +185,3 @@ bool ggml_deco_activity_eval(struct ggml_tensor * t, bool ask, void * user_data)
     return true;
 }
 
-//
-// activity counters
-//
-
-static atomic_llong g_deco_tokens[GGML_DECO_STATS_MAX_LAYERS];
-static atomic_llong g_deco_active[GGML_DECO_STATS_MAX_LAYERS];
-static atomic_llong g_deco_min   [GGML_DECO_STATS_MAX_LAYERS];   // stored as value+1, 0 = unset
-static atomic_llong g_deco_max   [GGML_DECO_STATS_MAX_LAYERS];
-static atomic_int   g_deco_n_layers;
-
-void ggml_deco_stats_add(int32_t layer, int64_t n_tokens, int64_t n_active, int64_t n_active_min, int64_t n_active_max) {
-    if (layer < 0 || layer >= GGML_DECO_STATS_MAX_LAYERS || n_tokens <= 0) {
-        return;
-    }
-    atomic_fetch_add(&g_deco_tokens[layer], n_tokens);
-    atomic_fetch_add(&g_deco_active[layer], n_active);
-
-    long long cur = atomic_load(&g_deco_min[layer]);
-    while ((cur == 0 || n_active_min + 1 < cur) && !atomic_compare_exchange_weak(&g_deco_min[layer], &cur, n_active_min + 1)) {}
-    cur = atomic_load(&g_deco_max[layer]);
-    while (n_active_max > cur && !atomic_compare_exchange_weak(&g_deco_max[layer], &cur, n_active_max)) {}
-
-    int n = atomic_load(&g_deco_n_layers);
-    while (layer + 1 > n && !atomic_compare_exchange_weak(&g_deco_n_layers, &n, layer + 1)) {}
-}
-
-static _Atomic(ggml_deco_stats_flush_t) g_deco_flush[GGML_DECO_STATS_MAX_FLUSH];
-
-void ggml_deco_stats_register_flush(ggml_deco_stats_flush_t flush) {
-    for (int i = 0; i < GGML_DECO_STATS_MAX_FLUSH; ++i) {
-        ggml_deco_stats_flush_t expected = NULL;
-        if (atomic_compare_exchange_strong(&g_deco_flush[i], &expected, flush) || expected == flush) {
-            return;
-        }
-    }
-    GGML_ABORT("ggml_deco_stats_register_flush: more than %d callbacks", GGML_DECO_STATS_MAX_FLUSH);
-}
-
-static void deco_stats_flush(void) {
-    for (int i = 0; i < GGML_DECO_STATS_MAX_FLUSH; ++i) {
-        ggml_deco_stats_flush_t flush = atomic_load(&g_deco_flush[i]);
-        if (flush == NULL) {
-            break;
-        }
-        flush();
-    }
-}
-
-bool ggml_deco_stats_get(int32_t layer, int64_t * out) {
-    if (layer < 0 || layer >= GGML_DECO_STATS_MAX_LAYERS || out == NULL) {
-        return false;
-    }
-    deco_stats_flush();
-    out[0] = atomic_load(&g_deco_tokens[layer]);
-    out[1] = atomic_load(&g_deco_active[layer]);
-    const long long mn = atomic_load(&g_deco_min[layer]);
-    out[2] = mn > 0 ? mn - 1 : 0;
-    out[3] = atomic_load(&g_deco_max[layer]);
-    return true;
-}
-
-int32_t ggml_deco_stats_n_layers(void) {
-    deco_stats_flush();
-    return atomic_load(&g_deco_n_layers);
-}
-
-void ggml_deco_stats_reset(void) {
-    deco_stats_flush(); // clears the device-side counts
-    for (int i = 0; i < GGML_DECO_STATS_MAX_LAYERS; ++i) {
-        atomic_store(&g_deco_tokens[i], 0);
-        atomic_store(&g_deco_active[i], 0);
-        atomic_store(&g_deco_min[i], 0);
-        atomic_store(&g_deco_max[i], 0);
-    }
-    atomic_store(&g_deco_n_layers, 0);
-}

@@ -330,13 +330,11 @@ void llama_model_deco::load_arch_tensors(llama_model_loader & ml_) {
         }
         layer.ffn_down_exps = create_tensor(tn(LLM_TENSOR_DECO_DOWN_EXPS, "weight", il), {n_ff_exp_, n_embd, n_expert}, 0);
 
-        const bool need_mean = expert_act == GGML_DECO_ACT_NORM_SILU || expert_act == GGML_DECO_ACT_NORM_SILU_NORMS;
-        const bool need_norm = expert_act == GGML_DECO_ACT_NORM_SILU || expert_act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
-        if (need_mean) {
+        if (ggml_deco_act_uses_mean(expert_act)) {
             dl.exps_mean = create_tensor(tn(LLM_TENSOR_DECO_EXPS_MEAN, "weight", il), {n_embd}, 0);
             deco_require_f32(dl.exps_mean, "expert mean row");
         }
-        if (need_norm) {
+        if (ggml_deco_act_uses_norm(expert_act)) {
             dl.exps_norm = create_tensor(tn(LLM_TENSOR_DECO_EXPS_NORM, "weight", il), {n_ff_exp_}, 0);
             deco_require_f32(dl.exps_norm, "expert block norm");
         }

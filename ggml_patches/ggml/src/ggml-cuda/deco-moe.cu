@@ -2,8 +2,7 @@
 //
 // Five kernels on the backend stream, no host synchronisation: the active set never leaves the device.
 //   1. deco_route  warp per token: router scores (activation, expert bias, router norm) -> S[t][e]; the token's
-//                  computed experts in ascending order -> LIST[t][0 .. NCOMP[t]); mean_t = w_mean . x_t;
-//                  activity counters (device atomics, pulled lazily by ggml_deco_stats_*)
+//                  computed experts in ascending order -> LIST[t][0 .. NCOMP[t]); mean_t = w_mean . x_t
 //   2. deco_group  warp per expert: its computed tokens in ascending order -> ETOK[e][0 .. ECNT[e])
 //   3. deco_up     block per (tile of De rows, expert, tile of TT of the expert's tokens), warp per row; blocks
 //                  past ECNT[e] exit at once, so inactive experts' weights are never read. U[t][e][r] = W[e][r] . x_t
@@ -22,9 +21,7 @@
 #include "ggml-deco.h"
 
 #include <climits>
-#include <mutex>
 #include <type_traits>
-#include <vector>
 
 static constexpr int DECO_NW = 4; // warps per block, every kernel
 static constexpr int DECO_TT = 8; // tokens per block in deco_up for batches (weights read once per tile)
@@ -134,7 +131,7 @@ static __global__ void deco_route(
         const float * logits, const int64_t s_logits, const float * x, const int64_t s_x, const float * mean,
         const float * scale, const int n_scale, const float * bias, const ggml_deco_moe_params p,
         const int d, const int E, const int T,
-        float * S, int * LIST, int * NCOMP, float * MEAN, unsigned long long * counters) {
+        float * S, int * LIST, int * NCOMP, float * MEAN) {
     const int t    = blockIdx.x*DECO_NW + threadIdx.y;
     const int lane = threadIdx.x;
     if (t >= T) {
@@ -157,15 +154,12 @@ static __global__ void deco_route(
     };
 
     // every lane keeps to the experts e = lane (mod 32) in all loops below, so s[] needs no synchronisation
-    int n_active = 0; // counted like the reference: active with a non-zero routed score
     for (int e = lane; e < E; e += WARP_SIZE) {
         float r = raw[e] > 0.0f ? raw[e] : 0.0f;
         if (p.router_act == GGML_DECO_ROUTER_SQRELU) {
             r *= r;
         }
-        const bool act = active(e);
-        s[e] = act ? r : 0.0f;
-        n_active += act && raw[e] > 0.0f;
+        s[e] = active(e) ? r : 0.0f;
     }
 
     if (p.router_norm == GGML_DECO_RNORM_SIMPLE) {
@@ -207,17 +201,10 @@ static __global__ void deco_route(
         }
         m = warp_reduce_sum(m);
     }
-    n_active = warp_reduce_sum(n_active);
 
     if (lane == 0) {
         NCOMP[t] = n_comp;
         MEAN[t]  = m;
-        if (counters) {
-            atomicAdd(counters + 0, 1ull);
-            atomicAdd(counters + 1, (unsigned long long) n_active);
-            atomicMax(counters + 2, ULLONG_MAX - (unsigned long long) n_active);
-            atomicMax(counters + 3, (unsigned long long) n_active);
-        }
     }
 }
 
@@ -281,11 +268,13 @@ static __global__ void deco_up(
     }
 }
 
-// activation of the computed pairs, times the score: F32 in place of U, or q8_1 blocks VQ[t][e][De/32] if q8
+// activation of the computed pairs, times the score: F32 in place of U, or q8_1 blocks VQ[t][e][De/32] if q8;
+// uses_mean / uses_norm: ggml_deco_act_uses_mean / _uses_norm of p.act (host functions)
 template <bool q8>
 static __global__ void deco_act(
         float * U, const float * G, const float * S, const int * LIST, const int * NCOMP, const float * MEAN,
-        const float * nw, const ggml_deco_moe_params p, const int E, const int De, block_q8_1 * VQ) {
+        const float * nw, const ggml_deco_moe_params p, const bool uses_mean, const bool uses_norm,
+        const int E, const int De, block_q8_1 * VQ) {
     const int kk   = blockIdx.x*DECO_NW + threadIdx.y;
     const int t    = blockIdx.y;
     const int lane = threadIdx.x;
@@ -297,11 +286,10 @@ static __global__ void deco_act(
     const float * g  = G ? G + pair*De : nullptr;
     const float   se = S[pair];
 
-    const bool  rms = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NOMEAN;
-    const float mm  = p.act == GGML_DECO_ACT_NORM_SILU || p.act == GGML_DECO_ACT_NORM_SILU_NORMS ? MEAN[t] : 0.0f;
+    const float mm = uses_mean ? MEAN[t] : 0.0f;
 
     float inv = 1.0f;
-    if (rms) {
+    if (uses_norm) {
         double ss = 0.0;
         for (int i = lane; i < De; i += WARP_SIZE) {
             const float z = a[i] - mm;
@@ -316,7 +304,7 @@ static __global__ void deco_act(
         float v = 0.0f;
         if (i < De) {
             float z = a[i] - mm;
-            if (rms) {
+            if (uses_norm) {
                 z = z*inv*nw[i];
             }
             v = p.act == GGML_DECO_ACT_RELU ? (z > 0.0f ? z : 0.0f) : z / (1.0f + expf(-z));
@@ -365,55 +353,6 @@ static __global__ void deco_down(
     if (lane == 0) {
         dst[t*s_dst + i] = sum;
     }
-}
-
-//
-// activity counters: per device [layer][4] = tokens, sum of active, ULLONG_MAX - min, max. All start at 0, so a
-// memset clears them (the min is kept by atomicMax on its complement). ggml_deco_stats_* pull them lazily through
-// the flush callback, which synchronises the device: call it between evaluations, as the CPU counters' readers do.
-//
-
-static std::mutex           deco_counters_mutex;
-static unsigned long long * deco_counters[GGML_CUDA_MAX_DEVICES] = { nullptr };
-static constexpr size_t     deco_counters_size = 4 * GGML_DECO_STATS_MAX_LAYERS * sizeof(unsigned long long);
-
-static void deco_counters_flush() {
-    std::lock_guard<std::mutex> lock(deco_counters_mutex);
-    int device_prev;
-    CUDA_CHECK(cudaGetDevice(&device_prev));
-    std::vector<unsigned long long> c(4 * GGML_DECO_STATS_MAX_LAYERS);
-    for (int device = 0; device < GGML_CUDA_MAX_DEVICES; ++device) {
-        if (!deco_counters[device]) {
-            continue;
-        }
-        ggml_cuda_set_device(device);
-        CUDA_CHECK(cudaDeviceSynchronize());
-        CUDA_CHECK(cudaMemcpy(c.data(), deco_counters[device], deco_counters_size, cudaMemcpyDeviceToHost));
-        CUDA_CHECK(cudaMemset(deco_counters[device], 0, deco_counters_size));
-        CUDA_CHECK(cudaDeviceSynchronize()); // the legacy stream's memset, before ggml's (non-blocking) streams count again
-        for (int layer = 0; layer < GGML_DECO_STATS_MAX_LAYERS; ++layer) {
-            const unsigned long long * cl = c.data() + 4*layer;
-            if (cl[0] > 0) {
-                ggml_deco_stats_add(layer, (int64_t) cl[0], (int64_t) cl[1], (int64_t) (ULLONG_MAX - cl[2]), (int64_t) cl[3]);
-            }
-        }
-    }
-    ggml_cuda_set_device(device_prev);
-}
-
-// the counters of `layer` on the current device (allocated on first use: the first evaluation of a graph is
-// never captured into a CUDA graph); nullptr if the layer is not counted
-static unsigned long long * deco_counters_layer(const int device, const int layer, cudaStream_t stream) {
-    if (layer < 0 || layer >= GGML_DECO_STATS_MAX_LAYERS) {
-        return nullptr;
-    }
-    std::lock_guard<std::mutex> lock(deco_counters_mutex);
-    if (!deco_counters[device]) {
-        CUDA_CHECK(cudaMalloc(&deco_counters[device], deco_counters_size));
-        CUDA_CHECK(cudaMemsetAsync(deco_counters[device], 0, deco_counters_size, stream)); // before this op's atomics
-        ggml_deco_stats_register_flush(deco_counters_flush);
-    }
-    return deco_counters[device] + 4*layer;
 }
 
 //
@@ -513,7 +452,7 @@ void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         mean ? (const float *) mean->data : nullptr,
         scale ? (const float *) scale->data : nullptr, scale ? (int) ggml_nelements(scale) : 0,
         bias ? (const float *) bias->data : nullptr, p, d, E, T,
-        S.get(), LIST.get(), NCOMP.get(), MEAN.get(), deco_counters_layer(ctx.device, p.layer, stream));
+        S.get(), LIST.get(), NCOMP.get(), MEAN.get());
     CUDA_CHECK(cudaGetLastError());
     deco_group<<<(E + DECO_NW - 1)/DECO_NW, block, 0, stream>>>(S.get(), dense, E, T, ECNT.get(), ETOK.get());
     CUDA_CHECK(cudaGetLastError());
@@ -549,12 +488,14 @@ void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     // 4: activations
     const dim3 grid_pairs((E + DECO_NW - 1)/DECO_NW, T);
     const float * nw = norm ? (const float *) norm->data : nullptr;
+    const bool uses_mean = ggml_deco_act_uses_mean(p.act);
+    const bool uses_norm = ggml_deco_act_uses_norm(p.act);
     if (down_q) {
         deco_act<true><<<grid_pairs, block, 0, stream>>>(
-            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, E, De, VQ.get());
+            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, VQ.get());
     } else {
         deco_act<false><<<grid_pairs, block, 0, stream>>>(
-            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, E, De, nullptr);
+            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, nullptr);
     }
     CUDA_CHECK(cudaGetLastError());
 
