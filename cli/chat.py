@@ -66,8 +66,9 @@ def _stream(session: ChatSession, user: str, write: Callable[[str], None]) -> No
         gen.close()
 
 
-def run_chat(session: ChatSession, out, err, *, prompt: str | None = None, interactive: bool = False,
-             lines=None) -> int:
+def run_chat(
+    session: ChatSession, out, err, *, prompt: str | None = None, interactive: bool = False, lines=None
+) -> int:
     """Drive `session`: one `prompt`, or the `lines` of a pipe (each a user turn), or a terminal.
 
     `out` and `err` are rich Consoles: replies stream raw to `out`, everything else is rich. A turn

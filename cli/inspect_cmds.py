@@ -17,15 +17,29 @@ from .app import app, console, friendly_errors, warn
 @friendly_errors
 def info(
     model: Annotated[Path, typer.Argument(help="A DECO GGUF file or an HF checkpoint directory.")],
-    activation_rate: Annotated[float | None, typer.Option(
-        help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).",
-        min=0.0, max=1.0)] = None,
-    context: Annotated[int | None, typer.Option(
-        help="Context length for the attention term of the compute estimate; default: the model's.", min=1)] = None,
-    measure: Annotated[Path | None, typer.Option(
-        help="Measure the per-layer activation rate on this text file and use it for N_a: a GGUF runs in the patched "
-        "llama.cpp (the DECO op's counters), an HF checkpoint in the PyTorch reference model.",
-        exists=True, dir_okay=False)] = None,
+    activation_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of routed experts active per token, for N_a and R_c; default 0.2 (assumed).",
+            min=0.0,
+            max=1.0,
+        ),
+    ] = None,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            help="Context length for the attention term of the compute estimate; default: the model's.", min=1
+        ),
+    ] = None,
+    measure: Annotated[
+        Path | None,
+        typer.Option(
+            help="Measure the per-layer activation rate on this text file and use it for N_a: a GGUF runs in "
+            "the patched llama.cpp, an HF checkpoint in the PyTorch reference model.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
 ) -> None:
@@ -84,8 +98,10 @@ def _print_info(found, acct, list_tensors: bool) -> None:
     rows = [
         ("layers", f"{c.num_layers} ({len(dense)} dense {dense}, {len(moe)} DECO)"),
         ("hidden size d", str(c.hidden_size)),
-        ("attention",
-         f"{c.num_heads} heads × {c.head_dim}, {c.num_kv_heads} KV groups, rope θ {c.rope_theta:g} (NeoX)"),
+        (
+            "attention",
+            f"{c.num_heads} heads × {c.head_dim}, {c.num_kv_heads} KV groups, rope θ {c.rope_theta:g} (NeoX)",
+        ),
         ("dense FFN", f"SwiGLU {c.dense_ffn_size}" if dense else "none"),
         ("experts", f"E {c.num_experts} × De {c.expert_ffn_size}, {gated}, {c.expert_act}"),
         ("shared expert", f"SwiGLU {c.shared_ffn_size}" if c.shared_ffn_size else "none"),
@@ -129,14 +145,21 @@ def _print_info(found, acct, list_tensors: bool) -> None:
 @app.command()
 @friendly_errors
 def fixture(
-    name: Annotated[str | None, typer.Argument(
-        help="A variant (small, for tests) or a preset (deco-0.1b, deco-0.5b: released shapes).")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A variant (small, for tests) or a preset (deco-0.1b, deco-0.5b: released shapes)."),
+    ] = None,
     out_dir: Annotated[Path | None, typer.Argument(help="Directory to write the checkpoint into.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
-    calibrate: Annotated[float | None, typer.Option(
-        help="Calibrate the routers so that about this fraction of experts is active on ordinary text (e.g. 0.2), and "
-        "report the measured rates.",
-        min=0.01, max=0.99)] = None,
+    calibrate: Annotated[
+        float | None,
+        typer.Option(
+            help="Calibrate the routers so that about this fraction of experts is active on ordinary text "
+            "(e.g. 0.2), and report the measured rates.",
+            min=0.01,
+            max=0.99,
+        ),
+    ] = None,
     list_all: Annotated[bool, typer.Option("--list", help="List the variants and presets.")] = False,
 ) -> None:
     """Write a random DECO checkpoint in the exact released Hugging Face layout.
@@ -147,8 +170,9 @@ def fixture(
     from .. import fixtures
 
     if list_all:
-        table = Table("name", "layers", "d", "experts", "De", "weights", "dtype", title="Fixtures",
-                      title_justify="left")
+        table = Table(
+            "name", "layers", "d", "experts", "De", "weights", "dtype", title="Fixtures", title_justify="left"
+        )
         for spec in [*fixtures.VARIANTS.values(), *fixtures.PRESETS.values()]:
             sizes = (spec.num_layers, spec.hidden_size, spec.num_experts, spec.expert_ffn)
             table.add_row(spec.name, *map(str, sizes), spec.weight_format, spec.dtype)

@@ -35,14 +35,20 @@ class ExpertType(str, Enum):
 def convert(
     hf_dir: Annotated[Path, typer.Argument(help="Checkpoint directory in the released Hugging Face layout.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="GGUF file to write (replaced only when complete).")],
-    outtype: Annotated[OutType, typer.Option(
-        help="Type of the non-expert matrices (attention, dense FFN, shared expert, embeddings).")] = OutType.f16,
-    expert_type: Annotated[ExpertType | None, typer.Option(
-        help="Type of the routed expert matrices; default: same as --outtype.")] = None,
-    override: Annotated[list[str] | None, typer.Option(
-        help="Replace a config.json value, KEY=VALUE (VALUE read as JSON, else as text); repeatable. For µP "
-        "checkpoints whose scale_emb, scale_depth or dim_model_base differ from training.",
-        metavar="KEY=VALUE")] = None,
+    outtype: Annotated[
+        OutType, typer.Option(help="Type of the non-expert matrices (attention, dense FFN, shared expert, embeddings).")
+    ] = OutType.f16,
+    expert_type: Annotated[
+        ExpertType | None, typer.Option(help="Type of the routed expert matrices; default: same as --outtype.")
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Replace a config.json value, KEY=VALUE (VALUE read as JSON, else as text); repeatable. For µP "
+            "checkpoints whose scale_emb, scale_depth or dim_model_base differ from training.",
+            metavar="KEY=VALUE",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Convert a DECO checkpoint (safetensors or pytorch_model.bin) to GGUF.
@@ -60,14 +66,26 @@ def convert(
 
     from ..converter import convert as run_convert
 
-    progress = Progress(TextColumn("[bold]converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[tensor]}"), console=err_console, transient=True, disable=quiet)
+    progress = Progress(
+        TextColumn("[bold]converting"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[tensor]}"),
+        console=err_console,
+        transient=True,
+        disable=quiet,
+    )
     with progress:
         task = progress.add_task("converting", total=None, tensor="")
         converter = run_convert(
-            hf_dir, output, outtype.value, expert_type.value if expert_type else None,
+            hf_dir,
+            output,
+            outtype.value,
+            expert_type.value if expert_type else None,
             on_progress=lambda tensor, done, total: progress.update(task, completed=done, total=total, tensor=tensor),
-            on_warning=warn, overrides=_config_overrides(override or []),
+            on_warning=warn,
+            overrides=_config_overrides(override or []),
         )
     size = output.stat().st_size
     console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB, {len(converter.plans)} tensors)")
@@ -92,16 +110,26 @@ def _config_overrides(items: list[str]) -> dict:
 def quantize(
     src: Annotated[Path, typer.Argument(help="A DECO GGUF (typically F16 or F32 from `convert`).")],
     dst: Annotated[Path, typer.Argument(help="GGUF file to write (replaced only when complete).")],
-    preset: Annotated[str, typer.Argument(
-        help="Q4_0, Q5_0, Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS, "
-        "F16 or BF16.")],
+    preset: Annotated[
+        str,
+        typer.Argument(
+            help="Q4_0, Q5_0, Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, "
+            "IQ4_XS, F16 or BF16."
+        ),
+    ],
     threads: Annotated[int | None, typer.Option(help="Threads; default: all cores.", min=1)] = None,
-    allow_requantize: Annotated[bool, typer.Option(
-        "--allow-requantize",
-        help="Accept an already quantized input (errors of both quantizations add up).")] = False,
-    imatrix: Annotated[Path | None, typer.Option(
-        help="Importance matrix from `deco-gguf imatrix` (recommended for Q2_K, Q3_K_*, IQ4_XS).",
-        dir_okay=False)] = None,
+    allow_requantize: Annotated[
+        bool,
+        typer.Option(
+            "--allow-requantize", help="Accept an already quantized input (errors of both quantizations add up)."
+        ),
+    ] = False,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(
+            help="Importance matrix from `deco-gguf imatrix` (recommended for Q2_K, Q3_K_*, IQ4_XS).", dir_okay=False
+        ),
+    ] = None,
 ) -> None:
     """Quantize a DECO GGUF with llama.cpp's presets (the patched llama-quantize).
 
@@ -115,13 +143,24 @@ def quantize(
 
     check_threads(threads)
 
-    progress = Progress(TextColumn(f"quantizing to {preset.upper()}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[tensor]}"), console=err_console, transient=True,
-                        disable=not err_console.is_terminal)
+    progress = Progress(
+        TextColumn(f"quantizing to {preset.upper()}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tensor]}"),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    )
     task = progress.add_task("tensors", total=None, tensor="")
     with progress:
         fallbacks = run_quantize(
-            src, dst, preset, threads, allow_requantize, imatrix,
+            src,
+            dst,
+            preset,
+            threads,
+            allow_requantize,
+            imatrix,
             on_tensor=lambda i, n, name: progress.update(task, completed=i - 1, total=n, tensor=name),
         )
     if fallbacks:
@@ -137,10 +176,12 @@ def quantize(
 @friendly_errors
 def imatrix(
     model: Annotated[Path, typer.Argument(help="A DECO GGUF, F16 or F32 (the unquantized weights).")],
-    text_file: Annotated[Path, typer.Argument(
-        help="Text like the model's use (UTF-8), a few hundred KB.", exists=True, dir_okay=False)],
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Importance matrix to write (GGUF; replaced only when complete).")],
+    text_file: Annotated[
+        Path, typer.Argument(help="Text like the model's use (UTF-8), a few hundred KB.", exists=True, dir_okay=False)
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Importance matrix to write (GGUF; replaced only when complete).")
+    ],
     ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", help="Chunk length in tokens.", min=16)] = 512,
     threads: Annotated[int | None, typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)] = None,
     chunks: Annotated[int | None, typer.Option(help="Use only this many chunks of the text.", min=1)] = None,
@@ -156,7 +197,13 @@ def imatrix(
 
     check_threads(threads)
     with err_console.status("computing the importance matrix") as status:
-        run_imatrix(model, text_file, output, ctx_size, threads, chunks,
-                    on_start=lambda n: status.update(
-                        f"computing the importance matrix over {n} chunks of {ctx_size} tokens"))
+        run_imatrix(
+            model,
+            text_file,
+            output,
+            ctx_size,
+            threads,
+            chunks,
+            on_start=lambda n: status.update(f"computing the importance matrix over {n} chunks of {ctx_size} tokens"),
+        )
     console.print(f"wrote [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)")

@@ -14,31 +14,57 @@ from ..support.errors import DecoError
 from .app import err_console
 
 # Layers on other machines (docs/distributed.md): the same two options for chat, perplexity and speed.
-RpcServers = Annotated[str | None, typer.Option(
-    "--rpc", metavar="HOST:PORT[,...]",
-    help="Place layers on rpc-servers of other machines (this project's build installs rpc-server); "
-    "docs/distributed.md.")]
-RpcLayers = Annotated[int | None, typer.Option(
-    "--n-gpu-layers", "-ngl",
-    help="How many layers go to the --rpc servers, the last ones (llama.cpp's -ngl); default: all.", min=0)]
+RpcServers = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        metavar="HOST:PORT[,...]",
+        help="Place layers on rpc-servers of other machines (this project's build installs rpc-server); "
+        "docs/distributed.md.",
+    ),
+]
+RpcLayers = Annotated[
+    int | None,
+    typer.Option(
+        "--n-gpu-layers",
+        "-ngl",
+        help="How many layers go to the --rpc servers, the last ones (llama.cpp's -ngl); default: all.",
+        min=0,
+    ),
+]
 
 
 # Speculative decoding (docs/speculative.md): the same options for chat and speed.
-DraftPath = Annotated[Path | None, typer.Option(
-    "--draft", "-md",
-    help="Speculate with this draft model (GGUF or HF directory): a smaller model with the same vocabulary, "
-    "e.g. models/deco-tiny-draft for models/deco-tiny.")]
-Lookup = Annotated[bool, typer.Option(
-    "--lookup", help="Speculate with n-gram lookup over the prompt and the text so far (no second model).")]
-DraftMax = Annotated[int | None, typer.Option(
-    "--draft-max",
-    help="Most tokens drafted per verification (default 4); each draft is as long as pays, given the "
-    "acceptance and the verification times seen so far.", min=1)]
+DraftPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--draft",
+        "-md",
+        help="Speculate with this draft model (GGUF or HF directory): a smaller model with the same vocabulary, "
+        "e.g. models/deco-tiny-draft for models/deco-tiny.",
+    ),
+]
+Lookup = Annotated[
+    bool,
+    typer.Option(
+        "--lookup", help="Speculate with n-gram lookup over the prompt and the text so far (no second model)."
+    ),
+]
+DraftMax = Annotated[
+    int | None,
+    typer.Option(
+        "--draft-max",
+        help="Most tokens drafted per verification (default 4); each draft is as long as pays, given the "
+        "acceptance and the verification times seen so far.",
+        min=1,
+    ),
+]
 
 # Options every command running a model spells the same way.
 Threads = Annotated[int | None, typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)]
-ModelPath = Annotated[Path, typer.Argument(
-    help="A DECO GGUF (or an HF checkpoint directory, converted to F16 once and cached).")]
+ModelPath = Annotated[
+    Path, typer.Argument(help="A DECO GGUF (or an HF checkpoint directory, converted to F16 once and cached).")
+]
 
 
 def status(message: str) -> None:

@@ -27,24 +27,32 @@ from .options import (
 
 # -- chat ------------------------------------------------------------------------------------------
 
-ChatModel = Annotated[Path, typer.Argument(
-    help="A DECO GGUF, or an HF checkpoint directory (converted to F16 once, cached in "
-    "~/.cache/deco-gguf/converted).")]
-Prompt = Annotated[str | None, typer.Option(
-    "--prompt", "-p", help="Answer this one message, print the reply and exit.")]
-System = Annotated[str | None, typer.Option(
-    "--system", "-s", help="System prompt (kept when old turns are dropped).")]
+ChatModel = Annotated[
+    Path,
+    typer.Argument(
+        help="A DECO GGUF, or an HF checkpoint directory (converted to F16 once, cached in "
+        "~/.cache/deco-gguf/converted)."
+    ),
+]
+Prompt = Annotated[
+    str | None, typer.Option("--prompt", "-p", help="Answer this one message, print the reply and exit.")
+]
+System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (kept when old turns are dropped).")]
 Temperature = Annotated[float, typer.Option("--temperature", "--temp", help="0 = greedy.", min=0.0)]
 TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = all).", min=0)]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling (1 = off).", min=0.0, max=1.0)]
-MinP = Annotated[float, typer.Option(
-    help="Drop tokens below this fraction of the top token's probability (0 = off).", min=0.0, max=1.0)]
+MinP = Annotated[
+    float,
+    typer.Option(help="Drop tokens below this fraction of the top token's probability (0 = off).", min=0.0, max=1.0),
+]
 RepeatPenalty = Annotated[float, typer.Option(help="Penalty on the last 64 tokens (1 = off).", min=0.0)]
 Seed = Annotated[int | None, typer.Option(help="Sampling seed (default: random).", min=0)]
-MaxTokens = Annotated[int, typer.Option(
-    "--max-tokens", "-n", help="Longest reply in tokens (0 = until the end token or a full context).")]
-ChatContext = Annotated[int, typer.Option(
-    "--ctx-size", "-c", help="Context in tokens; the oldest turns are dropped when it fills.", min=16)]
+MaxTokens = Annotated[
+    int, typer.Option("--max-tokens", "-n", help="Longest reply in tokens (0 = until the end token or a full context).")
+]
+ChatContext = Annotated[
+    int, typer.Option("--ctx-size", "-c", help="Context in tokens; the oldest turns are dropped when it fills.", min=16)
+]
 ChatMode = Annotated[EvalMode, typer.Option(help="DECO FFN evaluation: active experts only, or every expert.")]
 
 
@@ -105,8 +113,16 @@ def chat(
     interactive = prompt is None and sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(encoding="utf-8", errors="replace")  # bytes that are not UTF-8 become U+FFFD
-    with ChatSession(path, system=system, n_ctx=ctx_size, n_threads=threads, mode=mode.value, sampling=sampling,
-                     offload=offload, speculation=speculation) as session:
+    with ChatSession(
+        path,
+        system=system,
+        n_ctx=ctx_size,
+        n_threads=threads,
+        mode=mode.value,
+        sampling=sampling,
+        offload=offload,
+        speculation=speculation,
+    ) as session:
         if session.format.warning:
             warn(session.format.warning)
         if interactive:
@@ -129,10 +145,12 @@ def _print_chat_banner(session, path: Path, mode: EvalMode, speculation) -> None
 # -- perplexity ------------------------------------------------------------------------------------
 
 TextFile = Annotated[Path, typer.Argument(help="The text to score (UTF-8; read like llama-perplexity -f).")]
-ChunkSize = Annotated[int, typer.Option(
-    "--ctx-size", "-c", help="Chunk length in tokens; the text needs at least twice as many.", min=4)]
-PerplexityMode = Annotated[EvalMode, typer.Option(
-    help="DECO FFN evaluation: active experts only, or every expert (same result).")]
+ChunkSize = Annotated[
+    int, typer.Option("--ctx-size", "-c", help="Chunk length in tokens; the text needs at least twice as many.", min=4)
+]
+PerplexityMode = Annotated[
+    EvalMode, typer.Option(help="DECO FFN evaluation: active experts only, or every expert (same result).")
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
 
@@ -168,8 +186,14 @@ def perplexity(
     if ctx_size > trained:
         warn(f"the model was trained on only {trained} context tokens ({ctx_size} specified)")
     progress = Progress(
-        TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("ppl {task.fields[ppl]}"),
-        TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
+        TextColumn("perplexity"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ppl {task.fields[ppl]}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
     )
     task = None
 
@@ -181,8 +205,16 @@ def perplexity(
         progress.update(task, completed=i + 1, ppl=f"{ppl:.4f}")
 
     with progress:
-        result = run_perplexity(path, text_file, ctx_size=ctx_size, n_threads=threads, mode=mode.value,
-                                on_start=on_start, on_chunk=on_chunk, offload=offload)
+        result = run_perplexity(
+            path,
+            text_file,
+            ctx_size=ctx_size,
+            n_threads=threads,
+            mode=mode.value,
+            on_start=on_start,
+            on_chunk=on_chunk,
+            offload=offload,
+        )
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return

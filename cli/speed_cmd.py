@@ -50,27 +50,47 @@ def _rates(value: str | None) -> tuple[float, ...]:
 
 PromptTokens = Annotated[int, typer.Option(help="Prompt-processing test: tokens in the prompt.", min=1)]
 GeneratedTokens = Annotated[int, typer.Option(help="Generation test: tokens decoded one at a time.", min=1)]
-Repetitions = Annotated[int, typer.Option(
-    "--repetitions", "-r", help="Timed runs of every configuration (interleaved).", min=1)]
+Repetitions = Annotated[
+    int, typer.Option("--repetitions", "-r", help="Timed runs of every configuration (interleaved).", min=1)
+]
 Warmup = Annotated[int, typer.Option(help="Untimed runs of every configuration first.", min=0)]
-ThreadCounts = Annotated[str | None, typer.Option(
-    "--threads", "-t", help="Thread counts to sweep, e.g. 1,2; default: all cores.")]
-SampleText = Annotated[Path | None, typer.Option(
-    help="Take the benchmark tokens from this text (default: a built-in English paragraph).",
-    exists=True, dir_okay=False)]
-VsDense = Annotated[bool, typer.Option(
-    "--vs-dense",
-    help="Also measure dense_eq: a random-weight Llama with the same d, layers, heads, vocab and tensor types "
-    "and an FFN width giving the same N (built once into ~/.cache/deco-gguf/dense-eq).")]
+ThreadCounts = Annotated[
+    str | None, typer.Option("--threads", "-t", help="Thread counts to sweep, e.g. 1,2; default: all cores.")
+]
+SampleText = Annotated[
+    Path | None,
+    typer.Option(
+        help="Take the benchmark tokens from this text (default: a built-in English paragraph).",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+VsDense = Annotated[
+    bool,
+    typer.Option(
+        "--vs-dense",
+        help="Also measure dense_eq: a random-weight Llama with the same d, layers, heads, vocab and tensor types "
+        "and an FFN width giving the same N (built once into ~/.cache/deco-gguf/dense-eq).",
+    ),
+]
 SpeedJson = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout (schema below).")]
-PlotFile = Annotated[Path | None, typer.Option(
-    "--plot",
-    help="Write a PNG of tokens/s by threads, sparse vs dense (and dense_eq); with speculation, of every "
-    "configuration with its speed-up.", dir_okay=False)]
-Synthetic = Annotated[str | None, typer.Option(
-    metavar="RATES",
-    help="Speculate with a synthetic draft: the model's own greedy continuation, each token right with these "
-    "probabilities, e.g. 0.5,0.8 (measures the engine, not a draft).")]
+PlotFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write a PNG of tokens/s by threads, sparse vs dense (and dense_eq); with speculation, of every "
+        "configuration with its speed-up.",
+        dir_okay=False,
+    ),
+]
+Synthetic = Annotated[
+    str | None,
+    typer.Option(
+        metavar="RATES",
+        help="Speculate with a synthetic draft: the model's own greedy continuation, each token right with these "
+        "probabilities, e.g. 0.5,0.8 (measures the engine, not a draft).",
+    ),
+]
 
 # The series of a sparse/dense measurement: (model, mode) -> its name in the tables.
 SERIES_NAMES = {("deco", "sparse"): "DECO sparse", ("deco", "dense"): "DECO dense", ("dense_eq", "dense"): "dense_eq"}
@@ -169,8 +189,14 @@ def speed(
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    return Progress(TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), console=err_console,
-                    transient=True, disable=not err_console.is_terminal)
+    return Progress(
+        TextColumn("measuring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    )
 
 
 def _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, repetitions, counts):
@@ -183,10 +209,18 @@ def _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, 
     with progress:
         task = progress.add_task("runs", total=None)
         return measure_speculative(
-            path, sample or DEFAULT_TEXT, draft=draft, lookup=lookup, synthetic=rates,
-            draft_max=draft_max or DEFAULT_DRAFT_MAX, prompt=pp, tg=tg, n_passages=repetitions,
+            path,
+            sample or DEFAULT_TEXT,
+            draft=draft,
+            lookup=lookup,
+            synthetic=rates,
+            draft_max=draft_max or DEFAULT_DRAFT_MAX,
+            prompt=pp,
+            tg=tg,
+            n_passages=repetitions,
             threads=counts or [available_cores()],
-            on_step=lambda done, total: progress.update(task, completed=done, total=total))
+            on_step=lambda done, total: progress.update(task, completed=done, total=total),
+        )
 
 
 def _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, offload):
@@ -195,19 +229,41 @@ def _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, 
     progress = _progress()
     with progress:
         task = progress.add_task("runs", total=None)
-        return measure(path, pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=counts,
-                       vs_dense=vs_dense, text=sample, on_status=status, offload=offload,
-                       on_step=lambda done, total: progress.update(task, completed=done, total=total))
+        return measure(
+            path,
+            pp=pp,
+            tg=tg,
+            repetitions=repetitions,
+            warmup=warmup,
+            threads=counts,
+            vs_dense=vs_dense,
+            text=sample,
+            on_status=status,
+            offload=offload,
+            on_step=lambda done, total: progress.update(task, completed=done, total=total),
+        )
 
 
 def _print_speculative(report, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"model": report.model, "speculative": report.as_dict()}, indent=2))
         return
-    title = (f"Speculative decoding on {report.model}: greedy, {report.passages} passage(s) of "
-             f"{report.prompt}+{report.tg} tokens, draft max {report.draft_max}, median t/s")
-    table = Table("threads", "", "t/s", "× sparse", "× dense", "acceptance", "tokens / verification",
-                  "verification cost", title=title, title_justify="left")
+    title = (
+        f"Speculative decoding on {report.model}: greedy, {report.passages} passage(s) of "
+        f"{report.prompt}+{report.tg} tokens, draft max {report.draft_max}, median t/s"
+    )
+    table = Table(
+        "threads",
+        "",
+        "t/s",
+        "× sparse",
+        "× dense",
+        "acceptance",
+        "tokens / verification",
+        "verification cost",
+        title=title,
+        title_justify="left",
+    )
     for r in report.as_dict()["results"]:
         speculating = r["name"] not in ("sparse", "dense")
         name = r["name"] if speculating else f"autoregressive {r['name']}"
@@ -219,8 +275,11 @@ def _print_speculative(report, as_json: bool) -> None:
             verification = ["", "", ""]
         table.add_row(str(r["threads"]), name, *speedups, *verification)
     console.print(table)
-    console.print("[dim]every configuration generated the same tokens; verification cost: a verification's time over "
-                  "one autoregressive sparse step[/]", highlight=False)
+    console.print(
+        "[dim]every configuration generated the same tokens; verification cost: a verification's time over "
+        "one autoregressive sparse step[/]",
+        highlight=False,
+    )
 
 
 def _print_speed(report, path: Path, pp: int, tg: int, repetitions: int) -> None:
@@ -230,14 +289,18 @@ def _print_speed(report, path: Path, pp: int, tg: int, repetitions: int) -> None
     noisy = report.noisy()
     if noisy:
         which = ", ".join(f"{SERIES_NAMES[(s.model, s.mode)]} t{s.threads} {s.test}" for s in noisy)
-        warn(f"{len(noisy)} configuration(s) varied by more than 1.5x between runs ({which}): the machine was busy; "
-             "trust those ratios less, or raise --repetitions")
+        warn(
+            f"{len(noisy)} configuration(s) varied by more than 1.5x between runs ({which}): the machine was busy; "
+            "trust those ratios less, or raise --repetitions"
+        )
     if report.dense_eq is not None:
         e = report.dense_eq
         substituted = f" (substituted for {e.substituted})" if e.substituted else ""
         note = f"; types {e.types['ffn']} FFN, {e.types['attn_q']} attention{substituted}"
-        console.print(f"dense_eq: FFN width {e.ffn_width}, N {e.params / 1e6:.3f} M vs DECO "
-                      f"{e.deco_params / 1e6:.3f} M{note}", highlight=False)
+        console.print(
+            f"dense_eq: FFN width {e.ffn_width}, N {e.params / 1e6:.3f} M vs DECO {e.deco_params / 1e6:.3f} M{note}",
+            highlight=False,
+        )
 
 
 def _print_speed_table(report, path: Path, pp: int, tg: int, repetitions: int) -> None:
@@ -246,8 +309,16 @@ def _print_speed_table(report, path: Path, pp: int, tg: int, repetitions: int) -
     def cells(s) -> list[str]:
         return [f"{s.median:,.1f}", f"[dim]{min(s.samples):,.0f}-{max(s.samples):,.0f}[/]"] if s else ["-", ""]
 
-    table = Table("threads", "", f"pp{pp} t/s", "min-max", f"tg{tg} t/s", "min-max",
-                  title=f"Speed of {path.name}: median of {repetitions} interleaved runs", title_justify="left")
+    table = Table(
+        "threads",
+        "",
+        f"pp{pp} t/s",
+        "min-max",
+        f"tg{tg} t/s",
+        "min-max",
+        title=f"Speed of {path.name}: median of {repetitions} interleaved runs",
+        title_justify="left",
+    )
     for t in report.threads:
         for (m, md), name in SERIES_NAMES.items():
             if report.find(m, md, t, "tg"):
@@ -255,7 +326,8 @@ def _print_speed_table(report, path: Path, pp: int, tg: int, repetitions: int) -
     console.print(table)
     first_tokens = ", ".join(
         f"{SERIES_NAMES[(s.model, s.mode)]} t{s.threads} {statistics.median(s.first_token_ms):,.1f} ms"
-        for s in report.series if s.test == "pp"
+        for s in report.series
+        if s.test == "pp"
     )
     console.print(f"time to first token (pp{pp} prompt, then one decode): {first_tokens}", highlight=False)
 
@@ -265,8 +337,9 @@ def _print_weight_bytes(report) -> None:
     b = report.bytes
     layers = ", ".join(f"L{k} {v:.1%}" for k, v in sorted(report.layer_rates.items()))
     console.print(f"expert activation (sparse tg): mean {report.mean_rate:.1%} ({layers})", highlight=False)
-    table = Table("", "MiB / decoded token", title="Weight bytes read per decoded token", title_justify="left",
-                  show_header=False)
+    table = Table(
+        "", "MiB / decoded token", title="Weight bytes read per decoded token", title_justify="left", show_header=False
+    )
     non_expert = "non-expert" + (" (embedding: one row)" if b.embedding_row_only else "")
     table.add_row(non_expert, f"{b.non_expert / 2**20:.3f}")
     table.add_row("routed experts, all", f"{b.expert / 2**20:.3f}")
@@ -279,8 +352,14 @@ def _print_weight_bytes(report) -> None:
 
 def _print_ratios(report) -> None:
     """The measured speed-ups of sparse decoding beside the weight-bytes bound."""
-    table = Table("threads", "tg sparse/dense", "bound", "pp sparse/dense",
-                  title="Speed-up of DECO sparse: measured vs the weight-bytes bound", title_justify="left")
+    table = Table(
+        "threads",
+        "tg sparse/dense",
+        "bound",
+        "pp sparse/dense",
+        title="Speed-up of DECO sparse: measured vs the weight-bytes bound",
+        title_justify="left",
+    )
     has_eq = report.dense_eq is not None
     if has_eq:
         table.add_column("tg vs dense_eq")
@@ -296,5 +375,8 @@ def _print_ratios(report) -> None:
         table.add_row(*row)
     console.print(table)
     if any(r["sparse_over_dense_tg"] and r["sparse_over_dense_tg"] > 1.05 * r["bound"] for r in report.ratios()):
-        console.print("[dim]measured above the bound: decode time here is not set by weight bytes alone (compute "
-                      "and per-expert overheads, which skipped experts also save, count too)[/]", highlight=False)
+        console.print(
+            "[dim]measured above the bound: decode time here is not set by weight bytes alone (compute "
+            "and per-expert overheads, which skipped experts also save, count too)[/]",
+            highlight=False,
+        )

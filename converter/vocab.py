@@ -126,9 +126,7 @@ def _from_tokenizer_json(path: Path) -> Vocab:
             "(need a SentencePiece Unigram or BPE with byte fallback)"
         )
     tokens = [piece for piece, _ in pairs]
-    types = [
-        gguf.TokenType.BYTE if BYTE_PIECE.fullmatch(piece) else gguf.TokenType.NORMAL for piece in tokens
-    ]
+    types = [gguf.TokenType.BYTE if BYTE_PIECE.fullmatch(piece) else gguf.TokenType.NORMAL for piece in tokens]
     if unk_id is not None:
         types[unk_id] = gguf.TokenType.UNKNOWN
     for added in data.get("added_tokens", []):
@@ -159,13 +157,18 @@ def load_vocab(path: Path, raw_config: dict) -> Vocab:
 
     tok_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     decoder = tok_config.get("added_tokens_decoder") or {}
-    declared = [(int(key), added) for key, added in decoder.items()
-                if key.isdigit() and isinstance(added, dict) and isinstance(added.get("content"), str)]
+    declared = [
+        (int(key), added)
+        for key, added in decoder.items()
+        if key.isdigit() and isinstance(added, dict) and isinstance(added.get("content"), str)
+    ]
     limit = len(vocab.tokens) + len(declared)  # added tokens extend the model, they leave no wide gaps
     for i, added in sorted(declared, key=lambda item: item[0]):
         if i >= limit:
-            raise DecoError(f"{path / 'tokenizer_config.json'}: added token {added['content']!r} has id {i}, "
-                            f"past the {limit} tokens of the tokenizer and its added tokens")
+            raise DecoError(
+                f"{path / 'tokenizer_config.json'}: added token {added['content']!r} has id {i}, "
+                f"past the {limit} tokens of the tokenizer and its added tokens"
+            )
         vocab.declare_added(i, added["content"], bool(added.get("special")))
     lookup = {piece: i for i, piece in enumerate(vocab.tokens)}
     for attr in ("bos", "eos", "unk", "pad"):

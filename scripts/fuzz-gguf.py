@@ -42,8 +42,10 @@ def main() -> int:
                 crashes.append(outcome)
             if not args.keep:
                 path.unlink()
-        print(f"{args.n} mutated files (seed {args.seed}) in {time.monotonic() - start:.0f} s: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(
+            f"{args.n} mutated files (seed {args.seed}) in {time.monotonic() - start:.0f} s: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        )
         for c in crashes:
             print(f"CRASH {c.result}: {c.path.name}: {'; '.join(c.mutations)}")
     return 1 if crashes else 0

@@ -8,6 +8,9 @@ bash scripts/check-cuda.sh || exit 1
 if [ "${DECO_SKIP_AARCH64:-}" != 1 ]; then
     bash scripts/build-aarch64.sh || exit 1
 fi
+# the linter and the formatter (pyproject.toml, [tool.ruff]): the code as ruff leaves it
+.venv/bin/ruff check . || exit 1
+.venv/bin/ruff format --check . || exit 1
 report="$(mktemp)"
 trap 'rm -f "$report"' EXIT
 .venv/bin/pytest --junitxml="$report" "$@"

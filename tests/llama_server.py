@@ -25,9 +25,12 @@ def _free_port() -> int:
 def llama_server(*args: str) -> Iterator[str]:
     """Start `llama-server ARGS` and yield its URL once /health answers; stopped on exit."""
     port = _free_port()
-    proc = subprocess.Popen([str(BUILD_BIN / "llama-server"), "--host", "127.0.0.1", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, LD_LIBRARY_PATH=str(BUILD_BIN)))
+    proc = subprocess.Popen(
+        [str(BUILD_BIN / "llama-server"), "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, LD_LIBRARY_PATH=str(BUILD_BIN)),
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60

@@ -21,8 +21,9 @@ def measured_rates(path, text_start: float = 0.75, tokens: int = 384, row: int =
     """Per-layer activation of the checkpoint at path on a third slice of the corpus (not calibration, not held-out)."""
     corpus = fixtures.fixture_corpus()
     model = DecoModel.from_pretrained(path)
-    ids, _ = calibration_tokens(corpus[int(len(corpus) * text_start):], model.config.vocab_size, tokens, row, path,
-                                heldout_tokens=0)
+    ids, _ = calibration_tokens(
+        corpus[int(len(corpus) * text_start) :], model.config.vocab_size, tokens, row, path, heldout_tokens=0
+    )
     return model(ids).activation_rate
 
 
@@ -39,8 +40,12 @@ def test_calibrated_fixture_activates_about_20_percent(tmp_path, variant):
     before = HFCheckpoint(path)
     old = {n: before.tensor(n).clone() for n in before.names}
     files = sorted(p.name for p in path.iterdir())
-    assert_sane(DecoModel.from_pretrained(path)(torch.arange(1, 200)).activation_rate, target=0.5, mean_tol=0.15,
-                layer_band=(0.3, 0.7))  # uncalibrated: about half
+    assert_sane(
+        DecoModel.from_pretrained(path)(torch.arange(1, 200)).activation_rate,
+        target=0.5,
+        mean_tol=0.15,
+        layer_band=(0.3, 0.7),
+    )  # uncalibrated: about half
 
     report = calibrate_routers(path)
 
@@ -62,7 +67,7 @@ def test_calibrated_fixture_activates_about_20_percent(tmp_path, variant):
             keep[p] = False
             assert torch.equal(new[:, keep], t[:, keep]), name
         elif name.endswith(BRANCH_OUTPUTS):
-            assert torch.equal(new[:p], t[:p]) and torch.equal(new[p + 1:], t[p + 1:]), name
+            assert torch.equal(new[:p], t[:p]) and torch.equal(new[p + 1 :], t[p + 1 :]), name
             assert (new[p] == 0).all(), name
         else:
             assert torch.equal(new, t), name

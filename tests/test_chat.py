@@ -49,11 +49,17 @@ def gguf_path(tmp_path_factory) -> Path:
     return out
 
 
-def cli(*args: str, stdin: str | None = None, env: dict | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "deco_gguf.cli.main", *args], input=stdin, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "NO_COLOR": "1", **(env or {})}, cwd=REPO,
+        [sys.executable, "-m", "deco_gguf.cli.main", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
+        cwd=REPO,
     )
 
 
@@ -88,8 +94,11 @@ def expected(gguf_path):
     d = Direct(gguf_path)
     try:
         t1, r1 = d.reply([{"role": "user", "content": QUESTION}])
-        history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": r1},
-                   {"role": "user", "content": FOLLOW_UP}]
+        history = [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": r1},
+            {"role": "user", "content": FOLLOW_UP},
+        ]
         t2, r2 = d.reply(history)
         d.llm.reset()
         t3, r3 = d.reply([{"role": "user", "content": QUESTION}])
@@ -114,7 +123,7 @@ def test_reply_tokens_equal_direct_generation(gguf_path, expected):
     with ChatSession(gguf_path, n_threads=1, sampling=Sampling(temperature=0, max_tokens=N)) as s:
         text = "".join(s.reply(QUESTION))
         prompt = s.format.tokens(s.llm, s.messages([], QUESTION))
-        generated = list(s.llm.input_ids[len(prompt):s.llm.n_tokens])  # every sampled token but the last is evaluated
+        generated = list(s.llm.input_ids[len(prompt) : s.llm.n_tokens])  # every sampled token but the last is evaluated
         assert text == expected["first"]
         assert generated == expected["first_tokens"][:-1]
         assert s.last.generated_tokens == N and s.last.finish_reason == "length"
@@ -126,8 +135,24 @@ def test_reply_tokens_equal_direct_generation(gguf_path, expected):
 
 
 def test_sampling_seed_reproducible(gguf_path):
-    args = ["chat", str(gguf_path), "-p", QUESTION, "--temperature", "0.9", "--top-k", "0", "--min-p", "0",
-            "--repeat-penalty", "1.1", "-n", "16", "-t", "1"]
+    args = [
+        "chat",
+        str(gguf_path),
+        "-p",
+        QUESTION,
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "0",
+        "--min-p",
+        "0",
+        "--repeat-penalty",
+        "1.1",
+        "-n",
+        "16",
+        "-t",
+        "1",
+    ]
     a, b = cli(*args, "--seed", "7"), cli(*args, "--seed", "7")
     assert a.returncode == b.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
@@ -148,8 +173,9 @@ def test_piped_stdin_multi_turn_reset_stats_exit(gguf_path, expected):
 
 
 def test_history_trimmed_oldest_first_system_kept(gguf_path):
-    with ChatSession(gguf_path, system="You are Moses.", n_ctx=128, n_threads=1,
-                     sampling=Sampling(temperature=0, max_tokens=24)) as s:
+    with ChatSession(
+        gguf_path, system="You are Moses.", n_ctx=128, n_threads=1, sampling=Sampling(temperature=0, max_tokens=24)
+    ) as s:
         for i in range(6):
             "".join(s.reply(f"Question number {i}: who led the children of Israel?"))
             assert s.last.context_used <= s.n_ctx
@@ -175,8 +201,14 @@ class Terminal:
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # a runner started in the background ignores it
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deco_gguf.cli.main", "chat", *args], stdin=slave, stdout=slave, stderr=slave,
-            env={**os.environ, "NO_COLOR": "1", "TERM": "dumb"}, cwd=REPO, close_fds=True, preexec_fn=setup,
+            [sys.executable, "-m", "deco_gguf.cli.main", "chat", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env={**os.environ, "NO_COLOR": "1", "TERM": "dumb"},
+            cwd=REPO,
+            close_fds=True,
+            preexec_fn=setup,
         )
         os.close(slave)
         self.fd, self.buf = master, b""
@@ -204,7 +236,7 @@ class Terminal:
         out = self.until(b"> ")
         echo = line + "\n"
         assert out.startswith(echo), out
-        return out[len(echo):]
+        return out[len(echo) :]
 
     def close(self):
         if self.proc.poll() is None:
@@ -313,15 +345,23 @@ def test_template_that_does_not_compile_falls_back_to_chatml(broken_template_ggu
     assert r.stdout == expected["first"] + "\n"
     text = tmp_path / "text.txt"
     text.write_text("In the beginning God created the heaven and the earth. " * 20)
-    for args in (["perplexity", str(broken_template_gguf), str(text), "-c", "32", "-t", "1"],
-                 ["speed", str(broken_template_gguf), "--pp", "8", "--tg", "4", "-r", "1", "--warmup", "0", "-t", "1"]):
+    for args in (
+        ["perplexity", str(broken_template_gguf), str(text), "-c", "32", "-t", "1"],
+        ["speed", str(broken_template_gguf), "--pp", "8", "--tg", "4", "-r", "1", "--warmup", "0", "-t", "1"],
+    ):
         r = cli(*args)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def _cli_bytes(*args, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deco_gguf.cli.main", *args], input=stdin, capture_output=True,
-                          timeout=120, env={**os.environ, "NO_COLOR": "1"}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "deco_gguf.cli.main", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "NO_COLOR": "1"},
+        cwd=REPO,
+    )
 
 
 def test_invalid_utf8_is_read_with_replacement_characters(gguf_path):

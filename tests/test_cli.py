@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deco_gguf.cli", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "deco_gguf.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+        cwd=REPO,
+    )
 
 
 def test_version_names_the_package_runtime_patches_and_build():
@@ -63,8 +69,16 @@ WITHOUT_RUNTIME = (
 )
 
 
-@pytest.mark.parametrize("command", [["chat", "-p", "hi"], ["perplexity", "TEXT"], ["speed"],
-                                     ["quantize", "OUT", "Q4_0"], ["info", "--measure", "TEXT"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["chat", "-p", "hi"],
+        ["perplexity", "TEXT"],
+        ["speed"],
+        ["quantize", "OUT", "Q4_0"],
+        ["info", "--measure", "TEXT"],
+    ],
+)
 def test_runtime_commands_without_the_runtime_say_how_to_get_it(command, tmp_path):
     from deco_gguf.converter import convert
 
@@ -72,7 +86,13 @@ def test_runtime_commands_without_the_runtime_say_how_to_get_it(command, tmp_pat
     convert(REPO / "models" / "deco-tiny", model, "f16")
     text.write_text("In the beginning God created the heaven and the earth. " * 50)
     args = [str(text) if a == "TEXT" else str(tmp_path / "o.gguf") if a == "OUT" else a for a in command]
-    r = subprocess.run([sys.executable, "-c", WITHOUT_RUNTIME, command[0], str(model), *args[1:]],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "COLUMNS": "300"})
+    r = subprocess.run(
+        [sys.executable, "-c", WITHOUT_RUNTIME, command[0], str(model), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: the patched llama.cpp runtime is not installed: run `pip install .`"), r.stderr

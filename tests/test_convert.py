@@ -68,13 +68,13 @@ def expected_gguf_tensors(spec, src: dict[str, np.ndarray]) -> dict[str, np.ndar
         if spec.expert_bias:
             out[f"{b}.exp_probs_b.bias"] = src[f"{m}.expert_bias"]
         up = src[f"{m}.expert_up_proj.weight"]
-        out[f"{b}.ffn_up_exps.weight"] = np.stack([up[e * De:(e + 1) * De] for e in range(E)])
+        out[f"{b}.ffn_up_exps.weight"] = np.stack([up[e * De : (e + 1) * De] for e in range(E)])
         down = src[f"{m}.expert_down_proj.weight"]
-        out[f"{b}.ffn_down_exps.weight"] = np.stack([down[:, e * De:(e + 1) * De] for e in range(E)])
+        out[f"{b}.ffn_down_exps.weight"] = np.stack([down[:, e * De : (e + 1) * De] for e in range(E)])
         act_rows = up
         if spec.expert_gated:
             gate = src[f"{m}.expert_gate_proj.weight"]
-            out[f"{b}.ffn_gate_exps.weight"] = np.stack([gate[e * De:(e + 1) * De] for e in range(E)])
+            out[f"{b}.ffn_gate_exps.weight"] = np.stack([gate[e * De : (e + 1) * De] for e in range(E)])
             act_rows = gate
         if spec.expert_act in ("norm_silu", "norm_silu_norms"):
             out[f"{b}.ffn_exps_mean.weight"] = act_rows.astype(np.float64).sum(axis=0) / (E * De)
@@ -216,14 +216,23 @@ def test_quantized_tensors_within_type_error(outtype, expert_type, fixture_dirs,
         if data.ndim > 1 and "ffn_gate_inp" not in name:
             weights[qtype] = weights.get(qtype, 0) + data.size
     bulk = max(weights, key=weights.get)
-    assert fields["general.file_type"] == {
-        Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
-        Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-        Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.F32: gguf.LlamaFileType.ALL_F32,
-    }[bulk]
+    assert (
+        fields["general.file_type"]
+        == {
+            Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+            Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+            Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+            Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+            Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+            Q.F32: gguf.LlamaFileType.ALL_F32,
+        }[bulk]
+    )
     # general.size_label: N, the non-embedding parameters (the precomputed mean row is no parameter)
-    n = sum(data.size for name, (_, data) in tensors.items()
-            if name.split(".")[-2] not in ("token_embd", "output", "ffn_exps_mean"))
+    n = sum(
+        data.size
+        for name, (_, data) in tensors.items()
+        if name.split(".")[-2] not in ("token_embd", "output", "ffn_exps_mean")
+    )
     assert fields["general.size_label"] == gguf.model_weight_count_rounded_notation(n, min_digits=2)
 
 
@@ -274,8 +283,8 @@ def test_added_tokens_follow_their_special_flag(fixture_dirs, tmp_path):
     convert(hf_dir, out, outtype="f32")
     fields, _ = read_gguf(out)
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    assert tokens[n:n + 3] == ["<|tool|>", "<|note|>", "<|end_tool|>"]
-    assert types[n:n + 3] == [gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED, gguf.TokenType.CONTROL]
+    assert tokens[n : n + 3] == ["<|tool|>", "<|note|>", "<|end_tool|>"]
+    assert types[n : n + 3] == [gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED, gguf.TokenType.CONTROL]
     assert tokens[n + 3] == f"[PAD{n + 3}]" and types[n + 3] == gguf.TokenType.UNUSED
 
 

@@ -59,19 +59,29 @@ CASES = [
     ("no_config", "base", lambda d: (d / "config.json").unlink(), "config.json: file not found"),
     ("config_not_json", "base", lambda d: (d / "config.json").write_text("{ not json"), "not valid JSON"),
     ("no_weights", "base", lambda d: (d / "model.safetensors").unlink(), "no weights found"),
-    ("truncated_safetensors", "base", lambda d: _truncate(d / "model.safetensors", 0.5),
-     "corrupt or truncated safetensors"),
-    ("garbage_safetensors", "base", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
-     "corrupt or truncated safetensors"),
+    (
+        "truncated_safetensors",
+        "base",
+        lambda d: _truncate(d / "model.safetensors", 0.5),
+        "corrupt or truncated safetensors",
+    ),
+    (
+        "garbage_safetensors",
+        "base",
+        lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
+        "corrupt or truncated safetensors",
+    ),
     ("missing_shard", "sharded", lambda d: next(d.glob("model-00002-*.safetensors")).unlink(), "weight file not found"),
     (
         "index_lists_absent_tensor",
         "sharded",
         lambda d: (d / "model.safetensors.index.json").write_text(
-            json.dumps({
-                "weight_map": json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
-                | {"model.layers.9.mlp.ghost": next(d.glob("model-00001-*")).name}
-            })
+            json.dumps(
+                {
+                    "weight_map": json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+                    | {"model.layers.9.mlp.ghost": next(d.glob("model-00001-*")).name}
+                }
+            )
         ),
         "listed in the index is missing",
     ),
@@ -97,19 +107,43 @@ CASES = [
         ),
         "not a multiple of 13 experts",
     ),
-    ("unknown_expert_act", "base", lambda d: edit_config(d, expert_act_func="swish_norm"),
-     "unknown expert activation 'swish_norm'"),
-    ("dense_router_act", "base", lambda d: edit_config(d, router_act_func="gelu"),
-     "router activation 'gelu' is not sparse"),
-    ("unknown_router_norm", "base", lambda d: edit_config(d, router_norm_type="layernorm"),
-     "unknown router norm type 'layernorm'"),
+    (
+        "unknown_expert_act",
+        "base",
+        lambda d: edit_config(d, expert_act_func="swish_norm"),
+        "unknown expert activation 'swish_norm'",
+    ),
+    (
+        "dense_router_act",
+        "base",
+        lambda d: edit_config(d, router_act_func="gelu"),
+        "router activation 'gelu' is not sparse",
+    ),
+    (
+        "unknown_router_norm",
+        "base",
+        lambda d: edit_config(d, router_norm_type="layernorm"),
+        "unknown router norm type 'layernorm'",
+    ),
     ("no_heads", "base", lambda d: edit_config(d, num_attention_heads=None), "num_attention_heads is missing"),
-    ("heads_not_dividing", "base", lambda d: edit_config(d, num_attention_heads=3),
-     "not divisible by num_attention_heads=3"),
-    ("mup_without_scales", "base", lambda d: edit_config(d, use_mup=True, scale_depth=None),
-     "use_mup is true but scale_depth is missing"),
-    ("router_norm_normal", "base", lambda d: edit_config(d, router_norm_type="normal"),
-     "router_norm_type 'normal' gives inactive experts non-zero scores"),
+    (
+        "heads_not_dividing",
+        "base",
+        lambda d: edit_config(d, num_attention_heads=3),
+        "not divisible by num_attention_heads=3",
+    ),
+    (
+        "mup_without_scales",
+        "base",
+        lambda d: edit_config(d, use_mup=True, scale_depth=None),
+        "use_mup is true but scale_depth is missing",
+    ),
+    (
+        "router_norm_normal",
+        "base",
+        lambda d: edit_config(d, router_norm_type="normal"),
+        "router_norm_type 'normal' gives inactive experts non-zero scores",
+    ),
     ("not_blockffn", "base", lambda d: edit_config(d, use_blockffn=False), "not a DECO (BlockFFN) checkpoint"),
     (
         "pickle_not_weights",
@@ -119,8 +153,12 @@ CASES = [
     ),
     ("truncated_bin", "bin", lambda d: _truncate(d / "pytorch_model.bin", 0.6), "corrupt or truncated PyTorch file"),
     ("no_tokenizer", "base", lambda d: (d / "tokenizer.model").unlink(), "no tokenizer"),
-    ("corrupt_tokenizer", "base", lambda d: (d / "tokenizer.model").write_bytes(b"junk" * 10),
-     "cannot load the SentencePiece model"),
+    (
+        "corrupt_tokenizer",
+        "base",
+        lambda d: (d / "tokenizer.model").write_bytes(b"junk" * 10),
+        "cannot load the SentencePiece model",
+    ),
 ]
 
 
@@ -221,7 +259,12 @@ CLI = Path(sys.executable).with_name("deco-gguf")
 def mid_checkpoint(tmp_path_factory) -> Path:
     """Big enough that its conversion takes seconds."""
     spec = dataclasses.replace(
-        VARIANTS["base"], name="mid", num_layers=8, hidden_size=512, num_experts=64, expert_ffn=64,
+        VARIANTS["base"],
+        name="mid",
+        num_layers=8,
+        hidden_size=512,
+        num_experts=64,
+        expert_ffn=64,
         moe_layer_freq=[0] + [1] * 7,
     )
     return write_fixture(tmp_path_factory.mktemp("mid") / "mid", spec)
@@ -230,7 +273,10 @@ def mid_checkpoint(tmp_path_factory) -> Path:
 def _start_convert(hf_dir: Path, out: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen(
         [str(CLI), "convert", str(hf_dir), "-o", str(out), "--outtype", "q8_0", "--expert-type", "q4_0", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
     )
 
 
@@ -309,7 +355,10 @@ def test_ctrl_c_at_a_chosen_moment(moment, pristine, tmp_path):
     out_dir.mkdir()
     proc = subprocess.run(
         [sys.executable, str(driver), "convert", str(pristine["base"]), "-o", str(out_dir / "m.gguf"), "--quiet"],
-        capture_output=True, text=True, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.returncode == 130, proc.stderr
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -320,6 +369,7 @@ def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -330,7 +380,10 @@ def test_write_failure_is_one_error_line(pristine, tmp_path):
     out.write_bytes(b"previous contents")
     proc = subprocess.run(
         [str(CLI), "convert", str(pristine["base"]), "-o", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(64 * 1024),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(64 * 1024),
     )
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]

@@ -126,10 +126,30 @@ def sp() -> spm.SentencePieceProcessor:
 
 
 REQUIRED = [
-    "base", "de64", "dense_middle", "freq_int", "gated", "act_norm_silu_nomean", "act_norm_silu_norms",
-    "act_silu", "act_relu", "router_rms", "router_normal", "router_null", "router_scalar", "router_fixed",
-    "router_sqrelu", "expert_bias_base", "expert_bias_rms", "mup", "tied", "sharded", "bin", "bf16",
-    "tokenizer_json", "e180",
+    "base",
+    "de64",
+    "dense_middle",
+    "freq_int",
+    "gated",
+    "act_norm_silu_nomean",
+    "act_norm_silu_norms",
+    "act_silu",
+    "act_relu",
+    "router_rms",
+    "router_normal",
+    "router_null",
+    "router_scalar",
+    "router_fixed",
+    "router_sqrelu",
+    "expert_bias_base",
+    "expert_bias_rms",
+    "mup",
+    "tied",
+    "sharded",
+    "bin",
+    "bf16",
+    "tokenizer_json",
+    "e180",
 ]
 
 
@@ -151,7 +171,7 @@ def test_variant_layout(name: str, tmp_path: Path, sp: spm.SentencePieceProcesso
     vocab = spec.vocab_size or sp.get_piece_size()
     sd = read_tensors(out)
     want = expected_layout(spec, vocab)
-    assert set(sd) == set(want), (set(sd) ^ set(want))
+    assert set(sd) == set(want), set(sd) ^ set(want)
     for k, t in sd.items():
         shape, dtype = want[k]
         assert tuple(t.shape) == shape, k
@@ -222,9 +242,9 @@ def test_variant_layout(name: str, tmp_path: Path, sp: spm.SentencePieceProcesso
 
     # ---- tokenizer
     has_model, has_json = (out / "tokenizer.model").exists(), (out / "tokenizer.json").exists()
-    assert (has_model, has_json) == {
-        "model": (True, False), "json": (False, True), "both": (True, True)
-    }[spec.tokenizer_format]
+    assert (has_model, has_json) == {"model": (True, False), "json": (False, True), "both": (True, True)}[
+        spec.tokenizer_format
+    ]
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     smap = json.loads((out / "special_tokens_map.json").read_text())
     assert "<|im_start|>" in tcfg["chat_template"] and tcfg["bos_token"] == "<s>"
@@ -264,9 +284,7 @@ def test_chat_template_renders(tmp_path):
     jinja2 = pytest.importorskip("jinja2")
     write_fixture(tmp_path, "base")
     tmpl = json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
-    text = jinja2.Template(tmpl).render(
-        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True
-    )
+    text = jinja2.Template(tmpl).render(messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -355,8 +373,17 @@ def test_presets_match_released_shapes():
     }
     for name, r in released.items():
         s = PRESETS[name]
-        got = dict(L=s.num_layers, d=s.hidden_size, H=s.num_heads, hd=s.head_dim, kv=s.num_kv_heads,
-                   ff=s.dense_ffn, E=s.num_experts, De=s.expert_ffn, Ds=s.shared_ffn)
+        got = dict(
+            L=s.num_layers,
+            d=s.hidden_size,
+            H=s.num_heads,
+            hd=s.head_dim,
+            kv=s.num_kv_heads,
+            ff=s.dense_ffn,
+            E=s.num_experts,
+            De=s.expert_ffn,
+            Ds=s.shared_ffn,
+        )
         assert got == r
         assert s.vocab_size == 73448 and s.moe_layer_freq == [0] + [1] * (r["L"] - 1)
         assert not s.tied_embeddings and not s.expert_gated and s.expert_act == "norm_silu"

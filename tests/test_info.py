@@ -147,12 +147,11 @@ def test_measured_activation_of_a_gguf_is_the_reference_models(tmp_path):
         ids = rt.llm.tokenize(text.encode(), add_bos=False)[:1024]
         bos = rt.llm.token_bos()
     model = DecoModel.from_pretrained(hf)
-    rows = [[bos] + ids[i:i + 255] for i in range(0, len(ids), 255)]
+    rows = [[bos] + ids[i : i + 255] for i in range(0, len(ids), 255)]
     per_row = [model(torch.tensor([row])).activation_rate for row in rows]
     n = sum(len(r) for r in rows)
     want = [
-        None if per_row[0][layer] is None
-        else sum(pr[layer] * len(r) for pr, r in zip(per_row, rows, strict=True)) / n
+        None if per_row[0][layer] is None else sum(pr[layer] * len(r) for pr, r in zip(per_row, rows, strict=True)) / n
         for layer in range(len(rates))
     ]
     assert rates[0] is None and want[0] is None

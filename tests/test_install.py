@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args, env: dict | None = None) -> str:
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=1800, cwd=REPO,
-                       env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})})
+    r = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=REPO,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})},
+    )
     assert r.returncode == 0, f"{args}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
 

@@ -49,8 +49,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deco_gguf.cli.main", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "NO_COLOR": "1"}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "deco_gguf.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
+        cwd=REPO,
+    )
 
 
 def ours(gguf: Path, text: Path, ctx: int, *extra: str) -> dict:
@@ -63,9 +69,13 @@ def reference(gguf: Path, text: Path, ctx: int) -> tuple[str, float | None, floa
     """llama-perplexity's output, its final PPL and ±, and its per-chunk running values."""
     if not LLAMA_PERPLEXITY.exists():
         pytest.skip(f"{LLAMA_PERPLEXITY} is not built (scripts/build-runtime.sh)")
-    r = subprocess.run([str(LLAMA_PERPLEXITY), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-t", "1"],
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "LD_LIBRARY_PATH": str(BIN)})
+    r = subprocess.run(
+        [str(LLAMA_PERPLEXITY), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-t", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LD_LIBRARY_PATH": str(BIN)},
+    )
     out = r.stdout + r.stderr
     m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out)
     chunks = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+),", out)]

@@ -32,8 +32,17 @@ F64 = torch.float64
 
 def tiny_config(**kw) -> DecoConfig:
     base = dict(
-        vocab_size=5, hidden_size=4, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=2,
-        dense_ffn_size=3, moe_layers=[True], num_experts=3, expert_ffn_size=2, shared_ffn_size=2,
+        vocab_size=5,
+        hidden_size=4,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=2,
+        dense_ffn_size=3,
+        moe_layers=[True],
+        num_experts=3,
+        expert_ffn_size=2,
+        shared_ffn_size=2,
         router_scale_size=3,
     )
     base.update(kw)
@@ -174,8 +183,16 @@ def test_expert_activations(act, want):
 
 def ffn_model(expert_act="relu", gated=False) -> DecoModel:
     """d=2, E=2, De=2, Ds=1 with small integer weights (see test_deco_ffn_layer_*)."""
-    c = tiny_config(hidden_size=2, num_heads=1, head_dim=2, num_experts=2, router_scale_size=2,
-                    shared_ffn_size=1, expert_act=expert_act, expert_gated=gated)
+    c = tiny_config(
+        hidden_size=2,
+        num_heads=1,
+        head_dim=2,
+        num_experts=2,
+        router_scale_size=2,
+        shared_ffn_size=1,
+        expert_act=expert_act,
+        expert_gated=gated,
+    )
     state = random_state(c)
     p = "model.layers.0.mlp."
     state |= {
@@ -313,13 +330,13 @@ def loop_deco_ffn(c: DecoConfig, W: dict, p: str, h: np.ndarray):
         a = a - sum(a) / len(a)
     if c.expert_act in ("norm_silu", "norm_silu_nomean"):
         block_norm = W[p + "expert_act.rms_norm.weight"]
-        a = np.concatenate([loop_rms(a[e * De:(e + 1) * De], block_norm, c.norm_eps) for e in range(E)])
+        a = np.concatenate([loop_rms(a[e * De : (e + 1) * De], block_norm, c.norm_eps) for e in range(E)])
     a = np.array([max(z, 0.0) if c.expert_act == "relu" else silu(z) for z in a])
     v = a * u if c.expert_gated else a
     y = np.zeros(c.hidden_size)
     for e in range(E):
         if s[e] != 0:  # only experts with a non-zero score (normal router norm: all of them)
-            y += s[e] * (W[p + "expert_down_proj.weight"][:, e * De:(e + 1) * De] @ v[e * De:(e + 1) * De])
+            y += s[e] * (W[p + "expert_down_proj.weight"][:, e * De : (e + 1) * De] @ v[e * De : (e + 1) * De])
     if c.shared_ffn_size:
         q = p + "shared_experts."
         y += loop_swiglu(h, W[q + "gate_proj.weight"], W[q + "up_proj.weight"], W[q + "down_proj.weight"])
@@ -338,10 +355,14 @@ def loop_forward(c: DecoConfig, state: dict, ids: list[int]):
         p = f"model.layers.{i}."
         hs = [loop_rms(x, W[p + "input_layernorm.weight"], eps) for x in xs]
         q, k, v = (W[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
-        Q = [[loop_rope(q[j * hd:(j + 1) * hd] @ hs[t], t, c.rope_theta) for j in range(c.num_heads)] for t in range(T)]
-        K = [[loop_rope(k[g * hd:(g + 1) * hd] @ hs[t], t, c.rope_theta) for g in range(c.num_kv_heads)]
-             for t in range(T)]
-        V = [[v[g * hd:(g + 1) * hd] @ hs[t] for g in range(c.num_kv_heads)] for t in range(T)]
+        Q = [
+            [loop_rope(q[j * hd : (j + 1) * hd] @ hs[t], t, c.rope_theta) for j in range(c.num_heads)] for t in range(T)
+        ]
+        K = [
+            [loop_rope(k[g * hd : (g + 1) * hd] @ hs[t], t, c.rope_theta) for g in range(c.num_kv_heads)]
+            for t in range(T)
+        ]
+        V = [[v[g * hd : (g + 1) * hd] @ hs[t] for g in range(c.num_kv_heads)] for t in range(T)]
         for t in range(T):
             heads = []
             for j in range(c.num_heads):
@@ -385,8 +406,9 @@ CASES = {
     "sqrelu": dict(router_act="sqrelu"),
     "bias_base": dict(expert_bias="base"),
     "bias_rms": dict(expert_bias="rms"),
-    "mup": dict(embedding_scale=12.0, residual_scale=1.4 / math.sqrt(2), logit_scale=4.0, num_layers=2,
-                moe_layers=[False, True]),
+    "mup": dict(
+        embedding_scale=12.0, residual_scale=1.4 / math.sqrt(2), logit_scale=4.0, num_layers=2, moe_layers=[False, True]
+    ),
     "tied": dict(tied_embeddings=True),
     "no_shared": dict(shared_ffn_size=0),
     "rope_theta_small": dict(rope_theta=3.0, head_dim=4, num_heads=1, hidden_size=4),
@@ -445,14 +467,27 @@ def test_generate_greedy_follows_argmax_of_the_loop_implementation():
 
 def test_one_token_dense_forward_by_hand():
     # V=3, d=2, one head of 2, one dense layer, eps 1e-5. Token 2, embedding [3, -4].
-    c = tiny_config(vocab_size=3, hidden_size=2, num_heads=1, num_kv_heads=1, head_dim=2, dense_ffn_size=1,
-                    moe_layers=[False], num_experts=0, expert_ffn_size=0, router_scale_size=0)
+    c = tiny_config(
+        vocab_size=3,
+        hidden_size=2,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=2,
+        dense_ffn_size=1,
+        moe_layers=[False],
+        num_experts=0,
+        expert_ffn_size=0,
+        router_scale_size=0,
+    )
     one = torch.ones(2, dtype=F64)
     state = {
         "model.embed_tokens.weight": torch.tensor([[1.0, 0], [0, 2], [3, -4]]),
-        "model.norm.weight": one, "lm_head.weight": torch.tensor([[1.0, 0], [0, 1], [1, 1]]),
-        "model.layers.0.input_layernorm.weight": one, "model.layers.0.post_attention_layernorm.weight": one,
-        "model.layers.0.self_attn.q_proj.weight": torch.eye(2), "model.layers.0.self_attn.k_proj.weight": torch.eye(2),
+        "model.norm.weight": one,
+        "lm_head.weight": torch.tensor([[1.0, 0], [0, 1], [1, 1]]),
+        "model.layers.0.input_layernorm.weight": one,
+        "model.layers.0.post_attention_layernorm.weight": one,
+        "model.layers.0.self_attn.q_proj.weight": torch.eye(2),
+        "model.layers.0.self_attn.k_proj.weight": torch.eye(2),
         "model.layers.0.self_attn.v_proj.weight": torch.eye(2),
         "model.layers.0.self_attn.o_proj.weight": 0.5 * torch.eye(2),
         "model.layers.0.mlp.gate_proj.weight": torch.tensor([[1.0, 0]]),

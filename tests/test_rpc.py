@@ -46,8 +46,11 @@ def free_port() -> int:
 def rpc_server():
     """A fresh rpc-server on localhost (one thread) for each test; its HOST:PORT."""
     port = free_port()
-    proc = subprocess.Popen([str(SERVER), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(SERVER), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -74,8 +77,14 @@ def gguf_path(tmp_path_factory) -> Path:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deco_gguf.cli", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "NO_COLOR": "1"}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "deco_gguf.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
+        cwd=REPO,
+    )
 
 
 def test_the_server_speaks_the_patched_protocol(rpc_server):
@@ -101,8 +110,14 @@ with DecoRuntime(path, n_ctx=64, n_threads=1, exact=True, all_logits=True, mode=
 def test_logits_through_the_server_equal_local(mode, gguf_path, rpc_server, tmp_path):
     def logits(*rpc: str) -> tuple[np.ndarray, str]:
         out = tmp_path / f"logits-{len(rpc)}.npy"
-        run = subprocess.run([sys.executable, "-c", LOGITS, str(gguf_path), str(out), mode, *rpc], check=True,
-                             timeout=300, capture_output=True, text=True, env={**os.environ, "DECO_VERBOSE": "1"})
+        run = subprocess.run(
+            [sys.executable, "-c", LOGITS, str(gguf_path), str(out), mode, *rpc],
+            check=True,
+            timeout=300,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DECO_VERBOSE": "1"},
+        )
         return np.load(out), run.stderr
 
     (local, local_log), (remote, remote_log) = logits(), logits(rpc_server)

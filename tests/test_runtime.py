@@ -121,7 +121,7 @@ def test_load_errors_are_one_line(model, tmp_path):
     _, paths, _ = model
     data = bytearray(paths["f16"].read_bytes())
     start = data.find(b"blk.1.ffn_down_exps.weight")
-    data[start:start + 5] = b"blk.7"  # a tensor of a layer the model does not have
+    data[start : start + 5] = b"blk.7"  # a tensor of a layer the model does not have
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(bytes(data))
     with pytest.raises(DecoError, match="llama.cpp cannot load it"):

@@ -38,8 +38,15 @@ llama_cpp.llama_backend_init()
 class Runtime:
     """Minimal llama-cpp-python low-level session on one GGUF (F32 KV cache, no flash attention)."""
 
-    def __init__(self, path: Path, n_ctx: int = 256, n_batch: int = 512, n_seq: int = 1, mode: str = "sparse",
-                 counter: ActivityCounter | None = None):
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int = 256,
+        n_batch: int = 512,
+        n_seq: int = 1,
+        mode: str = "sparse",
+        counter: ActivityCounter | None = None,
+    ):
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = int(os.environ.get("DECO_TEST_NGL", "0"))  # scripts/gpu-check.sh: 99 (all on the GPU)
         overrides = (llama_cpp.llama_model_kv_override * 2)()  # the mode, then the empty key that ends the list
@@ -69,8 +76,9 @@ class Runtime:
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
 
-    def decode(self, seqs: list[list[int]], start: list[int] | None = None,
-               all_logits: bool = False) -> list[np.ndarray]:
+    def decode(
+        self, seqs: list[list[int]], start: list[int] | None = None, all_logits: bool = False
+    ) -> list[np.ndarray]:
         """One llama_decode over several sequences; returns the last position's logits of each (or all rows)."""
         start = start or [0] * len(seqs)
         n = sum(len(s) for s in seqs)
@@ -303,8 +311,13 @@ def test_malformed_files_fail_cleanly(models, tmp_path):
 
 def test_backend_ops_deco_cases_on_cpu():
     """test-backend-ops' DECO_MOE cases (types, odd shapes, all-inactive/all-active rows) run on the CPU."""
-    r = subprocess.run([str(BUILD_BIN / "test-backend-ops"), "-b", "CPU", "-o", "DECO_MOE"], capture_output=True,
-                       text=True, timeout=900, env={**os.environ, "LD_LIBRARY_PATH": str(BUILD_BIN)})
+    r = subprocess.run(
+        [str(BUILD_BIN / "test-backend-ops"), "-b", "CPU", "-o", "DECO_MOE"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "LD_LIBRARY_PATH": str(BUILD_BIN)},
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
     assert passed and passed[1] == passed[2] and int(passed[1]) >= 160, r.stdout[-2000:]  # every case ran (169 today)
@@ -319,11 +332,14 @@ def test_op_against_naive_reference():
 def test_llama_server_completion(models):
     """llama-server serves a DECO GGUF on loopback: greedy completion = the reference's greedy tokens."""
     path, ref = models("base")
-    with llama_server("-m", str(path), "-c", "256", "-np", "2", "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32",
-                      "--no-warmup") as url:
+    with llama_server(
+        "-m", str(path), "-c", "256", "-np", "2", "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-warmup"
+    ) as url:
         ids = _ids(ref, 10, seed=7)
-        out = post(url + "/completion", {"prompt": ids, "n_predict": 4, "temperature": 0, "top_k": 1,
-                                         "return_tokens": True, "cache_prompt": False})
+        out = post(
+            url + "/completion",
+            {"prompt": ids, "n_predict": 4, "temperature": 0, "top_k": 1, "return_tokens": True, "cache_prompt": False},
+        )
         assert out["tokens"] == ref.generate_greedy(ids, 4)
 
 

@@ -86,14 +86,17 @@ def repetitive_prompt(rt: DecoRuntime) -> list[int]:
     return rt.llm.tokenize(text.encode(), add_bos=True)
 
 
-@pytest.mark.parametrize("draft,options", [
-    ("none", {}),
-    ("lookup", {}),
-    ("lookup", {"n_draft": 8, "lookup_n": 2}),
-    ("script", {"hit_rate": 1.0}),
-    ("script", {"hit_rate": 0.5, "n_draft": 6}),
-    ("script", {"hit_rate": 0.0}),
-])
+@pytest.mark.parametrize(
+    "draft,options",
+    [
+        ("none", {}),
+        ("lookup", {}),
+        ("lookup", {"n_draft": 8, "lookup_n": 2}),
+        ("script", {"hit_rate": 1.0}),
+        ("script", {"hit_rate": 0.5, "n_draft": 6}),
+        ("script", {"hit_rate": 0.0}),
+    ],
+)
 def test_greedy_output_is_the_autoregressive_output(fixture_gguf, draft, options):
     path = fixture_gguf("base")
     rt = open_runtime(path)
@@ -126,8 +129,9 @@ def test_draft_length_pays_like_the_best_fixed_length():
     and verification costs: within 3% of the best fixed length's tokens per second in each case, never slower than
     drafting one more token than the last verification accepted, always the longest draft at acceptance 1 and one
     token at acceptance 0."""
-    r = subprocess.run([str(REPO / ".deps" / "build" / "bin" / "test-deco-draft-length")], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [str(REPO / ".deps" / "build" / "bin" / "test-deco-draft-length")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert r.stdout.count("ok ") == 15 and "0 failed" in r.stdout
 
@@ -263,14 +267,17 @@ def test_sampling_keeps_the_target_distribution(bundled_gguf):
 
         def sample(temperature: float, n: int) -> list[list[int]]:
             with Speculator(rt, "script", script=greedy, n_draft=2) as spec:
-                return [spec.generate(prompt, 2, Sampling(temperature, top_k=0, top_p=1.0, min_p=0.0, seed=s))[0]
-                        for s in range(n)]
+                return [
+                    spec.generate(prompt, 2, Sampling(temperature, top_k=0, top_p=1.0, min_p=0.0, seed=s))[0]
+                    for s in range(n)
+                ]
 
         samples, skewed = sample(1.0, 600), sample(0.7, 600)
     finally:
         rt.close()
     ref = open_runtime(path)
     try:
+
         def softmax(tokens: list[int]) -> np.ndarray:
             ref.llm.reset()
             logits = ref.eval_logits(tokens).astype(np.float64)
@@ -298,8 +305,15 @@ def test_sampling_keeps_the_target_distribution(bundled_gguf):
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deco_gguf.cli.main", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "deco_gguf.cli.main", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+        cwd=REPO,
+    )
 
 
 def test_bundled_pair_chat_replies_are_the_same(bundled_gguf):
@@ -320,16 +334,37 @@ def test_chat_refuses_a_draft_with_another_vocabulary(fixture_gguf, bundled_gguf
     done = cli("chat", str(bundled_gguf), "--draft", str(fixture_gguf("base")), "--prompt", "hi")
     assert done.returncode == 1
     message = " ".join(done.stderr.split())  # one line, however the console wrapped it
-    assert re.fullmatch(r"error: \S+m\.gguf: cannot draft for this model, its vocabulary differs "
-                        r"\(size \d+ vs 4096 in the target\)", message), done.stderr
+    assert re.fullmatch(
+        r"error: \S+m\.gguf: cannot draft for this model, its vocabulary differs "
+        r"\(size \d+ vs 4096 in the target\)",
+        message,
+    ), done.stderr
 
 
 def test_speed_speculative_json(fixture_gguf, tmp_path):
     """`speed --synthetic`: a draft that is always right is always accepted, draft-max + 1 tokens a verification;
     one that is always wrong never is. --plot writes a PNG of the five configurations."""
     png = tmp_path / "speculative.png"
-    done = cli("speed", str(fixture_gguf("base")), "--synthetic", "1,0", "--lookup", "--draft-max", "3", "--pp", "16",
-               "--tg", "24", "-r", "2", "-t", "1", "--json", "--plot", str(png))
+    done = cli(
+        "speed",
+        str(fixture_gguf("base")),
+        "--synthetic",
+        "1,0",
+        "--lookup",
+        "--draft-max",
+        "3",
+        "--pp",
+        "16",
+        "--tg",
+        "24",
+        "-r",
+        "2",
+        "-t",
+        "1",
+        "--json",
+        "--plot",
+        str(png),
+    )
     assert done.returncode == 0, done.stderr
     assert f"wrote {png}" in done.stderr
     width, height = struct.unpack(">II", png.read_bytes()[16:24])  # the PNG's IHDR chunk
@@ -352,10 +387,38 @@ def test_llama_server_with_a_deco_draft(bundled_gguf, tmp_path):
     finally:
         rt.close()
     want = autoregressive(bundled_gguf, prompt, 32)
-    with llama_server("-m", str(bundled_gguf), "-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max",
-                      "4", "-c", "512", "-t", "2", "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-warmup") as url:
-        out = post(url + "/completion", {"prompt": prompt, "n_predict": len(want), "temperature": 0, "top_k": 1,
-                                         "return_tokens": True, "cache_prompt": False})
+    with llama_server(
+        "-m",
+        str(bundled_gguf),
+        "-md",
+        str(draft),
+        "--spec-type",
+        "draft-simple",
+        "--spec-draft-n-max",
+        "4",
+        "-c",
+        "512",
+        "-t",
+        "2",
+        "-fa",
+        "off",
+        "-ctk",
+        "f32",
+        "-ctv",
+        "f32",
+        "--no-warmup",
+    ) as url:
+        out = post(
+            url + "/completion",
+            {
+                "prompt": prompt,
+                "n_predict": len(want),
+                "temperature": 0,
+                "top_k": 1,
+                "return_tokens": True,
+                "cache_prompt": False,
+            },
+        )
     assert out["tokens"] == want
     timings = out["timings"]
     assert timings["draft_n"] > 0 and 0 < timings["draft_n_accepted"] <= timings["draft_n"], timings

@@ -37,8 +37,14 @@ def gguf_path(tmp_path_factory) -> Path:
 
 
 def cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deco_gguf.cli.main", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "NO_COLOR": "1", **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "deco_gguf.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1", **(env or {})},
+        cwd=REPO,
+    )
 
 
 def test_json_schema_and_values(gguf_path, tmp_path):
@@ -85,8 +91,16 @@ def test_json_schema_and_values(gguf_path, tmp_path):
 def test_table_output(gguf_path):
     r = cli("speed", gguf_path, *TINY)
     assert r.returncode == 0, r.stderr
-    for words in ("DECO sparse", "DECO dense", "pp16 t/s", "time to first token", "tg8 t/s", "expert activation",
-                  "bound", "Weight bytes"):
+    for words in (
+        "DECO sparse",
+        "DECO dense",
+        "pp16 t/s",
+        "time to first token",
+        "tg8 t/s",
+        "expert activation",
+        "bound",
+        "Weight bytes",
+    ):
         assert words in r.stdout
 
 

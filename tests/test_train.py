@@ -35,8 +35,16 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "deco-tiny"
 
 TINY = Shape(
-    vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=16,
-    dense_ffn=64, num_experts=8, expert_ffn=8, shared_ffn=16,
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    dense_ffn=64,
+    num_experts=8,
+    expert_ffn=8,
+    shared_ffn=16,
 )
 
 
@@ -45,8 +53,19 @@ TINY = Shape(
 
 def test_router_and_scale_get_gradients_through_scores():
     torch.manual_seed(0)
-    shape = Shape(vocab_size=11, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
-                  dense_ffn=12, num_experts=5, expert_ffn=4, shared_ffn=6, router_scale_init=0.7)
+    shape = Shape(
+        vocab_size=11,
+        hidden_size=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        dense_ffn=12,
+        num_experts=5,
+        expert_ffn=4,
+        shared_ffn=6,
+        router_scale_init=0.7,
+    )
     c = shape.config()
     state = init_state(c, seed=3, std=0.5, router_scale_init=0.7)
     model = TrainableDeco(c, state, dtype=torch.float64)
@@ -264,8 +283,34 @@ def test_bundled_model_generates_english(bundled):
     words = text.split()
     assert len(words) >= 5
     vocab = set(HELDOUT_SNIPPET.lower().replace(",", " ").replace(".", " ").split()) | {
-        "the", "and", "of", "unto", "lord", "thou", "thy", "i", "my", "god", "shall", "israel", "children", "say",
-        "speak", "them", "him", "he", "that", "is", "be", "ye", "moses", "aaron", "all", "which", "this", "for",
+        "the",
+        "and",
+        "of",
+        "unto",
+        "lord",
+        "thou",
+        "thy",
+        "i",
+        "my",
+        "god",
+        "shall",
+        "israel",
+        "children",
+        "say",
+        "speak",
+        "them",
+        "him",
+        "he",
+        "that",
+        "is",
+        "be",
+        "ye",
+        "moses",
+        "aaron",
+        "all",
+        "which",
+        "this",
+        "for",
     }
     known = sum(w.strip(",.;:!?'").lower() in vocab for w in words)
     assert known >= len(words) // 2, text
@@ -276,7 +321,8 @@ def test_bundled_model_converts(tmp_path):
     if not Path(exe).exists():
         pytest.skip("deco-gguf CLI not installed")
     out = tmp_path / "deco-tiny.gguf"
-    r = subprocess.run([exe, "convert", str(BUNDLED), "-o", str(out), "-q"], check=False, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [exe, "convert", str(BUNDLED), "-o", str(out), "-q"], check=False, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     assert out.stat().st_size > 1_000_000

@@ -62,4 +62,3 @@ def test_state_save_load_on_the_bundled_model(tmp_path):
     model = tmp_path / "deco-tiny.gguf"
     convert(REPO / "models" / "deco-tiny", model, "f16", "q4_0")
     run("test-save-load-state", "-m", model, cwd=tmp_path)  # exit status 0: every check passed
-

@@ -61,8 +61,9 @@ def _quantize(x: np.ndarray, type_name: str) -> np.ndarray:
     src = np.ascontiguousarray(x, dtype=np.float32)
     from ..runtime.native import ggml_base
 
-    written = ggml_base().ggml_quantize_chunk(qt.value, src.ctypes.data_as(ctypes.c_void_p),
-                                               out.ctypes.data_as(ctypes.c_void_p), 0, rows, n, None)
+    written = ggml_base().ggml_quantize_chunk(
+        qt.value, src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), 0, rows, n, None
+    )
     if written != out.nbytes:
         raise DecoError(f"internal: ggml_quantize_chunk wrote {written} bytes of {type_name}, expected {out.nbytes}")
     return out.reshape(*x.shape[:-1], n // block * size)
@@ -113,8 +114,10 @@ def dense_eq_plan(info) -> tuple[int, int, int, dict[str, str], dict[str, str]]:
     wanted = {
         "token_embd": by_name["token_embd.weight"],
         "output": by_name.get("output.weight", by_name["token_embd.weight"]),
-        "attn_q": first("attn_q.weight"), "attn_k": first("attn_k.weight"),
-        "attn_v": first("attn_v.weight"), "attn_output": first("attn_output.weight"),
+        "attn_q": first("attn_q.weight"),
+        "attn_k": first("attn_k.weight"),
+        "attn_v": first("attn_v.weight"),
+        "attn_output": first("attn_output.weight"),
         "ffn": first("ffn_up_exps.weight"),
     }
     row = {"attn_output": q}  # the others read rows of length d; ffn_down's rows (ff) are chosen to fit
@@ -130,9 +133,24 @@ def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[
     c = info.config
     ff, n, deco_n, types, substituted = dense_eq_plan(info)
     tied = "output.weight" not in {t.name for t in info.tensors}
-    key = json.dumps([DENSE_EQ_VERSION, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
-                      c.vocab_size, ff, types, c.norm_eps, c.rope_theta, c.context_length,
-                      not tied, deco_path.stat().st_size])
+    key = json.dumps(
+        [
+            DENSE_EQ_VERSION,
+            c.hidden_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.vocab_size,
+            ff,
+            types,
+            c.norm_eps,
+            c.rope_theta,
+            c.context_length,
+            not tied,
+            deco_path.stat().st_size,
+        ]
+    )
     out = cache_dir / f"dense-eq-{hashlib.sha256(key.encode()).hexdigest()[:20]}.gguf"
     result = DenseEq(out, ff, n, deco_n, types, substituted, built=False)
     if out.is_file():

@@ -41,7 +41,7 @@ def measure_activation_gguf(path: Path, text: str, num_tokens: int = 1024, seq_l
         rt.reset_activity()
         for start in range(0, len(ids), seq_len - 1):
             rt.llm.reset()
-            rt.llm.eval([rt.llm.token_bos()] + ids[start:start + seq_len - 1])
+            rt.llm.eval([rt.llm.token_bos()] + ids[start : start + seq_len - 1])
         return [a.rate if a is not None else None for a in rt.activity()]
 
 

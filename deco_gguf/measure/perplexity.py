@@ -118,8 +118,9 @@ def perplexity(
     # sequence in a context of n_seq * ctx tokens; a context over n_batch takes several decodes per chunk.
     n_seq = max(1, n_batch // ctx_size)
     n_batch = min(n_batch, n_seq * ctx_size)
-    rt = DecoRuntime(model, n_ctx=ctx_size, n_threads=n_threads, n_batch=min(n_batch, ctx_size), mode=mode,
-                     offload=offload)
+    rt = DecoRuntime(
+        model, n_ctx=ctx_size, n_threads=n_threads, n_batch=min(n_batch, ctx_size), mode=mode, offload=offload
+    )
     ctx = None
     try:
         tokens, bos = _tokenize(llama_cpp, rt.llm, text, ctx_size, model, text_path)
@@ -140,10 +141,22 @@ def perplexity(
             {"layer": a.layer, "tokens": a.tokens, "rate": a.rate} for a in rt.activity() if a is not None and a.tokens
         ]
         return PerplexityResult(
-            model=str(model), text=str(text_path), ctx_size=ctx_size, mode=mode,
-            threads=threads, tokens=len(tokens), chunks=n_chunks,
-            scored_tokens=nll.count, add_bos=bos is not None, ppl=ppl, ppl_error=err, mean_nll=mean, seconds=seconds,
-            chunk_ppl=nll.chunk_ppl, activation=layers, mean_activation=rt.mean_activation(),
+            model=str(model),
+            text=str(text_path),
+            ctx_size=ctx_size,
+            mode=mode,
+            threads=threads,
+            tokens=len(tokens),
+            chunks=n_chunks,
+            scored_tokens=nll.count,
+            add_bos=bos is not None,
+            ppl=ppl,
+            ppl_error=err,
+            mean_nll=mean,
+            seconds=seconds,
+            chunk_ppl=nll.chunk_ppl,
+            activation=layers,
+            mean_activation=rt.mean_activation(),
         )
     finally:
         if ctx:

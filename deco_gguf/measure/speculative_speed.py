@@ -71,11 +71,16 @@ class Config:
 
     def as_dict(self, baseline: Config) -> dict:
         return {
-            "name": self.name, "threads": self.threads, "tokens_per_second": self.tokens_per_second,
-            "median": self.median, "acceptance": self.acceptance, "tokens_per_verify": self.tokens_per_verify,
+            "name": self.name,
+            "threads": self.threads,
+            "tokens_per_second": self.tokens_per_second,
+            "median": self.median,
+            "acceptance": self.acceptance,
+            "tokens_per_verify": self.tokens_per_verify,
             "verify_cost_steps": self.verify_us / baseline.verify_us,
             "speedup_vs_sparse": self.median / baseline.median,
-            "draft_ms": self.total("t_draft_us") / 1e3, "verify_ms": self.total("t_verify_us") / 1e3,
+            "draft_ms": self.total("t_draft_us") / 1e3,
+            "verify_ms": self.total("t_verify_us") / 1e3,
         }
 
 
@@ -94,8 +99,11 @@ class SpeculativeReport:
     def as_dict(self) -> dict:
         return {
             "settings": {"draft_max": self.draft_max, "prompt": self.prompt, "tg": self.tg, "passages": self.passages},
-            "results": [c.as_dict(self.find("sparse", c.threads)) | {
-                "speedup_vs_dense": c.median / self.find("dense", c.threads).median} for c in self.configs],
+            "results": [
+                c.as_dict(self.find("sparse", c.threads))
+                | {"speedup_vs_dense": c.median / self.find("dense", c.threads).median}
+                for c in self.configs
+            ],
         }
 
 
@@ -110,8 +118,10 @@ def plot(report: SpeculativeReport, path: str | Path) -> None:
         configs = [report.find(name, t) for name in names]
         xs = [i + (k - (len(threads) - 1) / 2) * width for i in range(len(names))]
         medians = [c.median for c in configs]
-        errors = [[c.median - min(c.tokens_per_second) for c in configs],
-                  [max(c.tokens_per_second) - c.median for c in configs]]
+        errors = [
+            [c.median - min(c.tokens_per_second) for c in configs],
+            [max(c.tokens_per_second) - c.median for c in configs],
+        ]
         bars = ax.bar(xs, medians, width, yerr=errors, capsize=3, label=f"{t} thread{'s' if t > 1 else ''}")
         sparse = report.find("sparse", t).median
         ax.bar_label(bars, labels=[f"×{m / sparse:.2f}" for m in medians], padding=2, fontsize=8)
@@ -120,8 +130,11 @@ def plot(report: SpeculativeReport, path: str | Path) -> None:
     ax.set_ylabel("tokens/s (labels: × autoregressive sparse)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    ax.set_title(f"{report.model}: greedy, {report.passages} passage(s) of {report.prompt}+{report.tg} tokens, "
-                 f"draft max {report.draft_max}", fontsize=10)
+    ax.set_title(
+        f"{report.model}: greedy, {report.passages} passage(s) of {report.prompt}+{report.tg} tokens, "
+        f"draft max {report.draft_max}",
+        fontsize=10,
+    )
     plotting.save(fig, path)
 
 
@@ -134,12 +147,21 @@ def passages(llm, text: str, prompt: int, tg: int, n: int) -> list[list[int]]:
     window = prompt + tg
     while len(tokens) < n * window:  # a short text is repeated
         tokens += tokens
-    return [[llm.token_bos(), *tokens[s: s + prompt]] for s in range(0, n * window, window)]
+    return [[llm.token_bos(), *tokens[s : s + prompt]] for s in range(0, n * window, window)]
 
 
 def measure_speculative(
-    path: Path, text: str, *, draft: Path | None = None, lookup: bool = False, synthetic: tuple[float, ...] = (),
-    draft_max: int = DEFAULT_DRAFT_MAX, prompt: int = 64, tg: int = 64, n_passages: int = 3, threads: list[int],
+    path: Path,
+    text: str,
+    *,
+    draft: Path | None = None,
+    lookup: bool = False,
+    synthetic: tuple[float, ...] = (),
+    draft_max: int = DEFAULT_DRAFT_MAX,
+    prompt: int = 64,
+    tg: int = 64,
+    n_passages: int = 3,
+    threads: list[int],
     on_step: Callable[[int, int], None] | None = None,
 ) -> SpeculativeReport:
     kinds = (["draft"] if draft else []) + (["lookup"] if lookup else []) + [f"synthetic {r:g}" for r in synthetic]

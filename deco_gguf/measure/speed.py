@@ -110,8 +110,12 @@ class Series:
 
     def as_dict(self) -> dict:
         out = {
-            "model": self.model, "mode": self.mode, "threads": self.threads, "test": self.test,
-            "tokens": self.tokens, "samples": self.samples,
+            "model": self.model,
+            "mode": self.mode,
+            "threads": self.threads,
+            "test": self.test,
+            "tokens": self.tokens,
+            "samples": self.samples,
             "tokens_per_second": {"median": self.median, "min": min(self.samples), "max": max(self.samples)},
         }
         if self.first_token_ms:
@@ -170,18 +174,27 @@ class SpeedReport:
         b = self.bytes
         return {
             "model": self.model,
-            "settings": {"pp": self.pp, "tg": self.tg, "repetitions": self.repetitions, "warmup": self.warmup,
-                         "threads": self.threads},
+            "settings": {
+                "pp": self.pp,
+                "tg": self.tg,
+                "repetitions": self.repetitions,
+                "warmup": self.warmup,
+                "threads": self.threads,
+            },
             "results": [s.as_dict() for s in self.series],
             "activation": {
                 "layers": [{"layer": k, "rate": v} for k, v in sorted(self.layer_rates.items())],
-                "mean": self.mean_rate, "source": "sparse tg runs (the DECO op's counters)",
+                "mean": self.mean_rate,
+                "source": "sparse tg runs (the DECO op's counters)",
             },
             "bytes_per_token": {
-                "non_expert": b.non_expert, "expert_total": b.expert,
+                "non_expert": b.non_expert,
+                "expert_total": b.expert,
                 "expert_by_layer": {str(k): v for k, v in sorted(b.expert_by_layer.items())},
                 "embedding_row_only": b.embedding_row_only,
-                "sparse": self.sparse_bytes, "dense": b.dense, "dense_eq": self.dense_eq_bytes,
+                "sparse": self.sparse_bytes,
+                "dense": b.dense,
+                "dense_eq": self.dense_eq_bytes,
             },
             "ratios": self.ratios(),
             "dense_eq": self.dense_eq.as_dict() if self.dense_eq else None,
@@ -223,7 +236,7 @@ class _Bench:
         self._prepare(threads)
         start = time.perf_counter()
         for i in range(0, len(tokens), MAX_BATCH):
-            self._decode(tokens[i:i + MAX_BATCH])
+            self._decode(tokens[i : i + MAX_BATCH])
         self.api.llama_synchronize(self.ctx)
         prompt_seconds = time.perf_counter() - start
         self._decode(tokens[:1])  # the first generated token; which one does not change the work
@@ -270,8 +283,9 @@ def measure(
     benches: list[_Bench] = []
     try:
         for mode in modes:
-            rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), mode=mode,
-                             offload=offload)
+            rt = DecoRuntime(
+                model, n_ctx=n_ctx, n_threads=threads[0], n_batch=min(pp, MAX_BATCH), mode=mode, offload=offload
+            )
             benches.append(_Bench("deco", mode, rt.llm, rt))
         info = benches[0].rt.info
         tokens = _tokens(benches[0].llm, text or DEFAULT_TEXT, max(pp, tg))
@@ -283,17 +297,27 @@ def measure(
         runs = _Runs(benches, threads, warmup, repetitions, on_step)
         runs.run(tokens[:pp], tokens[:tg])
         return SpeedReport(
-            model=str(model), pp=pp, tg=tg, repetitions=repetitions, warmup=warmup, threads=list(threads),
-            series=list(runs.series.values()), layer_rates=runs.layer_rates(), bytes=weight_bytes(info.tensors),
-            dense_eq=eq, dense_eq_bytes=eq_bytes, text_tokens=len(tokens),
+            model=str(model),
+            pp=pp,
+            tg=tg,
+            repetitions=repetitions,
+            warmup=warmup,
+            threads=list(threads),
+            series=list(runs.series.values()),
+            layer_rates=runs.layer_rates(),
+            bytes=weight_bytes(info.tensors),
+            dense_eq=eq,
+            dense_eq_bytes=eq_bytes,
+            text_tokens=len(tokens),
         )
     finally:
         for b in reversed(benches):
             b.close()
 
 
-def _checked_settings(pp: int, tg: int, repetitions: int, warmup: int, threads: list[int] | None,
-                      modes: tuple[str, ...]) -> list[int]:
+def _checked_settings(
+    pp: int, tg: int, repetitions: int, warmup: int, threads: list[int] | None, modes: tuple[str, ...]
+) -> list[int]:
     """The thread counts to measure (default: all cores), once every setting is checked."""
     from ..runtime.native import available_cores
 
@@ -313,8 +337,9 @@ def _dense_eq_bench(model: Path, info, n_ctx: int, threads: int, pp: int, offloa
     from ..support.cache import cache_root
 
     eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
-    llm = load_llama(eq.path, n_ctx=n_ctx, n_threads=threads, n_batch=min(pp, MAX_BATCH), seed=0,
-                     n_gpu_layers=offload.n_gpu_layers)
+    llm = load_llama(
+        eq.path, n_ctx=n_ctx, n_threads=threads, n_batch=min(pp, MAX_BATCH), seed=0, n_gpu_layers=offload.n_gpu_layers
+    )
     return eq, _Bench("dense_eq", "dense", llm)
 
 
@@ -324,10 +349,12 @@ def _file_weight_bytes(path: Path) -> WeightBytes:
 
     from ..model.gguf_file import TensorInfo
 
-    return weight_bytes([
-        TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes))
-        for t in gguf.GGUFReader(path).tensors
-    ])
+    return weight_bytes(
+        [
+            TensorInfo(t.name, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)), int(t.n_bytes))
+            for t in gguf.GGUFReader(path).tensors
+        ]
+    )
 
 
 class _Runs:
@@ -350,7 +377,9 @@ class _Runs:
     def run(self, prompt: list[int], generated: list[int]) -> None:
         self.series = {
             (b.label, b.mode, t, test): Series(b.label, b.mode, t, test, len(prompt if test == "pp" else generated))
-            for t in self.threads for b in self.benches for test in ("pp", "tg")
+            for t in self.threads
+            for b in self.benches
+            for test in ("pp", "tg")
         }
         for t in self.threads:
             for b in self.benches:

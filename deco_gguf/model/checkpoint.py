@@ -34,7 +34,11 @@ BIN_SINGLE = "pytorch_model.bin"
 
 # Tokenizer files the converter (and gguf's SentencePiece reader) may read.
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
 )
 
 

@@ -62,8 +62,12 @@ class ModelInfo:
     def accounting(self, activation_rate: float, source: str, context: int | None = None) -> Accounting:
         c = self.config
         return account(
-            {t.name: t.shape for t in self.tensors}, c.hidden_size, c.num_layers,
-            context or c.context_length, activation_rate, source,
+            {t.name: t.shape for t in self.tensors},
+            c.hidden_size,
+            c.num_layers,
+            context or c.context_length,
+            activation_rate,
+            source,
         )
 
 

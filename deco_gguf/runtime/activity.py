@@ -41,14 +41,20 @@ class LayerActivity:
         if not self.tokens:
             return other
         known = None not in (self.min_active, self.max_active, other.min_active, other.max_active)
-        return LayerActivity(self.layer, self.tokens + other.tokens, self.active + other.active,
-                             min(self.min_active, other.min_active) if known else None,
-                             max(self.max_active, other.max_active) if known else None, self.num_experts)
+        return LayerActivity(
+            self.layer,
+            self.tokens + other.tokens,
+            self.active + other.active,
+            min(self.min_active, other.min_active) if known else None,
+            max(self.max_active, other.max_active) if known else None,
+            self.num_experts,
+        )
 
     def __sub__(self, other: LayerActivity) -> LayerActivity:
         assert (self.layer, self.num_experts) == (other.layer, other.num_experts)
-        return LayerActivity(self.layer, self.tokens - other.tokens, self.active - other.active, None, None,
-                             self.num_experts)
+        return LayerActivity(
+            self.layer, self.tokens - other.tokens, self.active - other.active, None, None, self.num_experts
+        )
 
 
 def mean_rate(activity: Iterable[LayerActivity | None]) -> float | None:
@@ -58,8 +64,12 @@ def mean_rate(activity: Iterable[LayerActivity | None]) -> float | None:
 
 
 class _LayerCounts(ctypes.Structure):  # struct ggml_deco_layer_activity
-    _fields_ = [("n_tokens", ctypes.c_int64), ("n_active", ctypes.c_int64),
-                ("min_active", ctypes.c_int64), ("max_active", ctypes.c_int64)]
+    _fields_ = [
+        ("n_tokens", ctypes.c_int64),
+        ("n_active", ctypes.c_int64),
+        ("min_active", ctypes.c_int64),
+        ("max_active", ctypes.c_int64),
+    ]
 
 
 class _Counts(ctypes.Structure):  # struct ggml_deco_activity
@@ -94,7 +104,15 @@ class ActivityCounter:
         llama.cpp evaluates the last layer only for positions whose logits are requested.
         """
         return [
-            LayerActivity(layer, c.n_tokens, c.n_active, c.min_active if c.n_tokens else None,
-                          c.max_active if c.n_tokens else None, self.num_experts) if is_moe else None
+            LayerActivity(
+                layer,
+                c.n_tokens,
+                c.n_active,
+                c.min_active if c.n_tokens else None,
+                c.max_active if c.n_tokens else None,
+                self.num_experts,
+            )
+            if is_moe
+            else None
             for layer, (c, is_moe) in enumerate(zip(self._layers, self.moe_layers, strict=True))
         ]

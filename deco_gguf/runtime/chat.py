@@ -70,7 +70,7 @@ class ChatFormat:
         except Exception as e:  # the template's raise_exception, undefined names
             raise DecoError(f"the model's chat template refuses these messages: {e}") from None
         if self.add_bos and self.bos and prompt.startswith(self.bos):
-            prompt = prompt[len(self.bos):]  # the tokenizer adds it (llama.cpp strips it the same way)
+            prompt = prompt[len(self.bos) :]  # the tokenizer adds it (llama.cpp strips it the same way)
         return prompt
 
     def __call__(self, *, messages, **kwargs):  # noqa: ARG002  llama_cpp's ChatFormatter protocol passes more
@@ -138,7 +138,9 @@ class ChatSession:
         self.sampling = sampling or Sampling()
         if self.sampling.temperature < 0:
             raise DecoError("--temperature must be >= 0")
-        self.rt = DecoRuntime(model, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(512, n_ctx), mode=mode, offload=offload)
+        self.rt = DecoRuntime(
+            model, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(512, n_ctx), mode=mode, offload=offload
+        )
         llm = self.llm = self.rt.llm
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         bos_id, eos_id = llm.token_bos(), llm.token_eos()
@@ -213,7 +215,11 @@ class ChatSession:
         stats = ReplyStats(prompt_tokens=len(prompt), trimmed_turns=dropped, n_ctx=self.n_ctx)
         self.rt.reset_activity()
         start = time.perf_counter()
-        stream = self._speculate(prompt, n_predict, stats) if self.spec else self._complete(messages, prompt, n_predict, stats)
+        stream = (
+            self._speculate(prompt, n_predict, stats)
+            if self.spec
+            else self._complete(messages, prompt, n_predict, stats)
+        )
         pieces: list[str] = []
         stats.finish_reason = "interrupted"
         try:
@@ -240,8 +246,15 @@ class ChatSession:
         llama_cpp.llama_perf_context_reset(ctx)
         start = time.perf_counter()
         stream = self.llm.create_chat_completion(
-            messages=messages, stream=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            min_p=s.min_p, repeat_penalty=s.repeat_penalty, seed=self._rng.randrange(2**32), max_tokens=n_predict,
+            messages=messages,
+            stream=True,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+            seed=self._rng.randrange(2**32),
+            max_tokens=n_predict,
         )
         try:
             for chunk in stream:

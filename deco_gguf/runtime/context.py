@@ -23,7 +23,8 @@ MODE_KEY = "deco.ffn_mode"
 # Weights are read into memory, not mapped from the file: this project's ggml puts large buffers in huge pages
 # (ggml_patches/README.md), which the page cache behind a mapping is not. The output head, the largest matrix
 # left unrepacked, is then read from huge pages too: decode on one thread 10-20% faster, on two no change
-# (docs/benchmarks.md, "Huge pages"); the repacked weights were copies either way. Every model a comparison loads (the dense Llama, a draft) is loaded the same way.
+# (docs/benchmarks.md, "Huge pages"); the repacked weights were copies either way. Every model a comparison
+# loads (the dense Llama, a draft) is loaded the same way.
 USE_MMAP = False
 
 
@@ -36,9 +37,20 @@ def load_llama(path: Path, *, n_ctx: int, n_threads: int, n_batch: int, exact: b
     kv_type = GGML_TYPE_F32 if exact else GGML_TYPE_F16
     with llama_errors() as errors:
         try:
-            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
-                         n_threads_batch=n_threads, verbose=False, flash_attn=not exact, type_k=kv_type,
-                         type_v=kv_type, use_mmap=USE_MMAP, **options)
+            return Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                verbose=False,
+                flash_attn=not exact,
+                type_k=kv_type,
+                type_v=kv_type,
+                use_mmap=USE_MMAP,
+                **options,
+            )
         except (ValueError, RuntimeError) as e:
             raise DecoError(f"{path}: llama.cpp cannot load it: {errors[-1] if errors else e}") from None
 
@@ -109,9 +121,17 @@ class DecoRuntime:
         self.counter = ActivityCounter(self.config.moe_layers, self.config.num_experts)
         broken_template = any(template_error(t) for t in self.info.chat_templates)
         with _chatml_while_loading() if broken_template else contextlib.nullcontext(), self._counting_contexts():
-            self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads or available_cores(), n_batch=n_batch,
-                                  exact=exact, seed=seed, logits_all=all_logits, n_gpu_layers=offload.n_gpu_layers,
-                                  kv_overrides={MODE_KEY: mode})
+            self.llm = load_llama(
+                self.path,
+                n_ctx=n_ctx,
+                n_threads=n_threads or available_cores(),
+                n_batch=n_batch,
+                exact=exact,
+                seed=seed,
+                logits_all=all_logits,
+                n_gpu_layers=offload.n_gpu_layers,
+                kv_overrides={MODE_KEY: mode},
+            )
 
     @contextlib.contextmanager
     def _counting_contexts(self):
@@ -165,5 +185,3 @@ class DecoRuntime:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-

@@ -73,8 +73,15 @@ def ggml_base() -> ctypes.CDLL:
     if found is None:
         raise DecoError(f"no libggml-base beside libllama in {lib_dir()}: {GET_RUNTIME}")
     lib = ctypes.CDLL(str(found))
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
@@ -84,6 +91,7 @@ def ggml_base() -> ctypes.CDLL:
 
 def _route_logs(llama_cpp) -> None:
     """Keep llama.cpp quiet; hand its error lines to the `llama_errors()` blocks running."""
+
     @llama_cpp.llama_log_callback
     def callback(level, text, user_data):  # noqa: ARG001
         line = text.decode("utf-8", "replace").strip()

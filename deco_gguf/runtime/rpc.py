@@ -103,7 +103,8 @@ def attach(endpoints: tuple[str, ...], lib_dir: Path) -> None:
         major, minor, patch = protocol_version(endpoint)
         if major != PROTOCOL_MAJOR:
             raise DecoError(
-                f"{endpoint}: the rpc-server speaks RPC protocol {major}.{minor}.{patch}, this runtime {PROTOCOL_MAJOR}.x: "
+                f"{endpoint}: the rpc-server speaks RPC protocol {major}.{minor}.{patch}, "
+                f"this runtime {PROTOCOL_MAJOR}.x: "
                 "run the rpc-server of this project's build (`pip install .` installs it), which knows the DECO op"
             )
         server = add_server(endpoint.encode())

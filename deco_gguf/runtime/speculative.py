@@ -38,22 +38,46 @@ LOOKUP_N = 3  # n-gram length of the lookup draft
 
 
 class _Params(ctypes.Structure):
-    _fields_ = [("draft", ctypes.c_int32), ("n_draft", ctypes.c_int32), ("lookup_n", ctypes.c_int32),
-                ("script", ctypes.POINTER(ctypes.c_int32)),
-                ("n_script", ctypes.c_int32), ("script_hit_rate", ctypes.c_float), ("script_seed", ctypes.c_uint32)]
+    _fields_ = [
+        ("draft", ctypes.c_int32),
+        ("n_draft", ctypes.c_int32),
+        ("lookup_n", ctypes.c_int32),
+        ("script", ctypes.POINTER(ctypes.c_int32)),
+        ("n_script", ctypes.c_int32),
+        ("script_hit_rate", ctypes.c_float),
+        ("script_seed", ctypes.c_uint32),
+    ]
 
 
 class _Sampling(ctypes.Structure):
-    _fields_ = [("temp", ctypes.c_float), ("top_k", ctypes.c_int32), ("top_p", ctypes.c_float),
-                ("min_p", ctypes.c_float), ("repeat_penalty", ctypes.c_float), ("seed", ctypes.c_uint32)]
+    _fields_ = [
+        ("temp", ctypes.c_float),
+        ("top_k", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
+        ("min_p", ctypes.c_float),
+        ("repeat_penalty", ctypes.c_float),
+        ("seed", ctypes.c_uint32),
+    ]
 
 
 class SpecStats(ctypes.Structure):
     """One generation's counts and times (struct deco_spec_stats)."""
 
-    _fields_ = [(name, ctypes.c_int64) for name in (
-        "n_prompt", "n_generated", "n_verify", "n_drafted", "n_accepted",
-        "t_prompt_us", "t_first_us", "t_draft_us", "t_verify_us", "t_total_us")]
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in (
+            "n_prompt",
+            "n_generated",
+            "n_verify",
+            "n_drafted",
+            "n_accepted",
+            "t_prompt_us",
+            "t_first_us",
+            "t_draft_us",
+            "t_verify_us",
+            "t_total_us",
+        )
+    ]
 
     @property
     def acceptance(self) -> float | None:
@@ -81,11 +105,26 @@ def _lib() -> ctypes.CDLL:
     if path is None:
         raise DecoError(f"libdeco-speculative is not installed with the runtime: {GET_RUNTIME}")
     lib = ctypes.CDLL(str(path))
-    lib.deco_spec_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Params), ctypes.c_char_p, ctypes.c_size_t]
+    lib.deco_spec_init.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.POINTER(_Params),
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
     lib.deco_spec_init.restype = ctypes.c_void_p
-    lib.deco_spec_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_int32,
-                                       ctypes.POINTER(_Sampling), _TokensCallback, ctypes.c_void_p,
-                                       ctypes.POINTER(SpecStats), ctypes.c_char_p, ctypes.c_size_t]
+    lib.deco_spec_generate.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.POINTER(_Sampling),
+        _TokensCallback,
+        ctypes.c_void_p,
+        ctypes.POINTER(SpecStats),
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
     lib.deco_spec_generate.restype = ctypes.c_int32
     lib.deco_spec_forget_cache.argtypes = [ctypes.c_void_p]
     lib.deco_spec_forget_cache.restype = None
@@ -114,7 +153,9 @@ def check_draft_vocabulary(target, draft, draft_path: Path) -> None:
     t, d = vocabulary_signature(target), vocabulary_signature(draft)
     differ = [f"{k} {d[k]} vs {t[k]}" for k in t if t[k] != d[k]]
     if differ:
-        raise DecoError(f"{draft_path}: cannot draft for this model, its vocabulary differs ({', '.join(differ)} in the target)")
+        raise DecoError(
+            f"{draft_path}: cannot draft for this model, its vocabulary differs ({', '.join(differ)} in the target)"
+        )
 
 
 class DraftModel:
@@ -189,9 +230,18 @@ class Speculator:
     (and a draft model): one whose caches another has used since its last call starts afresh.
     """
 
-    def __init__(self, target: DecoRuntime, draft: str = "none", *, n_draft: int | None = None,
-                 draft_model: DraftModel | None = None, lookup_n: int = LOOKUP_N, script: Sequence[int] = (),
-                 hit_rate: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        target: DecoRuntime,
+        draft: str = "none",
+        *,
+        n_draft: int | None = None,
+        draft_model: DraftModel | None = None,
+        lookup_n: int = LOOKUP_N,
+        script: Sequence[int] = (),
+        hit_rate: float = 1.0,
+        seed: int = 0,
+    ):
         if draft not in DRAFTS:
             raise DecoError(f"unknown draft {draft!r} (choose from {', '.join(DRAFTS)})")
         if (draft == "model") != (draft_model is not None):
@@ -206,8 +256,9 @@ class Speculator:
         self._script = (ctypes.c_int32 * len(script))(*script)
         params = _Params(DRAFTS[draft], n_draft, lookup_n, self._script, len(script), hit_rate, seed)
         err = ctypes.create_string_buffer(_ERR_SIZE)
-        handle = _lib().deco_spec_init(target.llm.ctx, draft_model.llm.ctx if draft_model else None,
-                                      ctypes.byref(params), err, _ERR_SIZE)
+        handle = _lib().deco_spec_init(
+            target.llm.ctx, draft_model.llm.ctx if draft_model else None, ctypes.byref(params), err, _ERR_SIZE
+        )
         if not handle:
             raise DecoError(f"speculative decoding cannot start: {err.value.decode(errors='replace')}")
         self._handle = handle
@@ -217,8 +268,13 @@ class Speculator:
         """draft='script': the continuation the next generations propose from."""
         _lib().deco_spec_set_script(self._handle, (ctypes.c_int32 * len(script))(*script), len(script))
 
-    def generate(self, prompt: Sequence[int], n_predict: int, sampling: Sampling = GREEDY,
-                 on_tokens: Callable[[list[int]], bool | None] | None = None) -> tuple[list[int], SpecStats]:
+    def generate(
+        self,
+        prompt: Sequence[int],
+        n_predict: int,
+        sampling: Sampling = GREEDY,
+        on_tokens: Callable[[list[int]], bool | None] | None = None,
+    ) -> tuple[list[int], SpecStats]:
         """Up to `n_predict` tokens after `prompt` (ending early at an end-of-generation token, which is
         included); `on_tokens(run)` gets each run of accepted tokens and may return False to stop.
         `sampling.max_tokens` is not read (n_predict is the budget); a seed of None is 0."""
@@ -243,8 +299,18 @@ class Speculator:
         c_prompt = (ctypes.c_int32 * len(prompt))(*prompt)
         stats = SpecStats()
         err = ctypes.create_string_buffer(_ERR_SIZE)
-        rc = _lib().deco_spec_generate(self._handle, c_prompt, len(prompt), n_predict, ctypes.byref(c_sampling),
-                                       callback, None, ctypes.byref(stats), err, _ERR_SIZE)
+        rc = _lib().deco_spec_generate(
+            self._handle,
+            c_prompt,
+            len(prompt),
+            n_predict,
+            ctypes.byref(c_sampling),
+            callback,
+            None,
+            ctypes.byref(stats),
+            err,
+            _ERR_SIZE,
+        )
         if raised:
             raise raised[0]
         if rc != 0:

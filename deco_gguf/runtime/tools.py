@@ -22,8 +22,24 @@ from .native import GET_RUNTIME, available_cores, lib_dir, library
 # llama-quantize's presets (the patched build's, installed beside libllama); routers, norms, scales and
 # the mean row stay F32 (1-D tensors and ffn_gate_inp are never quantized), and tensors whose rows do not
 # fit the preset's block size fall back to a fitting type. The low-bit ones gain most from an imatrix.
-PRESETS = ("Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
-           "Q6_K", "IQ4_NL", "IQ4_XS", "F16", "BF16")
+PRESETS = (
+    "Q4_0",
+    "Q5_0",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K_S",
+    "Q3_K_M",
+    "Q3_K_L",
+    "Q4_K_S",
+    "Q4_K_M",
+    "Q5_K_S",
+    "Q5_K_M",
+    "Q6_K",
+    "IQ4_NL",
+    "IQ4_XS",
+    "F16",
+    "BF16",
+)
 
 
 KEPT_F32 = ("ffn_gate_inp.weight",)  # the router: 2-D, never quantized by libllama
@@ -63,8 +79,14 @@ def run_tool(args: list, on_line: Callable[[str], None], what: str, env: dict | 
     import subprocess
 
     lines: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [str(a) for a in args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**os.environ, **(env or {})},
+    )
     try:
         for line in proc.stdout:
             lines.append(line.rstrip())
@@ -114,7 +136,9 @@ def quantize(
     options = (["--allow-requantize"] if allow_requantize else []) + (["--imatrix", imatrix] if imatrix else [])
     with atomic_output(dst) as tmp:
         try:
-            run_tool([binary, *options, src, tmp, preset, n_threads or available_cores()], progress, f"quantizing {src}")
+            run_tool(
+                [binary, *options, src, tmp, preset, n_threads or available_cores()], progress, f"quantizing {src}"
+            )
         except DecoError as e:
             hint = " (--allow-requantize accepts it, at a cost in quality)" if "requantiz" in str(e) else ""
             raise DecoError(f"{e}{hint}") from None
@@ -156,11 +180,23 @@ def imatrix(
 
     # llama-imatrix puts 2048 / ctx chunks side by side in one batch and needs that to divide evenly
     batch = 2048 if ctx_size > 2048 or 2048 % ctx_size == 0 else ctx_size
-    args = [binary, "-m", model, "-f", text, "--output-format", "gguf", "-c", ctx_size, "-b", batch,
-            "-t", n_threads or available_cores()]
+    args = [
+        binary,
+        "-m",
+        model,
+        "-f",
+        text,
+        "--output-format",
+        "gguf",
+        "-c",
+        ctx_size,
+        "-b",
+        batch,
+        "-t",
+        n_threads or available_cores(),
+    ]
     if chunks:
         args += ["--chunks", chunks]
     with atomic_output(out) as tmp:
         # the DECO op, which the collector reads, is the sparse evaluation's (DECO_FFN=ops would hide it)
         run_tool([*args, "-o", tmp], started, f"computing the importance matrix of {model}", env={"DECO_FFN": "sparse"})
-

@@ -42,8 +42,7 @@ from ..support.errors import DecoError
 PACKAGES = ("bible-kjv-text", "bible-kjv")
 PACKAGE_VERSION = "4.38"  # the version the bundled model was trained from
 LICENCE = (
-    "King James Version (1611/1769), public domain (outside the UK's Crown letters patent); "
-    "Debian packaging GPL-2+"
+    "King James Version (1611/1769), public domain (outside the UK's Crown letters patent); Debian packaging GPL-2+"
 )
 # sha256 of the dumped text (kjv.txt) from bible-kjv-text 4.38; another
 # version of the package still works but is reported as a different corpus.

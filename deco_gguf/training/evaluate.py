@@ -51,8 +51,9 @@ def unigram_ppl(train: torch.Tensor, heldout: torch.Tensor, vocab: int) -> float
 
 
 @torch.no_grad()
-def generate(model: DecoModel, sp, prompt: str, n: int, temperature: float = 0.0, seed: int = 0,
-             top_k: int = 40) -> str:
+def generate(
+    model: DecoModel, sp, prompt: str, n: int, temperature: float = 0.0, seed: int = 0, top_k: int = 40
+) -> str:
     """Greedy (temperature 0) or top-k temperature sampling from the reference model; returns the continuation."""
     ids = [sp.bos_id()] + sp.encode(prompt)
     g = torch.Generator().manual_seed(seed)

@@ -73,8 +73,9 @@ class Shape:
         )
 
 
-def init_state(config: DecoConfig, seed: int, std: float = 0.02,
-               router_scale_init: float = 0.1) -> dict[str, torch.Tensor]:
+def init_state(
+    config: DecoConfig, seed: int, std: float = 0.02, router_scale_init: float = 0.1
+) -> dict[str, torch.Tensor]:
     """fp32 initial weights under their HF names.
 
     Matrices ~ N(0, std); the matrices that write into the residual stream
@@ -172,8 +173,9 @@ class AdaptiveCoef:
                 self.values[k] = max(self.values[k] / self.multiplier, self.init)
 
 
-def loss_terms(model: TrainableDeco, ids: torch.Tensor,
-               coef: AdaptiveCoef) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+def loss_terms(
+    model: TrainableDeco, ids: torch.Tensor, coef: AdaptiveCoef
+) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
     """(total loss, LM loss, per-layer activation rates, per-layer entropies) on ids [B, T+1]."""
     logits, routers = model(ids[:, :-1])
     lm = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())

@@ -71,18 +71,25 @@ def make_optimizer(model: TrainableDeco, lr: float, weight_decay: float) -> torc
         (decay if p.dim() == 2 else no_decay).append(p)  # no decay on norms and the router scale
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, required=True, help="HF checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (the cosine schedule spans them)")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget. With --steps the schedule still follows the steps and this is only a "
-                         "hard stop; with --steps 0 the schedule follows the clock (not reproducible step for step)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget. With --steps the schedule still follows the steps and this is only a "
+        "hard stop; with --steps 0 the schedule follows the clock (not reproducible step for step)",
+    )
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -92,22 +99,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target", type=float, default=0.2, help="target activation rate of the routed experts")
     ap.add_argument("--coef-init", type=float, default=1e-4, help="initial (and minimum) regulariser coefficient")
     ap.add_argument("--coef-mult", type=float, default=1.03, help="per-step multiplier of the coefficient")
-    ap.add_argument("--coef-scope", choices=("layer", "global"), default="global",
-                    help="one coefficient driven by the mean activation (DECO), or one per layer")
-    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                    help="stored dtype of everything but the router (fp32)")
+    ap.add_argument(
+        "--coef-scope",
+        choices=("layer", "global"),
+        default="global",
+        help="one coefficient driven by the mean activation (DECO), or one per layer",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="stored dtype of everything but the router (fp32)",
+    )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-compile", action="store_true",
-                    help="run the reference forward eagerly (torch.compile fuses its element-wise ops: ~2x faster "
-                         "here)")
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="run the reference forward eagerly (torch.compile fuses its element-wise ops: ~2x faster here)",
+    )
     ap.add_argument("--corpus-cache", type=Path, default=None)
-    ap.add_argument("--log-dir", type=Path, default=Path("/tmp/deco-tiny-train"),
-                    help="training log (CSV), resumable state, summary JSON")
+    ap.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path("/tmp/deco-tiny-train"),
+        help="training log (CSV), resumable state, summary JSON",
+    )
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true", help="continue from <log-dir>/state.pt")
     ap.add_argument("--eval-windows", type=int, default=None, help="limit the held-out evaluation (default: all)")
-    ap.add_argument("--tokenizer", type=Path, default=None,
-                    help="reuse this tokenizer.model instead of training one (a draft model must share its target's)")
+    ap.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="reuse this tokenizer.model instead of training one (a draft model must share its target's)",
+    )
     for f in Shape.__dataclass_fields__.values():
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
@@ -131,13 +156,19 @@ def load_data(args: argparse.Namespace, shape: Shape) -> Data:
 
     t0 = time.time()
     corpus = load_corpus(args.corpus_cache)
-    print(f"corpus: {corpus.source['train_chars']} train chars, {corpus.source['heldout_chars']} held-out chars, "
-          f"sha256 {corpus.source['sha256'][:12]} (bundled: {corpus.source['matches_bundled_model']})", flush=True)
+    print(
+        f"corpus: {corpus.source['train_chars']} train chars, {corpus.source['heldout_chars']} held-out chars, "
+        f"sha256 {corpus.source['sha256'][:12]} (bundled: {corpus.source['matches_bundled_model']})",
+        flush=True,
+    )
     tok = args.tokenizer.read_bytes() if args.tokenizer else train_tokenizer(corpus.train_verses, shape.vocab_size)
     sp = fixtures.sp_processor(tok)
     train_ids, held_ids = token_stream(sp, corpus.train), token_stream(sp, corpus.heldout)
-    print(f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids)} train / {len(held_ids)} held-out tokens "
-          f"({time.time() - t0:.0f}s)", flush=True)
+    print(
+        f"tokenizer: {sp.get_piece_size()} pieces; {len(train_ids)} train / {len(held_ids)} held-out tokens "
+        f"({time.time() - t0:.0f}s)",
+        flush=True,
+    )
     return Data(corpus, tok, sp, train_ids, held_ids)
 
 
@@ -154,8 +185,17 @@ class Run:
     elapsed: float = 0.0  # training seconds before this process
 
     def save(self, path: Path, elapsed: float) -> None:
-        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "coef": self.coef.values,
-                    "gen": self.gen.get_state(), "step": self.step, "elapsed": elapsed}, path)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(),
+                "coef": self.coef.values,
+                "gen": self.gen.get_state(),
+                "step": self.step,
+                "elapsed": elapsed,
+            },
+            path,
+        )
 
     def load(self, path: Path) -> None:
         st = torch.load(path, weights_only=False)
@@ -190,9 +230,12 @@ def train(args: argparse.Namespace, shape: Shape, run: Run, data: Data, state_pa
     with open(log_path, "w" if new_log else "a", newline="") as log_f:
         log = csv.writer(log_f)
         if new_log:
-            log.writerow(["step", "elapsed_s", "lr", "loss", "lm_loss"]
-                         + [f"act{k}" for k in range(n_moe)] + [f"coef{k}" for k in range(n_moe)]
-                         + [f"entropy{k}" for k in range(n_moe)])
+            log.writerow(
+                ["step", "elapsed_s", "lr", "loss", "lm_loss"]
+                + [f"act{k}" for k in range(n_moe)]
+                + [f"coef{k}" for k in range(n_moe)]
+                + [f"entropy{k}" for k in range(n_moe)]
+            )
         budget = args.minutes * 60 if args.minutes else None
         t_start = time.time() - run.elapsed
         ema_loss = None
@@ -206,13 +249,20 @@ def train(args: argparse.Namespace, shape: Shape, run: Run, data: Data, state_pa
             lr = lr_at(run.step / args.steps if args.steps > 0 else elapsed / budget, run.step, args.lr, args.warmup)
             lm, rates, coefs_used, ents, loss = train_step(args, run, data.train_ids, lr)
             ema_loss = lm if ema_loss is None else 0.98 * ema_loss + 0.02 * lm
-            log.writerow([run.step, f"{time.time() - t_start:.1f}", f"{lr:.3g}", f"{loss:.4f}", f"{lm:.4f}"]
-                         + [f"{r:.4f}" for r in rates] + [f"{c:.4g}" for c in coefs_used] + [f"{e:.4f}" for e in ents])
+            log.writerow(
+                [run.step, f"{time.time() - t_start:.1f}", f"{lr:.3g}", f"{loss:.4f}", f"{lm:.4f}"]
+                + [f"{r:.4f}" for r in rates]
+                + [f"{c:.4g}" for c in coefs_used]
+                + [f"{e:.4f}" for e in ents]
+            )
             if run.step % 10 == 0 or run.step == 1:
                 log_f.flush()
                 acts, coefs = " ".join(f"{r:.2f}" for r in rates), " ".join(f"{c:.2g}" for c in run.coef.values)
-                print(f"step {run.step:5d}  {time.time() - t_start:7.0f}s  lr {lr:.2e}  "
-                      f"lm {lm:.3f} (ema {ema_loss:.3f})  act {acts}  coef {coefs}", flush=True)
+                print(
+                    f"step {run.step:5d}  {time.time() - t_start:7.0f}s  lr {lr:.2e}  "
+                    f"lm {lm:.3f} (ema {ema_loss:.3f})  act {acts}  coef {coefs}",
+                    flush=True,
+                )
             if run.step % args.save_every == 0:
                 run.save(state_path, time.time() - t_start)
                 export(run.model, shape, data.tokenizer, args.out, args.dtype)  # a usable checkpoint at every save
@@ -239,8 +289,15 @@ def train_step(args: argparse.Namespace, run: Run, train_ids: torch.Tensor, lr: 
     return lm.item(), rates, coefs_used, ents, loss.item()
 
 
-def summarize(args: argparse.Namespace, shape: Shape, data: Data, run: Run, n_params: int, train_seconds: float,
-              ema_loss: float | None) -> dict:
+def summarize(
+    args: argparse.Namespace,
+    shape: Shape,
+    data: Data,
+    run: Run,
+    n_params: int,
+    train_seconds: float,
+    ema_loss: float | None,
+) -> dict:
     """Evaluate what was shipped: the HF directory, through the plain reference model."""
     ref = DecoModel.from_pretrained(args.out)
     ev = heldout_eval(ref, data.heldout_ids, ctx=args.seq, max_windows=args.eval_windows)
@@ -262,8 +319,11 @@ def summarize(args: argparse.Namespace, shape: Shape, data: Data, run: Run, n_pa
     }
     prompts = ["In the beginning", "And the LORD said unto Moses,", "Blessed are the"]
     summary["samples"] = [
-        {"prompt": p, "greedy": generate(ref, data.sp, p, 40),
-         "t0.8": generate(ref, data.sp, p, 40, temperature=0.8, seed=k)}
+        {
+            "prompt": p,
+            "greedy": generate(ref, data.sp, p, 40),
+            "t0.8": generate(ref, data.sp, p, 40, temperature=0.8, seed=k),
+        }
         for k, p in enumerate(prompts)
     ]
     return summary
