@@ -4,12 +4,11 @@ This is the numerical truth the converter and the GGUF runtime are tested
 against, so it favours plain code over speed: no KV cache, full causal
 attention on every call, every expert computed densely and weighted by its
 router score (an inactive expert's score is exactly 0, so its contribution is
-exactly 0, as in the authors' BlockFFNLayer.forward).
+exactly 0; docs/deco.md, "DECO FFN").
 
-Section names ("Layer stack", "DECO FFN", ...) refer to docs/deco.md. Where
-it is silent the authors' training
-code (thunlp/DECO, megatron/core/transformer/blockffn/) decides; those places
-say so.
+Section names ("Layer stack", "DECO FFN", ...) refer to docs/deco.md; its
+section "Where the math comes from" says where each detail the paper leaves
+open is settled.
 
     model = DecoModel.from_pretrained("path/to/DECO-0.5B")
     out = model(torch.tensor([1, 2, 3]))
@@ -41,9 +40,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def rms_norm(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis, statistics in fp32.
 
-    eps is inside the square root, as in Transformer Engine's RMSNorm (the
-    block norm of NormSiLU is TENorm, moe_module_specs.py) and the authors'
-    rms_layernorm (blockffn/layernorm.py).
+    eps is inside the square root, for every RMSNorm of the model (docs/deco.md,
+    "Where the math comes from").
     """
     xf = x.to(_compute_dtype(x.dtype))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -135,24 +133,23 @@ class DecoModel:
         """Router of DECO layer i: (scores [.., E] in router dtype, active mask [.., E]).
 
         active = the experts whose post-ReLU score is non-zero, decided before
-        the router norm (the authors count exactly this:
-        ActivationStatistics.record_activation_num(router_score) before
-        self.router_norm in blockffn.py). The norm may make scores negative
-        or zero without changing which experts are active.
+        the router norm (docs/deco.md, "DECO FFN" and "Where the math comes
+        from"). The norm may make scores negative or zero without changing
+        which experts are active.
         """
         c, p = self.config, f"model.layers.{i}.mlp."
         raw = F.linear(h.to(self.router_dtype), self.w[p + "moe_router.weight"])
         score = F.relu(raw) if c.router_act == "relu" else F.relu(raw).square()  # sqrelu = relu^2
         if c.expert_bias != "none":
             # Expert bias changes only the routing decision, never the score
-            # (docs/deco.md, DECO FFN; moe/loss_free.py LossFreeBalance.apply_expert_bias).
+            # (docs/deco.md, "DECO FFN").
             bias = self.w[p + "expert_bias"]
             if c.expert_bias == "rms":
                 bias = bias * raw.pow(2).mean(-1, keepdim=True).sqrt()
             score = score * (raw + bias > 0)
         active = score != 0
 
-        # Router norm (blockffn/layernorm.py CustomLayerNorm, eps = norm_epsilon).
+        # Router norm, eps = norm_epsilon (docs/deco.md, "DECO FFN").
         if c.router_norm != "none":
             scale = (
                 torch.tensor(c.router_scale_constant, dtype=score.dtype)
@@ -161,8 +158,8 @@ class DecoModel:
             )
             if c.router_norm == "normal":
                 # Mean over all E scores, zeros included: inactive experts get the
-                # non-zero score -mean/rms * scale, and the authors' dense forward
-                # uses it (blockffn.py multiplies every expert by its score).
+                # non-zero score -mean/rms * scale, and a dense forward uses it
+                # (docs/deco.md, "DECO FFN": every expert is multiplied by its score).
                 score = score - score.mean(-1, keepdim=True)
             if c.router_norm in ("rms", "normal"):
                 score = score * torch.rsqrt(score.pow(2).mean(-1, keepdim=True) + c.norm_eps)

@@ -20,9 +20,8 @@ expert densely and multiplies by its score s_e, which is exactly 0 for an
 inactive expert, so the router weights and the router scale get gradients
 through s_e (checked in tests/test_train.py).
 
-Sparsity regulariser (the DECO recipe, thunlp/DECO
-megatron/core/transformer/blockffn/router_entropy.py and training.py, re-written
-here): on each DECO layer, the entropy of the normalised post-ReLU router
+Sparsity regulariser (the DECO recipe, docs/deco.md "Where the math comes
+from", re-written here): on each DECO layer, the entropy of the normalised post-ReLU router
 scores p = r / (sum_e r_e + 1e-5),  H = -sum_e p_e log(p_e + 1e-5), averaged
 over tokens, is added to the loss as coef * H / L. Lower entropy concentrates
 the mass on fewer experts, pushing the weak ones below zero, where the ReLU
