@@ -171,7 +171,7 @@ def speed(
             draft = resolve_model(draft, on_status=status)
         report = _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, repetitions, counts)
     else:
-        from ..measure.speed import plot
+        from ..measure.speed_report import plot
 
         report = _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, offload)
     if plot_file is not None:

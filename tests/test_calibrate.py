@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from deco_gguf.fixtures.calibrate import calibrate_routers, calibration_tokens, expert_targets, fixture_hook
+from deco_gguf.fixtures.calibrate import calibrate_routers, expert_targets, fixture_hook
+from deco_gguf.fixtures.calibration_text import calibration_tokens
 from deco_gguf.model.checkpoint import HFCheckpoint
 from deco_gguf.model.reference import DecoModel
 from deco_gguf.support.errors import DecoError

@@ -47,7 +47,7 @@ def measure_activation_gguf(path: Path, text: str, num_tokens: int = 1024, seq_l
 
 def measure_activation_hf(path: Path, text: str, num_tokens: int = 1024, seq_len: int = 256) -> list[float | None]:
     """Per layer: fraction of experts active on `text`, with the reference model (None for dense layers)."""
-    from ..fixtures.calibrate import calibration_tokens
+    from ..fixtures.calibration_text import calibration_tokens
     from ..model.reference import DecoModel
 
     model = DecoModel.from_pretrained(path)
