@@ -129,39 +129,46 @@ def perplexity(
             on_start(n_chunks, len(tokens))
         ctx, threads = _context(llama_cpp, rt, n_seq, ctx_size, n_batch)
         decoder = _ChunkDecoder(llama_cpp, ctx, model, n_batch, ctx_size, rt.llm.n_vocab())
-        rt.reset_activity()
-        start = time.perf_counter()
-        try:
-            nll = decoder.score(tokens[: n_chunks * ctx_size].reshape(n_chunks, ctx_size), n_seq, bos, on_chunk)
-        finally:
-            decoder.free()
-        seconds = time.perf_counter() - start
-        mean, ppl, err = nll.ppl()
-        layers = [
-            {"layer": a.layer, "tokens": a.tokens, "rate": a.rate} for a in rt.activity() if a is not None and a.tokens
-        ]
-        return PerplexityResult(
-            model=str(model),
-            text=str(text_path),
-            ctx_size=ctx_size,
-            mode=mode,
-            threads=threads,
-            tokens=len(tokens),
-            chunks=n_chunks,
-            scored_tokens=nll.count,
-            add_bos=bos is not None,
-            ppl=ppl,
-            ppl_error=err,
-            mean_nll=mean,
-            seconds=seconds,
-            chunk_ppl=nll.chunk_ppl,
-            activation=layers,
-            mean_activation=rt.mean_activation(),
-        )
+        chunks = tokens[: n_chunks * ctx_size].reshape(n_chunks, ctx_size)
+        nll, seconds = _timed_score(decoder, rt, chunks, n_seq, bos, on_chunk)
+        run = {"model": str(model), "text": str(text_path), "ctx_size": ctx_size, "mode": mode, "threads": threads}
+        run |= {"tokens": len(tokens), "chunks": n_chunks, "add_bos": bos is not None, "seconds": seconds}
+        return _result(rt, nll, **run)
     finally:
         if ctx:
             llama_cpp.llama_free(ctx)
         rt.close()
+
+
+def _timed_score(decoder: _ChunkDecoder, rt, chunks: np.ndarray, n_seq: int, bos: int | None, on_chunk):
+    """The chunks' NLL (the decoder freed afterwards) with the runtime's activity counted over them alone,
+    and the seconds it took."""
+    rt.reset_activity()
+    start = time.perf_counter()
+    try:
+        nll = decoder.score(chunks, n_seq, bos, on_chunk)
+    finally:
+        decoder.free()
+    return nll, time.perf_counter() - start
+
+
+def _result(rt, nll: _Nll, **run) -> PerplexityResult:
+    """The result: the `run`'s own fields (model, text, ctx_size, mode, threads, tokens, chunks, add_bos,
+    seconds), the perplexity of its NLL and the expert activity the runtime counted."""
+    mean, ppl, err = nll.ppl()
+    layers = [
+        {"layer": a.layer, "tokens": a.tokens, "rate": a.rate} for a in rt.activity() if a is not None and a.tokens
+    ]
+    return PerplexityResult(
+        **run,
+        scored_tokens=nll.count,
+        ppl=ppl,
+        ppl_error=err,
+        mean_nll=mean,
+        chunk_ppl=nll.chunk_ppl,
+        activation=layers,
+        mean_activation=rt.mean_activation(),
+    )
 
 
 def _tokenize(llama_cpp, llm, text: bytes, ctx_size: int, model, text_path) -> tuple[np.ndarray, int | None]:

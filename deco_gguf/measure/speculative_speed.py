@@ -25,7 +25,7 @@ autoregressive step: what a batch of 1 + drafted tokens costs, in units of one t
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,32 +177,9 @@ def measure_speculative(
         try:
             prompts = passages(runtimes["sparse"].llm, text, prompt, tg, n_passages)
             row = {name: Config(name, t) for name in (*AUTOREGRESSIVE, *kinds)}
-            for name in row:
-                rt = runtimes[name if name in AUTOREGRESSIVE else "sparse"]
-                if name in AUTOREGRESSIVE:
-                    engines[name] = Speculator(rt)
-                elif name == "draft":
-                    engines[name] = Speculator(rt, "model", n_draft=draft_max, draft_model=draft_model)
-                elif name == "lookup":
-                    engines[name] = Speculator(rt, "lookup", n_draft=draft_max)
-                else:
-                    engines[name] = Speculator(rt, "script", n_draft=draft_max, hit_rate=float(name.split()[1]))
+            _open_engines(engines, row, runtimes, draft_max, draft_model)
             for p in prompts:
-                want = None
-                for name, cfg in row.items():
-                    if name.startswith("synthetic"):
-                        engines[name].set_script(want)
-                    tokens, stats = engines[name].generate(p, tg, GREEDY)
-                    want = want or tokens
-                    if tokens != want and name != "dense":
-                        # the first token that differs (zip stops at the shorter list: the longer one differs there)
-                        pairs = enumerate(zip(tokens, want, strict=False))
-                        at = next((i for i, (a, b) in pairs if a != b), min(len(tokens), len(want)))
-                        raise DecoError(
-                            f"{name} (threads {t}) generated other tokens than autoregressive sparse decoding, "
-                            f"from token {at}"
-                        )
-                    cfg.runs.append(stats)
+                for _ in _passage_runs(engines, row, p, tg, t):
                     done += 1
                     if on_step:
                         on_step(done, total)
@@ -215,3 +192,48 @@ def measure_speculative(
             for rt in runtimes.values():
                 rt.close()
     return SpeculativeReport(path.name, draft_max, prompt, tg, len(prompts), configs)
+
+
+def _open_engines(
+    engines: dict[str, Speculator],
+    names: Iterable[str],
+    runtimes: dict[str, DecoRuntime],
+    draft_max: int,
+    draft_model: DraftModel | None,
+) -> None:
+    """An engine for each configuration in `names`, put into `engines` one by one (the caller closes the
+    ones opened when a later one fails): autoregressive ones on their own runtime, drafts on the sparse one."""
+    for name in names:
+        rt = runtimes[name if name in AUTOREGRESSIVE else "sparse"]
+        if name in AUTOREGRESSIVE:
+            engines[name] = Speculator(rt)
+        elif name == "draft":
+            engines[name] = Speculator(rt, "model", n_draft=draft_max, draft_model=draft_model)
+        elif name == "lookup":
+            engines[name] = Speculator(rt, "lookup", n_draft=draft_max)
+        else:
+            engines[name] = Speculator(rt, "script", n_draft=draft_max, hit_rate=float(name.split()[1]))
+
+
+def _passage_runs(
+    engines: dict[str, Speculator], row: dict[str, Config], passage: list[int], tg: int, threads: int
+) -> Iterator[None]:
+    """Generate `tg` tokens from `passage` with every configuration of `row` in turn (the first is
+    autoregressive sparse), adding each run to its configuration and yielding after each. Every
+    configuration but autoregressive dense must generate the first one's tokens."""
+    want = None
+    for name, cfg in row.items():
+        if name.startswith("synthetic"):
+            engines[name].set_script(want)
+        tokens, stats = engines[name].generate(passage, tg, GREEDY)
+        want = want or tokens
+        if tokens != want and name != "dense":
+            # the first token that differs (zip stops at the shorter list: the longer one differs there)
+            pairs = enumerate(zip(tokens, want, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(tokens), len(want)))
+            raise DecoError(
+                f"{name} (threads {threads}) generated other tokens than autoregressive sparse decoding, "
+                f"from token {at}"
+            )
+        cfg.runs.append(stats)
+        yield
