@@ -328,7 +328,7 @@ def test_backend_ops_deco_cases_on_cpu():
 
 
 # the cases of ggml_patches/tests/test-backend-ops-fa-decode.inc (and upstream's of the same lengths and rows)
-FA_DECODE_CASES = r"kv=(1|7|31|33|1024|1031|1500|2000|2053|3001|4096|8192),nb=(1|2|3|4|16),"
+FA_DECODE_CASES = r"kv=(512|517|545|601|1024|1031|1500|2000|2053|3001|4096|8192),nb=(1|2|3|4|16),"
 
 
 def test_flash_decoding_cases_against_the_reference_path():

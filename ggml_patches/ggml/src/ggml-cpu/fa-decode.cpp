@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t TILE     = 32;  // positions per softmax step: their K and V rows stay in L2
 constexpr int64_t MAX_ROWS = 16;  // query rows this path takes: decode, verifications, a few slots
+constexpr int64_t MIN_KV   = 512; // positions from which it pays: shorter caches are read faster by query row
 constexpr size_t  ALIGN    = 64;
 
 // F16 caches (the default) are read with F16 -> F32 loads straight into the dot products and the V accumulation,
@@ -115,7 +116,7 @@ bool fa_make_args(const ggml_tensor * dst, fa_args & a) {
     const bool rows_contiguous = q->nb[0] == sizeof(float) && k->nb[0] == ggml_type_size(k->type) &&
                                  v->nb[0] == ggml_type_size(v->type);
     if (!rows_contiguous || q->type != GGML_TYPE_F32 || q->ne[1] > MAX_ROWS || q->ne[3] != 1 || k->ne[3] != 1 || v->ne[3] != 1 ||
-        k->ne[1] == 0 || k->ne[2] != v->ne[2] || q->ne[2] % k->ne[2] != 0 ||
+        k->ne[1] < MIN_KV || k->ne[2] != v->ne[2] || q->ne[2] % k->ne[2] != 0 ||
         (dst->src[3] && dst->src[3]->type != GGML_TYPE_F16)) {
         return false;
     }
