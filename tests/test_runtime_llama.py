@@ -36,7 +36,7 @@ llama_cpp.llama_backend_init()
 
 
 class Runtime:
-    """Minimal llama-cpp-python low-level session on one GGUF (F32 KV cache, no flash attention)."""
+    """Minimal llama-cpp-python low-level session on one GGUF (F32 KV cache, no flash attention unless asked)."""
 
     def __init__(
         self,
@@ -46,6 +46,8 @@ class Runtime:
         n_seq: int = 1,
         mode: str = "sparse",
         counter: ActivityCounter | None = None,
+        flash_attn: bool = False,
+        kv_type: int = 0,  # enum ggml_type: F32
     ):
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = int(os.environ.get("DECO_TEST_NGL", "0"))  # scripts/gpu-check.sh: 99 (all on the GPU)
@@ -63,8 +65,10 @@ class Runtime:
         cp.n_ubatch = n_batch
         cp.n_seq_max = n_seq
         cp.n_threads = cp.n_threads_batch = 2
-        cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
-        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.type_k = cp.type_v = kv_type
+        cp.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         if counter is not None:
             counter.install(cp)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
@@ -321,6 +325,49 @@ def test_backend_ops_deco_cases_on_cpu():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
     assert passed and passed[1] == passed[2] and int(passed[1]) >= 160, r.stdout[-2000:]  # every case ran (169 today)
+
+
+# the cases of ggml_patches/tests/test-backend-ops-fa-decode.inc (and upstream's of the same lengths and rows)
+FA_DECODE_CASES = r"kv=(512|517|545|601|1024|1031|1500|2000|2053|3001|4096|8192),nb=(1|2|3|4|16),"
+
+
+def test_flash_decoding_cases_against_the_reference_path():
+    """FLASH_ATTN_EXT of 1-16 query rows over KV caches of chat depth (ggml-cpu/fa-decode.cpp: F16, Q8_0 and F32
+    caches, MHA and GQA, head sizes 64 and 128, lengths off its tile, sinks, ALiBi, a softcap) against the CPU
+    backend's reference path, as test-backend-ops compares them."""
+    r = subprocess.run(
+        [str(BUILD_BIN / "test-backend-ops"), "-b", "CPU", "-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_CASES],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "LD_LIBRARY_PATH": str(BUILD_BIN)},
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    passed = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
+    assert passed and passed[1] == passed[2] and int(passed[1]) >= 106, r.stdout[-2000:]  # the .inc has 106
+
+
+@pytest.mark.parametrize("kv_type, tol", [(0, 1e-4), (1, 2e-2)])  # F32, F16 caches
+def test_flash_decoding_at_depth_gives_plain_attention_logits(models, kv_type, tol):
+    """After a 700-token prompt, single tokens and a 4-token batch decoded with flash attention (the flash-decoding
+    path) give the logits of plain attention over an F32 cache: exactly up to rounding with an F32 cache, within
+    F16 rounding with an F16 one."""
+    path, ref = models("base")
+    ids = _ids(ref, 710, seed=21)
+
+    def run(flash_attn: bool, kv: int) -> np.ndarray:
+        rt = Runtime(path, n_ctx=1024, n_batch=1024, flash_attn=flash_attn, kv_type=kv)
+        try:
+            rows = [rt.decode([ids[:700]])[0]]
+            rows += [rt.decode([[tok]], start=[700 + j])[0] for j, tok in enumerate(ids[700:706])]
+            rows += rt.decode([ids[706:710]], start=[706], all_logits=True)
+            return np.stack(rows)
+        finally:
+            rt.close()
+
+    plain, flash = run(False, 0), run(True, kv_type)
+    assert _rel_err(flash, plain) < tol
+    assert (flash.argmax(-1) == plain.argmax(-1)).all()
 
 
 def test_op_against_naive_reference():

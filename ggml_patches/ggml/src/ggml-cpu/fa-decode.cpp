@@ -1,0 +1,397 @@
+// Flash decoding on the CPU: GGML_OP_FLASH_ATTN_EXT for a few query rows over a long KV cache.
+//
+// In a chat the model decodes one token (or verifies a few) against thousands of cached positions, so
+// attention is a stream over the K and V caches: its speed is the speed at which they are read. Here:
+//   - the KV range is split evenly over the threads (all threads busy at any head count); each thread reads
+//     its positions once for all heads and query rows, in tiles of TILE positions;
+//   - per tile, the scores of every query (row, head) come from the K rows in memory order (every KV head of a
+//     position, shared by the heads of its GQA group); one softmax step per query for the whole tile
+//     (vectorised exp); the V rows are added with their weights into an F32 accumulator;
+//   - F16 caches are read with F16 -> F32 loads straight into the dot products and, per query, into an
+//     accumulator held in registers across the tile (the tile's V rows asked for in memory order while the
+//     scores are computed); other types go through their own vec_dot and to_float, a V row converted once
+//     for all the queries that read it;
+//   - each thread leaves per query a partial softmax state (max M, sum S, accumulator); after one barrier the
+//     threads merge the partials of disjoint queries, rescaled to their common max, and normalise.
+// The math is upstream's (online softmax, https://arxiv.org/abs/2112.05682): scores = scale * K.q (or
+// softcap * tanh(scale * K.q / softcap)) + slope * mask, the sinks taken as one more score without a value.
+
+#include "fa-decode.h"
+
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t TILE     = 32;  // positions per softmax step: their K and V rows stay in L2
+constexpr int64_t MAX_ROWS = 16;  // query rows this path takes: decode, verifications, a few slots
+constexpr int64_t MIN_KV   = 512; // positions from which it pays: shorter caches are read faster by query row
+constexpr size_t  ALIGN    = 64;
+
+// F16 caches (the default) are read with F16 -> F32 loads straight into the dot products and the V accumulation,
+// q and the accumulators in F32 registers; other types go through their vec_dot and to_float
+#if defined(__AVX512F__)
+#define FA_F16_LOAD(p) GGML_F32Cx16_LOAD(p)
+inline float fa_hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define FA_F16_LOAD(p) GGML_F32Cx8_LOAD(p)
+inline float fa_hsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#elif defined(__ARM_NEON) && defined(__ARM_FP16_FORMAT_IEEE) && !defined(__ARM_FEATURE_SVE)
+#define FA_F16_LOAD(p) vcvt_f32_f16(vld1_f16((const __fp16 *) (p)))
+inline float fa_hsum(float32x4_t v) { return vaddvq_f32(v); }
+#endif
+
+#ifdef FA_F16_LOAD
+constexpr int64_t F16_BLOCK = 4*GGML_F32_EPR;  // F32 values in the 4 registers of one step
+
+// q . k for an F32 q and an F16 row, n a multiple of F16_BLOCK
+inline float fa_dot_f16(const float * q, const ggml_fp16_t * k, int64_t n) {
+    GGML_F32_VEC s0 = GGML_F32_VEC_ZERO, s1 = GGML_F32_VEC_ZERO, s2 = GGML_F32_VEC_ZERO, s3 = GGML_F32_VEC_ZERO;
+    for (int64_t i = 0; i < n; i += F16_BLOCK) {
+        s0 = GGML_F32_VEC_FMA(s0, FA_F16_LOAD(k + i + 0*GGML_F32_EPR), GGML_F32_VEC_LOAD(q + i + 0*GGML_F32_EPR));
+        s1 = GGML_F32_VEC_FMA(s1, FA_F16_LOAD(k + i + 1*GGML_F32_EPR), GGML_F32_VEC_LOAD(q + i + 1*GGML_F32_EPR));
+        s2 = GGML_F32_VEC_FMA(s2, FA_F16_LOAD(k + i + 2*GGML_F32_EPR), GGML_F32_VEC_LOAD(q + i + 2*GGML_F32_EPR));
+        s3 = GGML_F32_VEC_FMA(s3, FA_F16_LOAD(k + i + 3*GGML_F32_EPR), GGML_F32_VEC_LOAD(q + i + 3*GGML_F32_EPR));
+    }
+    return fa_hsum(GGML_F32_VEC_ADD(GGML_F32_VEC_ADD(s0, s1), GGML_F32_VEC_ADD(s2, s3)));
+}
+
+// acc[0, n) += sum_j weights[j] * rows[j][0, n): F16 rows `stride` bytes apart, the accumulator in registers
+// F16_BLOCK values at a time
+inline void fa_mad_f16_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows,
+                            int64_t n) {
+    for (int64_t i = 0; i < n; i += F16_BLOCK) {
+        GGML_F32_VEC a0 = GGML_F32_VEC_LOAD(acc + i + 0*GGML_F32_EPR);
+        GGML_F32_VEC a1 = GGML_F32_VEC_LOAD(acc + i + 1*GGML_F32_EPR);
+        GGML_F32_VEC a2 = GGML_F32_VEC_LOAD(acc + i + 2*GGML_F32_EPR);
+        GGML_F32_VEC a3 = GGML_F32_VEC_LOAD(acc + i + 3*GGML_F32_EPR);
+        for (int64_t j = 0; j < n_rows; ++j) {
+            if (weights[j] == 0.0f) {
+                continue;
+            }
+            const GGML_F32_VEC w = GGML_F32_VEC_SET1(weights[j]);
+            const ggml_fp16_t * v = (const ggml_fp16_t *) (rows + j*stride) + i;
+            a0 = GGML_F32_VEC_FMA(a0, FA_F16_LOAD(v + 0*GGML_F32_EPR), w);
+            a1 = GGML_F32_VEC_FMA(a1, FA_F16_LOAD(v + 1*GGML_F32_EPR), w);
+            a2 = GGML_F32_VEC_FMA(a2, FA_F16_LOAD(v + 2*GGML_F32_EPR), w);
+            a3 = GGML_F32_VEC_FMA(a3, FA_F16_LOAD(v + 3*GGML_F32_EPR), w);
+        }
+        GGML_F32_VEC_STORE(acc + i + 0*GGML_F32_EPR, a0);
+        GGML_F32_VEC_STORE(acc + i + 1*GGML_F32_EPR, a1);
+        GGML_F32_VEC_STORE(acc + i + 2*GGML_F32_EPR, a2);
+        GGML_F32_VEC_STORE(acc + i + 3*GGML_F32_EPR, a3);
+    }
+}
+#endif
+
+struct fa_args {
+    const ggml_tensor * q;
+    const ggml_tensor * k;
+    const ggml_tensor * v;
+    const ggml_tensor * mask;   // F16 [n_kv, rows, ...] or NULL
+    const ggml_tensor * sinks;  // F32 [n_head] or NULL
+    int64_t DK, DV, n_kv, n_rows, n_head, n_head_kv;
+    float scale, max_bias, softcap;
+    ggml_vec_dot_t    k_dot;       // K row . q in K's vec_dot type
+    ggml_from_float_t q_to_k_dot;  // q into that type
+    size_t            q_row_size;  // bytes of one converted q row
+    ggml_to_float_t   v_to_float;  // NULL for F32 V
+    bool              f16;         // F16 K and V read by fa_dot_f16 / fa_mad_f16_rows (q kept in F32)
+};
+
+// whether this path takes `dst`, and its arguments when it does
+bool fa_make_args(const ggml_tensor * dst, fa_args & a) {
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * v = dst->src[2];
+    const bool rows_contiguous = q->nb[0] == sizeof(float) && k->nb[0] == ggml_type_size(k->type) &&
+                                 v->nb[0] == ggml_type_size(v->type);
+    if (!rows_contiguous || q->type != GGML_TYPE_F32 || q->ne[1] > MAX_ROWS || q->ne[3] != 1 || k->ne[3] != 1 || v->ne[3] != 1 ||
+        k->ne[1] < MIN_KV || k->ne[2] != v->ne[2] || q->ne[2] % k->ne[2] != 0 ||
+        (dst->src[3] && dst->src[3]->type != GGML_TYPE_F16)) {
+        return false;
+    }
+    const ggml_type k_dot_type = ggml_get_type_traits_cpu(k->type)->vec_dot_type;
+    a.k_dot      = ggml_get_type_traits_cpu(k->type)->vec_dot;
+    a.q_to_k_dot = ggml_get_type_traits_cpu(k_dot_type)->from_float;
+    a.v_to_float = v->type == GGML_TYPE_F32 ? nullptr : ggml_get_type_traits(v->type)->to_float;
+    if (!a.k_dot || !a.q_to_k_dot || (v->type != GGML_TYPE_F32 && !a.v_to_float)) {
+        return false;
+    }
+    a.q = q; a.k = k; a.v = v; a.mask = dst->src[3]; a.sinks = dst->src[4];
+    a.DK = k->ne[0]; a.DV = v->ne[0]; a.n_kv = k->ne[1];
+    a.n_rows = q->ne[1]; a.n_head = q->ne[2]; a.n_head_kv = k->ne[2];
+#ifdef FA_F16_LOAD
+    a.f16 = k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 && a.DK % F16_BLOCK == 0 && a.DV % F16_BLOCK == 0;
+#else
+    a.f16 = false;
+#endif
+    a.q_row_size = a.f16 ? a.DK*sizeof(float) : ggml_row_size(k_dot_type, a.DK);
+    memcpy(&a.scale,    (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&a.max_bias, (const float *) dst->op_params + 1, sizeof(float));
+    memcpy(&a.softcap,  (const float *) dst->op_params + 2, sizeof(float));
+    return true;
+}
+
+size_t align_up(size_t n) {
+    return (n + ALIGN - 1) / ALIGN * ALIGN;
+}
+
+// the work buffer: per thread its partials [query][M, S, acc[DV]] (query = row * n_head + head), then its scratch
+struct fa_thread_work {
+    float * partials;  // n_rows * n_head * (2 + DV)
+    char  * q;         // every query converted to K's vec_dot type
+    float * scores;    // [query][TILE]: the tile's scores, then their softmax weights
+    float * v_row;     // DV: one V row in F32; the accumulator of the merge
+};
+
+// lays out thread `ith`'s part of the work buffer at `base` (nullptr: only sizes it); returns the size of one part
+size_t fa_thread_layout(const fa_args & a, char * base, int ith, fa_thread_work * out) {
+    const int64_t n_queries = a.n_rows * a.n_head;
+    const size_t partials = align_up(sizeof(float) * n_queries * (2 + a.DV));
+    const size_t q        = align_up(a.q_row_size * n_queries);
+    const size_t scores   = align_up(sizeof(float) * n_queries * TILE);
+    const size_t v_row    = align_up(sizeof(float) * a.DV);
+    const size_t size     = partials + q + scores + v_row;
+    if (base) {
+        char * p = base + ith * size;
+        out->partials = (float *) p;
+        out->q        = p + partials;
+        out->scores   = (float *) (p + partials + q);
+        out->v_row    = (float *) (p + partials + q + scores);
+    }
+    return size;
+}
+
+// ALiBi slope of a head (1 without max_bias), as upstream computes it
+float fa_slope(const fa_args & a, int64_t head) {
+    if (a.max_bias <= 0.0f) {
+        return 1.0f;
+    }
+    const uint32_t n_head_log2 = 1u << (uint32_t) floorf(log2f((float) a.n_head));
+    const float m0 = powf(2.0f, -(a.max_bias       ) / n_head_log2);
+    const float m1 = powf(2.0f, -(a.max_bias / 2.0f) / n_head_log2);
+    return head < n_head_log2 ? powf(m0, head + 1) : powf(m1, 2*(head - n_head_log2) + 1);
+}
+
+// folds a softmax state (M2, S2, acc2 or none) into (M, S, acc): both rescaled to the larger max
+void fa_merge(int64_t DV, float & M, float & S, float * acc, float M2, float S2, const float * acc2) {
+    if (S2 == 0.0f) {
+        return;
+    }
+    const float M_new = std::max(M, M2);
+    const float f1 = expf(M - M_new);   // 0 while (M, S) is empty: M = -inf
+    const float f2 = expf(M2 - M_new);
+    ggml_vec_scale_f32(DV, acc, f1);
+    if (acc2) {
+        ggml_vec_mad_f32(DV, acc, acc2, f2);
+    }
+    S = S*f1 + S2*f2;
+    M = M_new;
+}
+
+const ggml_fp16_t * fa_mask_row(const fa_args & a, int64_t row, int64_t head) {
+    if (!a.mask) {
+        return nullptr;
+    }
+    return (const ggml_fp16_t *) ((const char *) a.mask->data + row*a.mask->nb[1] + (head % a.mask->ne[2])*a.mask->nb[2]);
+}
+
+// the scores of every query against positions [t0, t0 + n), K read in memory order (all KV heads of a position);
+// a masked position gets -inf without reading its K row (the cache is padded well past the used positions)
+void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
+    const int64_t group = a.n_head / a.n_head_kv;
+    for (int64_t j = 0; j < n; ++j) {
+        const char * k_pos = (const char *) a.k->data + (t0 + j)*a.k->nb[1];
+#if defined(FA_F16_LOAD) && defined(__GNUC__)
+        if (a.f16) {  // fa_tile_values_f16 reads V by head: ask for the position's V rows in memory order now
+            const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
+            for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
+                for (int64_t b = 0; b < a.DV*(int64_t) sizeof(ggml_fp16_t); b += 64) {
+                    __builtin_prefetch(v_pos + hk*a.v->nb[2] + b);
+                }
+            }
+        }
+#endif
+        for (int64_t head = 0; head < a.n_head; ++head) {
+            const char * k_row = k_pos + (head / group)*a.k->nb[2];
+            const float slope = fa_slope(a, head);
+            for (int64_t row = 0; row < a.n_rows; ++row) {
+                const int64_t query = row * a.n_head + head;
+                const ggml_fp16_t * mask = fa_mask_row(a, row, head);
+                const float bias = mask ? slope * GGML_CPU_FP16_TO_FP32(mask[t0 + j]) : 0.0f;
+                float s = -INFINITY;
+                if (bias != -INFINITY) {
+#ifdef FA_F16_LOAD
+                    if (a.f16) {
+                        s = fa_dot_f16((const float *) (w.q + query*a.q_row_size), (const ggml_fp16_t *) k_row, a.DK);
+                    } else
+#endif
+                    a.k_dot(a.DK, &s, 0, k_row, 0, w.q + query*a.q_row_size, 0, 1);
+                    s = (a.softcap != 0.0f ? a.softcap * tanhf(s * a.scale / a.softcap) : s * a.scale) + bias;
+                }
+                w.scores[query*TILE + j] = s;
+            }
+        }
+    }
+}
+
+// one softmax step per query: its partial state rescaled to the tile's max, the scores turned into weights
+void fa_tile_weights(const fa_args & a, const fa_thread_work & w, int64_t n) {
+    for (int64_t query = 0; query < a.n_rows * a.n_head; ++query) {
+        float * scores = w.scores + query*TILE;
+        float * partial = w.partials + query*(2 + a.DV);
+        float & M = partial[0];
+        float & S = partial[1];
+        float tile_max = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+            tile_max = std::max(tile_max, scores[j]);
+        }
+        if (tile_max == -INFINITY) {  // every position masked: no weight
+            memset(scores, 0, n * sizeof(float));
+            continue;
+        }
+        if (tile_max > M) {
+            const float f = expf(M - tile_max);  // 0 for the first tile (M = -inf)
+            ggml_vec_scale_f32(a.DV, partial + 2, f);
+            S *= f;
+            M = tile_max;
+        }
+        S += (float) ggml_vec_soft_max_f32((int) n, scores, scores, M);  // masked positions weigh exactly 0
+    }
+}
+
+// V rows of positions [t0, t0 + n) in memory order, each converted to F32 once and added into every query's
+// accumulator with its weight
+void fa_tile_values(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
+    const int64_t group = a.n_head / a.n_head_kv;
+    for (int64_t j = 0; j < n; ++j) {
+        const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
+        for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
+            const char * v_row = v_pos + hk*a.v->nb[2];
+            const float * v = (const float *) v_row;
+            if (a.v->type == GGML_TYPE_F16) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) v_row, w.v_row, a.DV);
+                v = w.v_row;
+            } else if (a.v_to_float) {
+                a.v_to_float(v_row, w.v_row, a.DV);
+                v = w.v_row;
+            }
+            for (int64_t head = hk*group; head < (hk + 1)*group; ++head) {
+                for (int64_t row = 0; row < a.n_rows; ++row) {
+                    const int64_t query = row * a.n_head + head;
+                    const float weight = w.scores[query*TILE + j];
+                    if (weight != 0.0f) {
+                        ggml_vec_mad_f32(a.DV, w.partials + query*(2 + a.DV) + 2, v, weight);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#ifdef FA_F16_LOAD
+// F16 V rows of positions [t0, t0 + n): per query, the tile's rows of its KV head added into its accumulator in
+// registers
+void fa_tile_values_f16(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
+    const int64_t group = a.n_head / a.n_head_kv;
+    for (int64_t head = 0; head < a.n_head; ++head) {
+        const char * rows = (const char *) a.v->data + t0*a.v->nb[1] + (head / group)*a.v->nb[2];
+        for (int64_t row = 0; row < a.n_rows; ++row) {
+            const int64_t query = row * a.n_head + head;
+            fa_mad_f16_rows(w.partials + query*(2 + a.DV) + 2, rows, a.v->nb[1], w.scores + query*TILE, n, a.DV);
+        }
+    }
+}
+#endif
+
+// one thread: positions [c0, c1) for every query, into its partials
+void fa_partials(const fa_args & a, const fa_thread_work & w, int64_t c0, int64_t c1) {
+    for (int64_t row = 0; row < a.n_rows; ++row) {
+        for (int64_t head = 0; head < a.n_head; ++head) {
+            const int64_t query = row * a.n_head + head;
+            float * partial = w.partials + query*(2 + a.DV);
+            partial[0] = -INFINITY;
+            partial[1] = 0.0f;
+            memset(partial + 2, 0, a.DV * sizeof(float));
+            const float * q = (const float *) ((const char *) a.q->data + row*a.q->nb[1] + head*a.q->nb[2]);
+            if (a.f16) {
+                memcpy(w.q + query*a.q_row_size, q, a.q_row_size);
+            } else {
+                a.q_to_k_dot(q, w.q + query*a.q_row_size, a.DK);
+            }
+        }
+    }
+    for (int64_t t0 = c0; t0 < c1; t0 += TILE) {
+        const int64_t n = std::min(TILE, c1 - t0);
+        fa_tile_scores(a, w, t0, n);
+        fa_tile_weights(a, w, n);
+#ifdef FA_F16_LOAD
+        if (a.f16) {
+            fa_tile_values_f16(a, w, t0, n);
+            continue;
+        }
+#endif
+        fa_tile_values(a, w, t0, n);
+    }
+}
+
+// (row, head) pairs split over the threads: every thread's partial merged, the sink added, normalised, stored
+void fa_reduce(const fa_args & a, ggml_tensor * dst, char * wdata, int ith, int nth) {
+    fa_thread_work own;
+    fa_thread_layout(a, wdata, ith, &own);
+    float * acc = own.v_row;
+    for (int64_t pair = ith; pair < a.n_rows * a.n_head; pair += nth) {
+        const int64_t row = pair / a.n_head;
+        const int64_t head = pair % a.n_head;
+        float M = -INFINITY;
+        float S = 0.0f;
+        memset(acc, 0, a.DV * sizeof(float));
+        for (int t = 0; t < nth; ++t) {
+            fa_thread_work w;
+            fa_thread_layout(a, wdata, t, &w);
+            const float * partial = w.partials + pair*(2 + a.DV);
+            fa_merge(a.DV, M, S, acc, partial[0], partial[1], partial + 2);
+        }
+        if (a.sinks) {
+            fa_merge(a.DV, M, S, acc, ((const float *) a.sinks->data)[head], 1.0f, nullptr);
+        }
+        ggml_vec_scale_f32(a.DV, acc, S == 0.0f ? 0.0f : 1.0f/S);
+        memcpy((char *) dst->data + (head + row*dst->ne[1])*dst->nb[1], acc, a.DV * sizeof(float));
+    }
+}
+
+} // namespace
+
+size_t ggml_cpu_fa_decode_work_size(const ggml_tensor * op, int n_threads) {
+    fa_args a;
+    return fa_make_args(op, a) ? n_threads * fa_thread_layout(a, nullptr, 0, nullptr) : 0;
+}
+
+bool ggml_cpu_fa_decode(const ggml_compute_params * params, ggml_tensor * dst) {
+    fa_args a;
+    if (params->use_ref || !fa_make_args(dst, a)) {
+        return false;
+    }
+    const int ith = params->ith;
+    const int nth = params->nth;
+    GGML_ASSERT(params->wsize >= (size_t) nth * fa_thread_layout(a, nullptr, 0, nullptr));
+
+    fa_thread_work w;
+    fa_thread_layout(a, (char *) params->wdata, ith, &w);
+    const int64_t chunk = (a.n_kv + nth - 1) / nth;
+    fa_partials(a, w, std::min(a.n_kv, ith*chunk), std::min(a.n_kv, (ith + 1)*chunk));
+
+    ggml_barrier(params->threadpool);
+    fa_reduce(a, dst, (char *) params->wdata, ith, nth);
+    return true;
+}
