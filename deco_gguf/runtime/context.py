@@ -12,7 +12,7 @@ import numpy as np
 from ..model.gguf_file import read_gguf
 from ..support.errors import DecoError
 from .activity import ActivityCounter, LayerActivity, mean_rate
-from .native import available_cores, lib_dir, library, llama_errors
+from .native import ThreadPool, available_cores, lib_dir, library, llama_errors
 from .rpc import Offload, attach
 
 # How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the
@@ -118,13 +118,14 @@ class DecoRuntime:
             attach(offload.rpc, lib_dir())
 
         self.mode = mode
+        threads = n_threads or available_cores()
         self.counter = ActivityCounter(self.config.moe_layers, self.config.num_experts)
         broken_template = any(template_error(t) for t in self.info.chat_templates)
         with _chatml_while_loading() if broken_template else contextlib.nullcontext(), self._counting_contexts():
             self.llm = load_llama(
                 self.path,
                 n_ctx=n_ctx,
-                n_threads=n_threads or available_cores(),
+                n_threads=threads,
                 n_batch=n_batch,
                 exact=exact,
                 seed=seed,
@@ -132,6 +133,8 @@ class DecoRuntime:
                 n_gpu_layers=offload.n_gpu_layers,
                 kv_overrides={MODE_KEY: mode},
             )
+        self.threads = ThreadPool(threads)
+        self.threads.attach(self.llm.ctx)
 
     @contextlib.contextmanager
     def _counting_contexts(self):
@@ -179,6 +182,7 @@ class DecoRuntime:
 
     def close(self) -> None:
         self.llm.close()
+        self.threads.close()  # after the context that used it
 
     def __enter__(self) -> DecoRuntime:
         return self

@@ -89,6 +89,49 @@ def ggml_base() -> ctypes.CDLL:
     return lib
 
 
+class _ThreadpoolParams(ctypes.Structure):  # struct ggml_threadpool_params (ggml.h, GGML_MAX_N_THREADS 512)
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+class ThreadPool:
+    """A ggml thread pool of n_threads for a context to keep (`attach`). Without one, ggml starts and joins its
+    threads for every graph it computes: once per decode step, and once per piece when an eval callback (the
+    activity counter) cuts the graph at every DECO layer. Close it after the context."""
+
+    def __init__(self, n_threads: int):
+        base = ggml_base()
+        cpu = ctypes.CDLL(str(runtime_library("ggml-cpu")))
+        cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+        cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+        cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+        base.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_ThreadpoolParams), ctypes.c_int]
+        params = _ThreadpoolParams()
+        base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+        self._free = cpu.ggml_threadpool_free
+        self.handle = cpu.ggml_threadpool_new(ctypes.byref(params))
+        if not self.handle:
+            raise DecoError(f"ggml cannot start a pool of {n_threads} threads")
+
+    def attach(self, ctx) -> None:
+        """The pool of `ctx` (a llama_context) for its decode and batch graphs."""
+        lib = library()
+        lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.llama_attach_threadpool.restype = None
+        lib.llama_attach_threadpool(ctx, self.handle, self.handle)
+
+    def close(self) -> None:
+        if self.handle:
+            self._free(self.handle)
+            self.handle = None
+
+
 def _route_logs(llama_cpp) -> None:
     """Keep llama.cpp quiet; hand its error lines to the `llama_errors()` blocks running."""
 
