@@ -313,18 +313,25 @@ def test_malformed_files_fail_cleanly(models, tmp_path):
             Runtime(p)
 
 
-def test_backend_ops_deco_cases_on_cpu():
-    """test-backend-ops' DECO_MOE cases (types, odd shapes, all-inactive/all-active rows) run on the CPU."""
+def _backend_ops_on_cpu(*args: str) -> int:
+    """test-backend-ops on the CPU backend, which it compares with the CPU's reference path; how many cases ran
+    (all of them passed)."""
     r = subprocess.run(
-        [str(BUILD_BIN / "test-backend-ops"), "-b", "CPU", "-o", "DECO_MOE"],
+        [str(BUILD_BIN / "test-backend-ops"), "-b", "CPU", *args],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1200,
         env={**os.environ, "LD_LIBRARY_PATH": str(BUILD_BIN)},
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
-    assert passed and passed[1] == passed[2] and int(passed[1]) >= 160, r.stdout[-2000:]  # every case ran (169 today)
+    assert passed and passed[1] == passed[2], r.stdout[-2000:]
+    return int(passed[1])
+
+
+def test_backend_ops_deco_cases_on_cpu():
+    """test-backend-ops' DECO_MOE cases (types, odd shapes, all-inactive/all-active rows) run on the CPU."""
+    assert _backend_ops_on_cpu("-o", "DECO_MOE") >= 160  # every case ran (169 today)
 
 
 # the cases of ggml_patches/tests/test-backend-ops-fa-decode.inc (and upstream's of the same lengths and rows)
@@ -335,16 +342,7 @@ def test_flash_decoding_cases_against_the_reference_path():
     """FLASH_ATTN_EXT of 1-16 query rows over KV caches of chat depth (ggml-cpu/fa-decode.cpp: F16, Q8_0 and F32
     caches, MHA and GQA, head sizes 64 and 128, lengths off its tile, sinks, ALiBi, a softcap) against the CPU
     backend's reference path, as test-backend-ops compares them."""
-    r = subprocess.run(
-        [str(BUILD_BIN / "test-backend-ops"), "-b", "CPU", "-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_CASES],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**os.environ, "LD_LIBRARY_PATH": str(BUILD_BIN)},
-    )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    passed = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
-    assert passed and passed[1] == passed[2] and int(passed[1]) >= 106, r.stdout[-2000:]  # the .inc has 106
+    assert _backend_ops_on_cpu("-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_CASES) >= 106  # the .inc has 106
 
 
 @pytest.mark.parametrize("kv_type, tol", [(0, 1e-4), (1, 2e-2)])  # F32, F16 caches
