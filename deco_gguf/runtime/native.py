@@ -40,6 +40,14 @@ def runtime_library(name: str) -> Path | None:
     return found[0] if found else None
 
 
+def load_runtime_library(name: str) -> ctypes.CDLL:
+    """The runtime's shared library `name`, loaded (the copy libllama uses); DecoError when it is missing."""
+    found = runtime_library(name)
+    if found is None:
+        raise DecoError(f"lib{name} is not installed with the runtime in {lib_dir()}: {GET_RUNTIME}")
+    return ctypes.CDLL(str(found))
+
+
 def is_patched() -> bool:
     """Whether llama-cpp-python is installed and runs this project's patched llama.cpp (its ggml has the
     DECO op)."""
@@ -61,18 +69,17 @@ def library():
         if not is_patched():
             raise DecoError(f"the installed llama-cpp-python is not the patched DECO build: {GET_RUNTIME}")
         _route_logs(llama_cpp)
+        lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.llama_attach_threadpool.restype = None
         lib._deco_checked = True
     return lib
 
 
 @functools.lru_cache(maxsize=1)
 def ggml_base() -> ctypes.CDLL:
-    """libggml-base of the runtime (the one libllama loaded), with the entry points we call typed: the DECO
-    op's activity collector (ggml-deco.h) and ggml's quantizer."""
-    found = runtime_library("ggml-base")
-    if found is None:
-        raise DecoError(f"no libggml-base beside libllama in {lib_dir()}: {GET_RUNTIME}")
-    lib = ctypes.CDLL(str(found))
+    """libggml-base of the runtime, with the entry points we call typed: ggml's quantizer, its version and the
+    thread pool parameters (the DECO op's activity collector is passed to llama.cpp, never called here)."""
+    lib = load_runtime_library("ggml-base")
     lib.ggml_quantize_chunk.argtypes = [
         ctypes.c_int,
         ctypes.c_void_p,
@@ -86,6 +93,19 @@ def ggml_base() -> ctypes.CDLL:
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_version.restype = ctypes.c_char_p
+    lib.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_ThreadpoolParams), ctypes.c_int]
+    lib.ggml_threadpool_params_init.restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_cpu() -> ctypes.CDLL:
+    """libggml-cpu of the runtime, with its thread pool calls typed."""
+    lib = load_runtime_library("ggml-cpu")
+    lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+    lib.ggml_threadpool_new.restype = ctypes.c_void_p
+    lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    lib.ggml_threadpool_free.restype = None
     return lib
 
 
@@ -106,29 +126,19 @@ class ThreadPool:
     activity counter) cuts the graph at every DECO layer. Close it after the context."""
 
     def __init__(self, n_threads: int):
-        base = ggml_base()
-        cpu = ctypes.CDLL(str(runtime_library("ggml-cpu")))
-        cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
-        cpu.ggml_threadpool_new.restype = ctypes.c_void_p
-        cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
-        base.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_ThreadpoolParams), ctypes.c_int]
         params = _ThreadpoolParams()
-        base.ggml_threadpool_params_init(ctypes.byref(params), n_threads)
-        self._free = cpu.ggml_threadpool_free
-        self.handle = cpu.ggml_threadpool_new(ctypes.byref(params))
+        ggml_base().ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+        self.handle = ggml_cpu().ggml_threadpool_new(ctypes.byref(params))
         if not self.handle:
             raise DecoError(f"ggml cannot start a pool of {n_threads} threads")
 
     def attach(self, ctx) -> None:
         """The pool of `ctx` (a llama_context) for its decode and batch graphs."""
-        lib = library()
-        lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        lib.llama_attach_threadpool.restype = None
-        lib.llama_attach_threadpool(ctx, self.handle, self.handle)
+        library().llama_attach_threadpool(ctx, self.handle, self.handle)
 
     def close(self) -> None:
         if self.handle:
-            self._free(self.handle)
+            ggml_cpu().ggml_threadpool_free(self.handle)
             self.handle = None
 
 

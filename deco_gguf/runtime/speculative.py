@@ -29,7 +29,7 @@ import gguf
 
 from ..support.errors import DecoError
 from .context import DecoRuntime, load_llama
-from .native import GET_RUNTIME, library, runtime_library
+from .native import library, load_runtime_library
 from .sampling import GREEDY, Sampling
 
 DRAFTS = {"none": 0, "model": 1, "lookup": 2, "script": 3}  # enum deco_spec_draft
@@ -101,10 +101,7 @@ _ERR_SIZE = 512
 @functools.lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
     library()  # libllama loaded first, with our log routing
-    path = runtime_library("deco-speculative")
-    if path is None:
-        raise DecoError(f"libdeco-speculative is not installed with the runtime: {GET_RUNTIME}")
-    lib = ctypes.CDLL(str(path))
+    lib = load_runtime_library("deco-speculative")
     lib.deco_spec_init.argtypes = [
         ctypes.c_void_p,
         ctypes.c_void_p,
