@@ -73,7 +73,7 @@ class _LayerCounts(ctypes.Structure):  # struct ggml_deco_layer_activity
 
 
 class _Counts(ctypes.Structure):  # struct ggml_deco_activity
-    _fields_ = [("enabled", ctypes.c_bool), ("n_layers", ctypes.c_int32), ("layers", ctypes.POINTER(_LayerCounts))]
+    _fields_ = [("n_layers", ctypes.c_int32), ("layers", ctypes.POINTER(_LayerCounts))]
 
 
 class ActivityCounter:
@@ -83,7 +83,7 @@ class ActivityCounter:
         self.moe_layers = moe_layers
         self.num_experts = num_experts
         self._layers = (_LayerCounts * len(moe_layers))()
-        self._counts = _Counts(True, len(moe_layers), self._layers)
+        self._counts = _Counts(len(moe_layers), self._layers)
         self.reset()
 
     def install(self, params) -> None:

@@ -140,7 +140,6 @@ struct ggml_deco_layer_activity {
 };
 
 struct ggml_deco_activity {
-    bool                              enabled;  // false: the callback asks for no node (the graph runs in one go)
     int32_t                           n_layers; // length of layers
     struct ggml_deco_layer_activity * layers;   // indexed by the op's layer param
 };

@@ -142,7 +142,7 @@ struct ggml_deco_moe_params ggml_deco_moe_get_params(const struct ggml_tensor * 
 
 static struct ggml_deco_layer_activity * deco_activity_layer(const struct ggml_deco_activity * activity,
                                                               const struct ggml_tensor * t) {
-    if (activity == NULL || !activity->enabled || t->op != GGML_OP_DECO_MOE) {
+    if (activity == NULL || t->op != GGML_OP_DECO_MOE) {
         return NULL;
     }
     const int32_t layer = ggml_deco_moe_get_params(t).layer;
