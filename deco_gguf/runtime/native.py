@@ -128,6 +128,10 @@ class ThreadPool:
     def __init__(self, n_threads: int):
         params = _ThreadpoolParams()
         ggml_base().ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+        # no polling: a pool's threads sleep as soon as a graph is done, instead of spinning for many
+        # milliseconds, so the pools of a target and its draft (or of the runtimes a benchmark takes turns with)
+        # never take the cores from each other
+        params.poll = 0
         self.handle = ggml_cpu().ggml_threadpool_new(ctypes.byref(params))
         if not self.handle:
             raise DecoError(f"ggml cannot start a pool of {n_threads} threads")
