@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..runtime.native import KV_CACHE_TYPES
 from ..runtime.rpc import Offload
 from ..support.errors import DecoError
 from .app import err_console
@@ -61,6 +62,16 @@ DraftMax = Annotated[
 ]
 
 # Options every command running a model spells the same way.
+KvCache = Enum("KvCache", {name: name for name in KV_CACHE_TYPES}, type=str)
+CacheType = Annotated[
+    KvCache,
+    typer.Option(
+        "--cache-type",
+        "-ctk",
+        help="Element type of the KV cache, K and V (llama.cpp's -ctk/-ctv): q8_0 halves the bytes a long "
+        "context costs every decoded token, at a small perplexity cost (docs/benchmarks.md).",
+    ),
+]
 Threads = Annotated[int | None, typer.Option("--threads", "-t", help="Threads; default: all cores.", min=1)]
 ModelPath = Annotated[
     Path, typer.Argument(help="A DECO GGUF (or an HF checkpoint directory, converted to F16 once and cached).")

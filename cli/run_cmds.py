@@ -12,9 +12,11 @@ from rich.table import Table
 from ..support.errors import DecoError
 from .app import app, check_threads, console, err_console, friendly_errors, warn
 from .options import (
+    CacheType,
     DraftMax,
     DraftPath,
     EvalMode,
+    KvCache,
     Lookup,
     ModelPath,
     RpcLayers,
@@ -72,6 +74,7 @@ def chat(
     threads: Threads = None,
     ctx_size: ChatContext = 2048,
     mode: ChatMode = EvalMode.sparse,
+    cache_type: CacheType = KvCache.f16,
     draft: DraftPath = None,
     lookup: Lookup = False,
     draft_max: DraftMax = None,
@@ -119,6 +122,7 @@ def chat(
         n_ctx=ctx_size,
         n_threads=threads,
         mode=mode.value,
+        kv_cache=cache_type.value,
         sampling=sampling,
         offload=offload,
         speculation=speculation,
@@ -162,6 +166,7 @@ def perplexity(
     ctx_size: ChunkSize = 512,
     threads: Threads = None,
     mode: PerplexityMode = EvalMode.sparse,
+    cache_type: CacheType = KvCache.f16,
     as_json: AsJson = False,
     rpc: RpcServers = None,
     n_gpu_layers: RpcLayers = None,
@@ -211,6 +216,7 @@ def perplexity(
             ctx_size=ctx_size,
             n_threads=threads,
             mode=mode.value,
+            kv_cache=cache_type.value,
             on_start=on_start,
             on_chunk=on_chunk,
             offload=offload,

@@ -13,8 +13,10 @@ from rich.table import Table
 from ..support.errors import DecoError
 from .app import app, check_threads, console, err_console, friendly_errors, warn
 from .options import (
+    CacheType,
     DraftMax,
     DraftPath,
+    KvCache,
     Lookup,
     ModelPath,
     RpcLayers,
@@ -34,6 +36,18 @@ def _thread_list(value: str | None) -> list[int] | None:
     if not counts or min(counts) < 1:
         raise DecoError(f"--threads {value!r}: every count must be at least 1")
     return sorted(set(counts))
+
+
+def _depth_list(value: str | None) -> list[int]:
+    if value is None:
+        return [0]
+    try:
+        depths = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise DecoError(f"--depth {value!r}: expected token counts separated by commas, e.g. 0,1024,4096") from None
+    if not depths or min(depths) < 0:
+        raise DecoError(f"--depth {value!r}: every depth must be at least 0")
+    return sorted(set(depths))
 
 
 def _rates(value: str | None) -> tuple[float, ...]:
@@ -56,6 +70,16 @@ Repetitions = Annotated[
 Warmup = Annotated[int, typer.Option(help="Untimed runs of every configuration first.", min=0)]
 ThreadCounts = Annotated[
     str | None, typer.Option("--threads", "-t", help="Thread counts to sweep, e.g. 1,2; default: all cores.")
+]
+Depths = Annotated[
+    str | None,
+    typer.Option(
+        "--depth",
+        "-d",
+        metavar="TOKENS",
+        help="Measure after this many tokens of context, e.g. 0,1024,4096 (a chat a few turns in): the KV cache "
+        "holds them first (untimed), pp is then a follow-up prompt and tg its reply. Default: 0.",
+    ),
 ]
 SampleText = Annotated[
     Path | None,
@@ -105,6 +129,8 @@ def speed(
     repetitions: Repetitions = 3,
     warmup: Warmup = 1,
     threads: ThreadCounts = None,
+    depth: Depths = None,
+    cache_type: CacheType = KvCache.f16,
     text: SampleText = None,
     vs_dense: VsDense = False,
     as_json: SpeedJson = False,
@@ -118,12 +144,18 @@ def speed(
 ) -> None:
     """Prompt (pp) and generation (tg) tokens/s, DECO sparse vs dense in one run, with the bytes bound.
 
+    --depth measures where a chat is after a few turns: the KV cache holds
+    that many tokens of the text before every run, so each decoded token also
+    reads the cache (its bytes are part of the bound; the deeper, the closer
+    every ratio gets to 1). With speculation, each passage's prompt is
+    depth + pp tokens.
+
     With --draft, --lookup or --synthetic: speculative decoding against
     autoregressive sparse and dense decoding instead, greedy, on --repetitions
     passages of the text (--pp prompt tokens, --tg generated), the same tokens
     asserted; reported: tokens/s, speed-ups, acceptance, tokens per
     verification and a verification's cost in decode steps. --json gives
-    {model, speculative: {settings, results: list of {name, threads, median,
+    {model, speculative: {settings, results: list of {name, threads, depth, median,
     tokens_per_second, acceptance, tokens_per_verify, verify_cost_steps,
     speedup_vs_sparse, speedup_vs_dense, draft_ms, verify_ms}}}.
 
@@ -131,27 +163,30 @@ def speed(
 
     Every configuration (sparse, dense, dense_eq × threads) gets --warmup
     untimed runs, then --repetitions timed runs interleaved with the others;
-    reported: median, min and max. The activation rate is the DECO op's counters
+    reported: median, min and max. The activation rate is counted
     during the sparse tg runs; bytes read per decoded token = non-expert
-    weight bytes + Σ_layer rate × expert bytes, and the sparse/dense decode
-    ratio bound = dense bytes / sparse bytes (reached only when decoding is
-    memory-bound), printed beside the measured ratio.
+    weight bytes + Σ_layer rate × expert bytes + the KV cache at the depth,
+    and the sparse/dense decode ratio bound = dense bytes / sparse bytes
+    (reached only when decoding is memory-bound), printed beside the
+    measured ratio.
 
-    --json schema: {model, settings: {pp, tg, repetitions, warmup, threads: list},
+    --json schema: {model, settings: {pp, tg, repetitions, warmup, threads: list,
+    depths: list, kv_cache},
     results: list of {model: deco|dense_eq, mode: sparse|dense, threads, test: pp|tg,
-    tokens, samples: list of t/s, tokens_per_second: {median, min, max},
+    tokens, depth, samples: list of t/s, tokens_per_second: {median, min, max},
     time_to_first_token_ms (pp only): {median, min, max}},
     activation: {layers: list of {layer, rate}, mean, source},
     bytes_per_token: {non_expert, expert_total, expert_by_layer: {layer: bytes},
-    embedding_row_only, sparse, dense, dense_eq|null},
-    ratios: list of {threads, sparse_over_dense_tg, sparse_over_dense_pp,
-    sparse_over_dense_eq_tg|null, sparse_over_dense_eq_pp|null, bound,
+    embedding_row_only, sparse, dense, dense_eq|null, kv_cache_per_position},
+    ratios: list of {threads, depth, sparse_over_dense_tg, sparse_over_dense_pp,
+    sparse_over_dense_eq_tg|null, sparse_over_dense_eq_pp|null, kv_bytes, bound,
     bound_vs_dense_eq|null}, dense_eq: null | {path, ffn_width, params,
     deco_params, types: {role: type}, substituted: {role: deco type}, built}}.
     """
     from ..support.cache import resolve_model
 
     counts = _thread_list(threads)
+    depths = _depth_list(depth)
     check_threads(*(counts or []))
     offload = offload_of(rpc, n_gpu_layers)
     if plot_file is not None and not plot_file.parent.is_dir():
@@ -169,11 +204,13 @@ def speed(
             raise DecoError("--rpc and --vs-dense are not available with speculative decoding")
         if draft is not None:
             draft = resolve_model(draft, on_status=status)
-        report = _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, repetitions, counts)
+        settings = (pp, tg, repetitions, counts, depths, cache_type.value)
+        report = _measure_speculative(path, sample, draft, lookup, rates, draft_max, settings)
     else:
         from ..measure.speed_report import plot
 
-        report = _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, offload)
+        settings = (pp, tg, repetitions, warmup, counts, depths, cache_type.value)
+        report = _measure_speed(path, settings, vs_dense, sample, offload)
     if plot_file is not None:
         plot(report, plot_file)
     if speculative:
@@ -199,12 +236,13 @@ def _progress():
     )
 
 
-def _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, repetitions, counts):
+def _measure_speculative(path, sample, draft, lookup, rates, draft_max, settings):
     from ..measure.speculative_speed import measure_speculative
     from ..measure.speed import DEFAULT_TEXT
     from ..runtime.native import available_cores
     from ..runtime.speculative import DEFAULT_DRAFT_MAX
 
+    pp, tg, repetitions, counts, depths, kv_cache = settings
     progress = _progress()
     with progress:
         task = progress.add_task("runs", total=None)
@@ -219,13 +257,16 @@ def _measure_speculative(path, sample, draft, lookup, rates, draft_max, pp, tg, 
             tg=tg,
             n_passages=repetitions,
             threads=counts or [available_cores()],
+            depths=depths,
+            kv_cache=kv_cache,
             on_step=lambda done, total: progress.update(task, completed=done, total=total),
         )
 
 
-def _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, offload):
+def _measure_speed(path, settings, vs_dense, sample, offload):
     from ..measure.speed import measure
 
+    pp, tg, repetitions, warmup, counts, depths, kv_cache = settings
     progress = _progress()
     with progress:
         task = progress.add_task("runs", total=None)
@@ -236,6 +277,8 @@ def _measure_speed(path, pp, tg, repetitions, warmup, counts, vs_dense, sample, 
             repetitions=repetitions,
             warmup=warmup,
             threads=counts,
+            depths=depths,
+            kv_cache=kv_cache,
             vs_dense=vs_dense,
             text=sample,
             on_status=status,
@@ -250,10 +293,12 @@ def _print_speculative(report, as_json: bool) -> None:
         return
     title = (
         f"Speculative decoding on {report.model}: greedy, {report.passages} passage(s) of "
-        f"{report.prompt}+{report.tg} tokens, draft max {report.draft_max}, median t/s"
+        f"depth+{report.prompt}+{report.tg} tokens, draft max {report.draft_max}, {report.kv_cache} KV cache, "
+        "median t/s"
     )
     table = Table(
         "threads",
+        "depth",
         "",
         "t/s",
         "× sparse",
@@ -273,7 +318,7 @@ def _print_speculative(report, as_json: bool) -> None:
             verification = [acceptance, f"{r['tokens_per_verify']:.2f}", f"{r['verify_cost_steps']:.2f} steps"]
         else:
             verification = ["", "", ""]
-        table.add_row(str(r["threads"]), name, *speedups, *verification)
+        table.add_row(str(r["threads"]), str(r["depth"]), name, *speedups, *verification)
     console.print(table)
     console.print(
         "[dim]every configuration generated the same tokens; verification cost: a verification's time over "
@@ -304,28 +349,35 @@ def _print_speed(report, path: Path, pp: int, tg: int, repetitions: int) -> None
 
 
 def _print_speed_table(report, path: Path, pp: int, tg: int, repetitions: int) -> None:
-    """Tokens/s of every series, and the time to first token."""
+    """Tokens/s of every series at every depth, and the time to first token."""
 
     def cells(s) -> list[str]:
         return [f"{s.median:,.1f}", f"[dim]{min(s.samples):,.0f}-{max(s.samples):,.0f}[/]"] if s else ["-", ""]
 
     table = Table(
         "threads",
+        "depth",
         "",
         f"pp{pp} t/s",
         "min-max",
         f"tg{tg} t/s",
         "min-max",
-        title=f"Speed of {path.name}: median of {repetitions} interleaved runs",
+        title=f"Speed of {path.name}: median of {repetitions} interleaved runs, {report.kv_cache} KV cache",
         title_justify="left",
     )
     for t in report.threads:
-        for (m, md), name in SERIES_NAMES.items():
-            if report.find(m, md, t, "tg"):
-                table.add_row(str(t), name, *cells(report.find(m, md, t, "pp")), *cells(report.find(m, md, t, "tg")))
+        for depth in report.depths:
+            for (m, md), name in SERIES_NAMES.items():
+                if report.find(m, md, t, "tg", depth):
+                    pp_cells, tg_cells = (
+                        cells(report.find(m, md, t, "pp", depth)),
+                        cells(report.find(m, md, t, "tg", depth)),
+                    )
+                    table.add_row(str(t), str(depth), name, *pp_cells, *tg_cells)
     console.print(table)
     first_tokens = ", ".join(
-        f"{SERIES_NAMES[(s.model, s.mode)]} t{s.threads} {statistics.median(s.first_token_ms):,.1f} ms"
+        f"{SERIES_NAMES[(s.model, s.mode)]} t{s.threads}{f' d{s.depth}' if s.depth else ''} "
+        f"{statistics.median(s.first_token_ms):,.1f} ms"
         for s in report.series
         if s.test == "pp"
     )
@@ -333,31 +385,36 @@ def _print_speed_table(report, path: Path, pp: int, tg: int, repetitions: int) -
 
 
 def _print_weight_bytes(report) -> None:
-    """The activation measured and the weight bytes each decoded token reads."""
+    """The activation measured and the bytes each decoded token reads: weights, and the KV cache at depth."""
     b = report.bytes
     layers = ", ".join(f"L{k} {v:.1%}" for k, v in sorted(report.layer_rates.items()))
     console.print(f"expert activation (sparse tg): mean {report.mean_rate:.1%} ({layers})", highlight=False)
     table = Table(
-        "", "MiB / decoded token", title="Weight bytes read per decoded token", title_justify="left", show_header=False
+        "", "MiB / decoded token", title="Bytes read per decoded token", title_justify="left", show_header=False
     )
-    non_expert = "non-expert" + (" (embedding: one row)" if b.embedding_row_only else "")
+    non_expert = "non-expert weights" + (" (embedding: one row)" if b.embedding_row_only else "")
     table.add_row(non_expert, f"{b.non_expert / 2**20:.3f}")
     table.add_row("routed experts, all", f"{b.expert / 2**20:.3f}")
-    table.add_row("DECO sparse (at the measured rate)", f"{report.sparse_bytes / 2**20:.3f}")
-    table.add_row("DECO dense", f"{b.dense / 2**20:.3f}")
+    table.add_row("DECO sparse weights (at the measured rate)", f"{report.sparse_bytes / 2**20:.3f}")
+    table.add_row("DECO dense weights", f"{b.dense / 2**20:.3f}")
     if report.dense_eq_bytes:
-        table.add_row("dense_eq", f"{report.dense_eq_bytes / 2**20:.3f}")
+        table.add_row("dense_eq weights", f"{report.dense_eq_bytes / 2**20:.3f}")
+    per_position = report.kv_bytes_per_position
+    for depth in report.depths:
+        where = f"depth {depth}, tg{report.tg}: {depth + (report.tg + 1) / 2:,.0f} positions × {per_position:,} B"
+        table.add_row(f"{report.kv_cache} KV cache ({where})", f"{report.kv_bytes(depth) / 2**20:.3f}")
     console.print(table)
 
 
 def _print_ratios(report) -> None:
-    """The measured speed-ups of sparse decoding beside the weight-bytes bound."""
+    """The measured speed-ups of sparse decoding beside the bytes bound."""
     table = Table(
         "threads",
+        "depth",
         "tg sparse/dense",
         "bound",
         "pp sparse/dense",
-        title="Speed-up of DECO sparse: measured vs the weight-bytes bound",
+        title="Speed-up of DECO sparse: measured vs the bytes bound (weights + KV cache)",
         title_justify="left",
     )
     has_eq = report.dense_eq is not None
@@ -369,14 +426,15 @@ def _print_ratios(report) -> None:
         return f"{v:.2f}x" if v is not None else "-"
 
     for r in report.ratios():
-        row = [str(r["threads"]), fmt(r["sparse_over_dense_tg"]), fmt(r["bound"]), fmt(r["sparse_over_dense_pp"])]
+        row = [str(r["threads"]), str(r["depth"]), fmt(r["sparse_over_dense_tg"]), fmt(r["bound"])]
+        row.append(fmt(r["sparse_over_dense_pp"]))
         if has_eq:
             row += [fmt(r["sparse_over_dense_eq_tg"]), fmt(r["bound_vs_dense_eq"])]
         table.add_row(*row)
     console.print(table)
     if any(r["sparse_over_dense_tg"] and r["sparse_over_dense_tg"] > 1.05 * r["bound"] for r in report.ratios()):
         console.print(
-            "[dim]measured above the bound: decode time here is not set by weight bytes alone (compute "
+            "[dim]measured above the bound: decode time here is not set by the bytes read alone (compute "
             "and per-expert overheads, which skipped experts also save, count too)[/]",
             highlight=False,
         )

@@ -65,12 +65,12 @@ def ours(gguf: Path, text: Path, ctx: int, *extra: str) -> dict:
     return json.loads(r.stdout)
 
 
-def reference(gguf: Path, text: Path, ctx: int) -> tuple[str, float | None, float | None, list[float]]:
+def reference(gguf: Path, text: Path, ctx: int, *extra: str) -> tuple[str, float | None, float | None, list[float]]:
     """llama-perplexity's output, its final PPL and ±, and its per-chunk running values."""
     if not LLAMA_PERPLEXITY.exists():
         pytest.skip(f"{LLAMA_PERPLEXITY} is not built (scripts/build-runtime.sh)")
     r = subprocess.run(
-        [str(LLAMA_PERPLEXITY), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-t", "1"],
+        [str(LLAMA_PERPLEXITY), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-t", "1", *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -94,6 +94,16 @@ def test_matches_llama_perplexity(files):
         assert abs(a - b) / b < 0.01
     assert 10 < got["ppl"] < 80  # a trained model on held-out text from its own domain
     assert got["add_bos"] is True and 0.05 < got["mean_activation"] < 0.5
+
+
+def test_q8_0_cache_matches_llama_perplexity(files):
+    """--cache-type q8_0 is llama-perplexity's -ctk q8_0 -ctv q8_0: the same number, which is not the F16 cache's."""
+    got = ours(files["gguf"], files["text"], CTX, "--cache-type", "q8_0")
+    _, ppl, err, _ = reference(files["gguf"], files["text"], CTX, "-ctk", "q8_0", "-ctv", "q8_0")
+    f16 = ours(files["gguf"], files["text"], CTX)
+    assert got["kv_cache"] == "q8_0" and f16["kv_cache"] == "f16"
+    assert abs(got["ppl"] - ppl) < 1e-4 and abs(got["ppl_error"] - err) < 1e-5  # the digits llama-perplexity prints
+    assert abs(got["ppl"] - f16["ppl"]) > 1e-3, (got["ppl"], f16["ppl"])
 
 
 def test_dense_mode_gives_the_same_number(files):

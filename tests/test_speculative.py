@@ -376,6 +376,26 @@ def test_speed_speculative_json(fixture_gguf, tmp_path):
     assert results["sparse"]["speedup_vs_sparse"] == 1.0
 
 
+def test_speed_speculative_at_depth(fixture_gguf):
+    """`speed --synthetic 1 --depth 0,40`: each configuration at both depths, the same tokens as autoregressive
+    decoding at each (asserted by speed itself), and a draft that is always right is always accepted there too."""
+    done = cli(
+        "speed",
+        str(fixture_gguf("base")),
+        *("--synthetic", "1", "--draft-max", "3", "--depth", "40,0", "--cache-type", "f32"),
+        *("--pp", "8", "--tg", "16", "-r", "1", "-t", "1", "--json"),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["speculative"]
+    assert report["settings"]["kv_cache"] == "f32"
+    results = {(r["name"], r["depth"]): r for r in report["results"]}
+    assert set(results) == {(n, d) for n in ("sparse", "dense", "synthetic 1") for d in (0, 40)}
+    for d in (0, 40):
+        assert (
+            results[("synthetic 1", d)]["acceptance"] == 1.0 and results[("synthetic 1", d)]["tokens_per_verify"] == 4
+        )
+
+
 def test_llama_server_with_a_deco_draft(bundled_gguf, tmp_path):
     """`llama-server -m TARGET -md DRAFT --spec-type draft-simple` with the bundled DECO pair: greedy completions are
     the target's autoregressive tokens, and the server reports drafted and accepted tokens."""

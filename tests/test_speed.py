@@ -53,9 +53,10 @@ def test_json_schema_and_values(gguf_path, tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert set(rep) == {"model", "settings", "results", "activation", "bytes_per_token", "ratios", "dense_eq"}
-    assert rep["settings"] == {"pp": 16, "tg": 8, "repetitions": 1, "warmup": 1, "threads": [1]}
-    combos = {(s["model"], s["mode"], s["threads"], s["test"]) for s in rep["results"]}
-    assert combos == {("deco", m, 1, t) for m in ("sparse", "dense") for t in ("pp", "tg")}
+    settings = {"pp": 16, "tg": 8, "repetitions": 1, "warmup": 1, "threads": [1], "depths": [0], "kv_cache": "f16"}
+    assert rep["settings"] == settings
+    combos = {(s["model"], s["mode"], s["threads"], s["test"], s["depth"]) for s in rep["results"]}
+    assert combos == {("deco", m, 1, t, 0) for m in ("sparse", "dense") for t in ("pp", "tg")}
     for s in rep["results"]:
         assert s["tokens"] == (16 if s["test"] == "pp" else 8)
         assert len(s["samples"]) == 1 and s["samples"][0] > 0
@@ -82,10 +83,63 @@ def test_json_schema_and_values(gguf_path, tmp_path):
     assert b["sparse"] == pytest.approx(b["non_expert"] + active_experts)
     assert b["dense"] == b["non_expert"] + b["expert_total"] > b["sparse"]
     (ratio,) = rep["ratios"]
-    assert ratio["threads"] == 1 and ratio["bound"] == pytest.approx(b["dense"] / b["sparse"]) and ratio["bound"] > 1
+    kv = kv_row_bytes(gguf_path, 2) * 4.5  # tg 8 from depth 0: positions 1..8 read, 4.5 on average
+    assert ratio["threads"] == 1 and ratio["depth"] == 0 and ratio["kv_bytes"] == pytest.approx(kv)
+    assert ratio["bound"] == pytest.approx((b["dense"] + kv) / (b["sparse"] + kv)) and ratio["bound"] > 1
     assert ratio["sparse_over_dense_tg"] > 0 and ratio["sparse_over_dense_eq_tg"] is None
     assert rep["dense_eq"] is None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def kv_row_bytes(path: Path, bytes_per_element: float) -> float:
+    """K and V of every layer for one position, from the GGUF's attention metadata."""
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("deco.")}
+    row = fields["deco.attention.key_length"] + fields["deco.attention.value_length"]
+    return fields["deco.block_count"] * fields["deco.attention.head_count_kv"] * row * bytes_per_element
+
+
+def test_depth_and_q8_0_cache(gguf_path):
+    """--depth 0,48 --cache-type q8_0: every series at both depths, the KV cache of each depth in the bound
+    (Q8_0: 34 bytes per 32 elements), the deeper bound nearer 1."""
+    r = cli("speed", gguf_path, *TINY, "--depth", "48,0", "--cache-type", "q8_0", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["settings"]["depths"] == [0, 48] and rep["settings"]["kv_cache"] == "q8_0"
+    combos = {(s["mode"], s["test"], s["depth"]) for s in rep["results"]}
+    assert combos == {(m, t, d) for m in ("sparse", "dense") for t in ("pp", "tg") for d in (0, 48)}
+    b = rep["bytes_per_token"]
+    assert b["kv_cache_per_position"] == kv_row_bytes(gguf_path, 34 / 32)
+    bounds = {}
+    for ratio in rep["ratios"]:
+        kv = b["kv_cache_per_position"] * (ratio["depth"] + 4.5)
+        assert ratio["kv_bytes"] == pytest.approx(kv)
+        assert ratio["bound"] == pytest.approx((b["dense"] + kv) / (b["sparse"] + kv))
+        bounds[ratio["depth"]] = ratio["bound"]
+    assert 1 < bounds[48] < bounds[0]
+    table = cli("speed", gguf_path, *TINY, "--depth", "0,48")
+    assert table.returncode == 0, table.stderr
+    assert "depth" in table.stdout and "f16 KV cache (depth 48" in " ".join(table.stdout.split())
+
+
+def test_runs_start_at_the_filled_depth(gguf_path):
+    """Every timed run starts from the context `fill` evaluated: what a run adds is gone before the next one."""
+    from deco_gguf.measure.speed import _Bench
+    from deco_gguf.runtime.context import DecoRuntime
+
+    with DecoRuntime(gguf_path, n_ctx=128, n_threads=1, n_batch=16) as rt:
+        bench = _Bench("deco", "sparse", rt.llm, rt)
+        last_position = lambda: llama_cpp.llama_memory_seq_pos_max(bench.memory, 0)  # noqa: E731
+        tokens = rt.llm.tokenize(b"In the beginning God created the heaven and the earth. " * 8)
+        bench.fill(tokens[:40], 1)
+        assert last_position() == 39
+        for _ in range(2):
+            bench.tg(tokens[40:48], 1)
+            assert last_position() == 47
+            bench.pp(tokens[40:60], 1)  # the prompt, then one decoded token
+            assert last_position() == 60
+        bench.fill([], 1)
+        bench.tg(tokens[:5], 1)
+        assert last_position() == 4
 
 
 def test_table_output(gguf_path):
@@ -99,7 +153,7 @@ def test_table_output(gguf_path):
         "tg8 t/s",
         "expert activation",
         "bound",
-        "Weight bytes",
+        "Bytes read per decoded token",
     ):
         assert words in r.stdout
 

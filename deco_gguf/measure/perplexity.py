@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.native import kv_cache_type
 from ..runtime.rpc import Offload
 from ..support.errors import DecoError
 
@@ -49,6 +50,7 @@ class PerplexityResult:
     ppl_error: float  # llama.cpp's "+/-"
     mean_nll: float
     seconds: float
+    kv_cache: str = "f16"  # the KV cache's element type
     chunk_ppl: list[float] = field(default_factory=list)  # running PPL after each chunk ([i] in llama.cpp's log)
     activation: list[dict] = field(default_factory=list)  # per DECO layer: layer, tokens, rate
     mean_activation: float | None = None
@@ -93,6 +95,7 @@ def perplexity(
     ctx_size: int = 512,
     n_threads: int | None = None,
     mode: str = "sparse",
+    kv_cache: str = "f16",
     n_batch: int = DEFAULT_BATCH,
     on_start: Callable[[int, int], None] | None = None,
     on_chunk: Callable[[int, float], None] | None = None,
@@ -119,7 +122,13 @@ def perplexity(
     n_seq = max(1, n_batch // ctx_size)
     n_batch = min(n_batch, n_seq * ctx_size)
     rt = DecoRuntime(
-        model, n_ctx=ctx_size, n_threads=n_threads, n_batch=min(n_batch, ctx_size), mode=mode, offload=offload
+        model,
+        n_ctx=ctx_size,
+        n_threads=n_threads,
+        n_batch=min(n_batch, ctx_size),
+        mode=mode,
+        kv_cache=kv_cache,
+        offload=offload,
     )
     ctx = None
     try:
@@ -127,11 +136,12 @@ def perplexity(
         n_chunks = len(tokens) // ctx_size
         if on_start:
             on_start(n_chunks, len(tokens))
-        ctx, threads = _context(llama_cpp, rt, n_seq, ctx_size, n_batch)
+        ctx, threads = _context(llama_cpp, rt, n_seq, ctx_size, n_batch, kv_cache)
         decoder = _ChunkDecoder(llama_cpp, ctx, model, n_batch, ctx_size, rt.llm.n_vocab())
         chunks = tokens[: n_chunks * ctx_size].reshape(n_chunks, ctx_size)
         nll, seconds = _timed_score(decoder, rt, chunks, n_seq, bos, on_chunk)
         run = {"model": str(model), "text": str(text_path), "ctx_size": ctx_size, "mode": mode, "threads": threads}
+        run["kv_cache"] = kv_cache
         run |= {"tokens": len(tokens), "chunks": n_chunks, "add_bos": bos is not None, "seconds": seconds}
         return _result(rt, nll, **run)
     finally:
@@ -187,9 +197,9 @@ def _tokenize(llama_cpp, llm, text: bytes, ctx_size: int, model, text_path) -> t
     return tokens, llama_cpp.llama_vocab_bos(vocab) if add_bos else None
 
 
-def _context(llama_cpp, rt, n_seq: int, ctx_size: int, n_batch: int):
-    """A context of llama.cpp's defaults (F16 KV cache, flash attention when it applies), as
-    llama-perplexity's, for n_seq sequences, counting expert activity into the runtime's counter; and its
+def _context(llama_cpp, rt, n_seq: int, ctx_size: int, n_batch: int, kv_cache: str):
+    """A context of llama.cpp's defaults (flash attention when it applies), as llama-perplexity's, with a
+    `kv_cache` KV cache, for n_seq sequences, counting expert activity into the runtime's counter; and its
     thread count."""
     llm = rt.llm
     params = llama_cpp.llama_context_default_params()
@@ -198,6 +208,7 @@ def _context(llama_cpp, rt, n_seq: int, ctx_size: int, n_batch: int):
     params.n_batch = n_batch
     params.n_ubatch = min(MICRO_BATCH, n_batch)
     params.n_seq_max = n_seq
+    params.type_k = params.type_v = kv_cache_type(kv_cache)
     params.n_threads = params.n_threads_batch = llm.context_params.n_threads
     ctx = llama_cpp.llama_init_from_model(llm.model, params)
     if not ctx:

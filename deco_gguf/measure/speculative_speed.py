@@ -5,6 +5,8 @@ Method: the text is cut into passages of `prompt` + `tg` tokens; for each passag
 configurations run one after the other (a slow moment of a shared machine hits all of them):
 autoregressive sparse and autoregressive dense evaluation (one token per target evaluation, through the
 same C loop as speculation, so the loop's own cost is on both sides), then each speculative draft.
+At each of the `depths`, every passage's prompt is `depth` more tokens long: generation then runs over a
+KV cache that deep, as in a chat a few turns in.
 Greedy; the tokens of every speculative configuration must be the sparse autoregressive ones (dense
 evaluation equals sparse evaluation to rounding, which can flip a near-tie of a random-weight model, so
 its tokens are not compared). Timed: generation
@@ -44,6 +46,7 @@ class Config:
 
     name: str  # sparse, dense, draft, lookup, synthetic 0.8
     threads: int
+    depth: int = 0  # tokens of context before each passage's prompt
     runs: list[SpecStats] = field(default_factory=list)
 
     @property
@@ -73,6 +76,7 @@ class Config:
         return {
             "name": self.name,
             "threads": self.threads,
+            "depth": self.depth,
             "tokens_per_second": self.tokens_per_second,
             "median": self.median,
             "acceptance": self.acceptance,
@@ -92,38 +96,46 @@ class SpeculativeReport:
     tg: int
     passages: int
     configs: list[Config]
+    kv_cache: str = "f16"
 
-    def find(self, name: str, threads: int) -> Config:
-        return next(c for c in self.configs if c.name == name and c.threads == threads)
+    def find(self, name: str, threads: int, depth: int = 0) -> Config:
+        return next(c for c in self.configs if (c.name, c.threads, c.depth) == (name, threads, depth))
 
     def as_dict(self) -> dict:
         return {
-            "settings": {"draft_max": self.draft_max, "prompt": self.prompt, "tg": self.tg, "passages": self.passages},
+            "settings": {
+                "draft_max": self.draft_max,
+                "prompt": self.prompt,
+                "tg": self.tg,
+                "passages": self.passages,
+                "kv_cache": self.kv_cache,
+            },
             "results": [
-                c.as_dict(self.find("sparse", c.threads))
-                | {"speedup_vs_dense": c.median / self.find("dense", c.threads).median}
+                c.as_dict(self.find("sparse", c.threads, c.depth))
+                | {"speedup_vs_dense": c.median / self.find("dense", c.threads, c.depth).median}
                 for c in self.configs
             ],
         }
 
 
 def plot(report: SpeculativeReport, path: str | Path) -> None:
-    """tokens/s of every configuration, one bar per thread count (median, min-max), each labelled with its
-    speed-up over autoregressive sparse decoding at the same thread count."""
+    """tokens/s of every configuration, one bar per thread count and depth (median, min-max), each labelled with
+    its speed-up over autoregressive sparse decoding at the same thread count and depth."""
     names = list(dict.fromkeys(c.name for c in report.configs))
-    threads = sorted({c.threads for c in report.configs})
-    fig, ax = plotting.subplots(figsize=(max(6.0, 1.2 * len(names) * len(threads)), 4.5))
-    width = 0.8 / len(threads)
-    for k, t in enumerate(threads):
-        configs = [report.find(name, t) for name in names]
-        xs = [i + (k - (len(threads) - 1) / 2) * width for i in range(len(names))]
+    groups = sorted({(c.threads, c.depth) for c in report.configs})
+    fig, ax = plotting.subplots(figsize=(max(6.0, 1.2 * len(names) * len(groups)), 4.5))
+    width = 0.8 / len(groups)
+    for k, (t, depth) in enumerate(groups):
+        configs = [report.find(name, t, depth) for name in names]
+        xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(names))]
         medians = [c.median for c in configs]
         errors = [
             [c.median - min(c.tokens_per_second) for c in configs],
             [max(c.tokens_per_second) - c.median for c in configs],
         ]
-        bars = ax.bar(xs, medians, width, yerr=errors, capsize=3, label=f"{t} thread{'s' if t > 1 else ''}")
-        sparse = report.find("sparse", t).median
+        label = f"{t} thread{'s' if t > 1 else ''}" + (f", depth {depth}" if depth else "")
+        bars = ax.bar(xs, medians, width, yerr=errors, capsize=3, label=label)
+        sparse = report.find("sparse", t, depth).median
         ax.bar_label(bars, labels=[f"×{m / sparse:.2f}" for m in medians], padding=2, fontsize=8)
     ticks = [f"autoregressive\n{n}" if n in AUTOREGRESSIVE else n.replace(" ", "\n", 1) for n in names]
     ax.set_xticks(range(len(names)), ticks)
@@ -162,28 +174,34 @@ def measure_speculative(
     tg: int = 64,
     n_passages: int = 3,
     threads: list[int],
+    depths: list[int] | None = None,
+    kv_cache: str = "f16",
     on_step: Callable[[int, int], None] | None = None,
 ) -> SpeculativeReport:
     kinds = (["draft"] if draft else []) + (["lookup"] if lookup else []) + [f"synthetic {r:g}" for r in synthetic]
     if not kinds:
         raise DecoError("nothing to compare: give --draft, --lookup or --synthetic")
+    depths = depths or [0]
     configs: list[Config] = []
-    total, done = len(threads) * n_passages * (len(AUTOREGRESSIVE) + len(kinds)), 0
+    total, done = len(threads) * len(depths) * n_passages * (len(AUTOREGRESSIVE) + len(kinds)), 0
     for t in threads:
-        n_ctx = prompt + tg + draft_max + 8
-        runtimes = {mode: DecoRuntime(path, n_ctx=n_ctx, n_threads=t, mode=mode) for mode in AUTOREGRESSIVE}
+        n_ctx = max(depths) + prompt + tg + draft_max + 8
+        runtimes = {
+            mode: DecoRuntime(path, n_ctx=n_ctx, n_threads=t, mode=mode, kv_cache=kv_cache) for mode in AUTOREGRESSIVE
+        }
         draft_model = DraftModel(draft, runtimes["sparse"]) if draft else None
         engines: dict[str, Speculator] = {}
         try:
-            prompts = passages(runtimes["sparse"].llm, text, prompt, tg, n_passages)
-            row = {name: Config(name, t) for name in (*AUTOREGRESSIVE, *kinds)}
-            _open_engines(engines, row, runtimes, draft_max, draft_model)
-            for p in prompts:
-                for _ in _passage_runs(engines, row, p, tg, t):
-                    done += 1
-                    if on_step:
-                        on_step(done, total)
-            configs += row.values()
+            _open_engines(engines, (*AUTOREGRESSIVE, *kinds), runtimes, draft_max, draft_model)
+            for depth in depths:
+                prompts = passages(runtimes["sparse"].llm, text, depth + prompt, tg, n_passages)
+                row = {name: Config(name, t, depth) for name in (*AUTOREGRESSIVE, *kinds)}
+                for p in prompts:
+                    for _ in _passage_runs(engines, row, p, tg, t):
+                        done += 1
+                        if on_step:
+                            on_step(done, total)
+                configs += row.values()
         finally:
             for engine in engines.values():
                 engine.close()
@@ -191,7 +209,7 @@ def measure_speculative(
                 draft_model.close()
             for rt in runtimes.values():
                 rt.close()
-    return SpeculativeReport(path.name, draft_max, prompt, tg, len(prompts), configs)
+    return SpeculativeReport(path.name, draft_max, prompt, tg, n_passages, configs, kv_cache)
 
 
 def _open_engines(

@@ -1,16 +1,19 @@
 """What `deco-gguf speed` reports (deco_gguf.measure.speed measures it): tokens/s per configuration, the
-activation rate, the weight-bytes bound beside the measured speed-ups, and the plot.
+activation rate, the bytes bound beside the measured speed-ups, and the plot.
 
-The weight-bytes bound: decoding reads every non-expert weight once per token (the token-embedding row
-only, unless the embeddings are tied to the output head) plus the active experts' rows, so
+The bytes bound: decoding reads every non-expert weight once per token (the token-embedding row only,
+unless the embeddings are tied to the output head), the active experts' rows, and the KV cache of the
+context so far (every layer's K and V rows of every earlier position: at depth D, a `tg` run's token
+reads D + (tg + 1) / 2 positions on average), so
 
-    bytes/token (sparse) = non-expert bytes + Σ_layers rate_l × expert bytes_l
-    bytes/token (dense)  = non-expert bytes + all expert bytes
+    bytes/token (sparse) = non-expert bytes + Σ_layers rate_l × expert bytes_l + KV bytes
+    bytes/token (dense)  = non-expert bytes + all expert bytes + KV bytes
     decode ratio bound   = dense bytes / sparse bytes
 
-which is the sparse/dense decode speed-up when decoding is limited by weight bandwidth alone; where
+which is the sparse/dense decode speed-up when decoding is limited by memory bandwidth alone; where
 compute and per-expert overheads weigh too (small models, few threads), the measured ratio departs
-from it, usually upwards, since skipped experts save those as well.
+from it, usually upwards, since skipped experts save those as well. The KV cache is the same for sparse,
+dense and dense_eq (equal attention), so the deeper the context, the closer every bound gets to 1.
 """
 
 from __future__ import annotations
@@ -60,6 +63,15 @@ def weight_bytes(tensors) -> WeightBytes:
     return WeightBytes(non_expert, experts, not tied)
 
 
+def kv_bytes_per_position(config, kv_cache: str) -> int:
+    """Bytes of the KV cache per token of context: K and V rows of every layer (head_dim × KV heads each)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_cache.upper()]]
+    row = config.num_kv_heads * config.head_dim
+    return 2 * config.num_layers * (row // block) * size
+
+
 def file_weight_bytes(path: Path) -> WeightBytes:
     """weight_bytes of any GGUF file (dense_eq's is a plain Llama)."""
     import gguf
@@ -84,6 +96,7 @@ class Series:
     threads: int
     test: str  # pp or tg
     tokens: int
+    depth: int = 0  # tokens in the KV cache before the run
     samples: list[float] = field(default_factory=list)  # tokens/s, one per repetition
     # pp only: time to first token (the prompt, then one decode), as llama-server's timings add it up
     first_token_ms: list[float] = field(default_factory=list)
@@ -99,6 +112,7 @@ class Series:
             "threads": self.threads,
             "test": self.test,
             "tokens": self.tokens,
+            "depth": self.depth,
             "samples": self.samples,
             "tokens_per_second": {"median": self.median, "min": min(self.samples), "max": max(self.samples)},
         }
@@ -116,6 +130,9 @@ class SpeedReport:
     repetitions: int
     warmup: int
     threads: list[int]
+    depths: list[int]
+    kv_cache: str  # the KV cache's element type
+    kv_bytes_per_position: int
     series: list[Series]
     layer_rates: dict[int, float]  # measured during sparse tg
     bytes: WeightBytes
@@ -123,9 +140,9 @@ class SpeedReport:
     dense_eq_bytes: int | None = None
     text_tokens: int = 0
 
-    def find(self, model: str, mode: str, threads: int, test: str) -> Series | None:
-        key = (model, mode, threads, test)
-        return next((s for s in self.series if (s.model, s.mode, s.threads, s.test) == key), None)
+    def find(self, model: str, mode: str, threads: int, test: str, depth: int = 0) -> Series | None:
+        key = (model, mode, threads, test, depth)
+        return next((s for s in self.series if (s.model, s.mode, s.threads, s.test, s.depth) == key), None)
 
     def noisy(self, spread: float = 1.5) -> list[Series]:
         """Configurations whose fastest run beat their slowest by more than `spread`x."""
@@ -139,19 +156,27 @@ class SpeedReport:
     def sparse_bytes(self) -> float:
         return self.bytes.sparse(self.layer_rates)
 
+    def kv_bytes(self, depth: int) -> float:
+        """KV cache bytes a token of a tg run at `depth` reads, on average."""
+        return self.kv_bytes_per_position * (depth + (self.tg + 1) / 2)
+
     def ratios(self) -> list[dict]:
-        """Per threads: measured decode (and prompt) speed-ups beside the bytes bound."""
+        """Per threads and depth: measured decode (and prompt) speed-ups beside the bytes bound."""
         out = []
         for t in self.threads:
-            row: dict = {"threads": t}
-            for test in ("tg", "pp"):
-                s, d = self.find("deco", "sparse", t, test), self.find("deco", "dense", t, test)
-                row[f"sparse_over_dense_{test}"] = s.median / d.median if s and d else None
-                e = self.find("dense_eq", "dense", t, test)
-                row[f"sparse_over_dense_eq_{test}"] = s.median / e.median if s and e else None
-            row["bound"] = self.bytes.dense / self.sparse_bytes
-            row["bound_vs_dense_eq"] = self.dense_eq_bytes / self.sparse_bytes if self.dense_eq_bytes else None
-            out.append(row)
+            for depth in self.depths:
+                row: dict = {"threads": t, "depth": depth}
+                for test in ("tg", "pp"):
+                    s, d = self.find("deco", "sparse", t, test, depth), self.find("deco", "dense", t, test, depth)
+                    row[f"sparse_over_dense_{test}"] = s.median / d.median if s and d else None
+                    e = self.find("dense_eq", "dense", t, test, depth)
+                    row[f"sparse_over_dense_eq_{test}"] = s.median / e.median if s and e else None
+                kv = self.kv_bytes(depth)
+                row["kv_bytes"] = kv
+                row["bound"] = (self.bytes.dense + kv) / (self.sparse_bytes + kv)
+                eq = self.dense_eq_bytes
+                row["bound_vs_dense_eq"] = (eq + kv) / (self.sparse_bytes + kv) if eq else None
+                out.append(row)
         return out
 
     def as_dict(self) -> dict:
@@ -164,6 +189,8 @@ class SpeedReport:
                 "repetitions": self.repetitions,
                 "warmup": self.warmup,
                 "threads": self.threads,
+                "depths": self.depths,
+                "kv_cache": self.kv_cache,
             },
             "results": [s.as_dict() for s in self.series],
             "activation": {
@@ -179,6 +206,7 @@ class SpeedReport:
                 "sparse": self.sparse_bytes,
                 "dense": b.dense,
                 "dense_eq": self.dense_eq_bytes,
+                "kv_cache_per_position": self.kv_bytes_per_position,
             },
             "ratios": self.ratios(),
             "dense_eq": self.dense_eq.as_dict() if self.dense_eq else None,
@@ -186,25 +214,35 @@ class SpeedReport:
 
 
 def plot(report: SpeedReport, path: str | Path) -> None:
-    """tokens/s by threads, pp and tg side by side, one line per model/mode (median, min-max bars)."""
+    """tokens/s, pp and tg side by side, one line per model/mode (median, min-max bars): by threads, or by
+    depth when several depths were measured (one line per thread count too)."""
     fig, axes = plotting.subplots(1, 2, figsize=(10, 4))
     labels = sorted({(s.model, s.mode) for s in report.series}, key=lambda x: (x[0] != "deco", x[1] != "sparse"))
+    by_depth = len(report.depths) > 1
+    xs_all, lines = (report.depths, report.threads) if by_depth else (report.threads, report.depths)
     panels = ((axes[0], "pp", f"prompt processing (pp{report.pp})"), (axes[1], "tg", f"generation (tg{report.tg})"))
     for ax, test, title in panels:
-        for k, (model, mode) in enumerate(labels):
-            rows = [report.find(model, mode, t, test) for t in report.threads]
-            xs = [t + 0.04 * (k - (len(labels) - 1) / 2) for t in report.threads]  # keep the bars apart
-            med = [r.median for r in rows]
-            lo = [r.median - min(r.samples) for r in rows]
-            hi = [max(r.samples) - r.median for r in rows]
-            name = f"DECO {mode}" if model == "deco" else "dense_eq (equal N)"
-            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("threads")
+        k, n = 0, len(labels) * len(lines)
+        for model, mode in labels:
+            for other in lines:
+                t_d = [(other, x) if by_depth else (x, other) for x in xs_all]
+                rows = [report.find(model, mode, t, test, d) for t, d in t_d]
+                spread = 0.04 * (xs_all[-1] - xs_all[0] or 1)
+                xs = [x + spread * (k - (n - 1) / 2) / max(n, 1) for x in xs_all]  # keep the bars apart
+                med = [r.median for r in rows]
+                lo = [r.median - min(r.samples) for r in rows]
+                hi = [max(r.samples) - r.median for r in rows]
+                name = f"DECO {mode}" if model == "deco" else "dense_eq (equal N)"
+                if by_depth and len(lines) > 1:
+                    name += f", {other} thread{'s' if other > 1 else ''}"
+                ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=name)
+                k += 1
+        ax.set_title(title + (" at depth" if by_depth else ""))
+        ax.set_xlabel("tokens in the KV cache before the run" if by_depth else "threads")
         ax.set_ylabel("tokens/s")
-        ax.set_xticks(report.threads)
+        ax.set_xticks(xs_all)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     rate = report.mean_rate
     name = Path(report.model).name
     fig.suptitle(f"{name}: {rate:.1%} experts active" if rate is not None else name)

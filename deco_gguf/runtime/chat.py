@@ -124,6 +124,7 @@ class ChatSession:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         mode: str = "sparse",
+        kv_cache: str = "f16",
         sampling: Sampling | None = None,
         offload: Offload | None = None,
         speculation: Speculation | None = None,
@@ -139,7 +140,13 @@ class ChatSession:
         if self.sampling.temperature < 0:
             raise DecoError("--temperature must be >= 0")
         self.rt = DecoRuntime(
-            model, n_ctx=n_ctx, n_threads=n_threads, n_batch=min(512, n_ctx), mode=mode, offload=offload
+            model,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_batch=min(512, n_ctx),
+            mode=mode,
+            kv_cache=kv_cache,
+            offload=offload,
         )
         llm = self.llm = self.rt.llm
         vocab = llama_cpp.llama_model_get_vocab(llm.model)

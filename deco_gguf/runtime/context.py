@@ -12,7 +12,7 @@ import numpy as np
 from ..model.gguf_file import read_gguf
 from ..support.errors import DecoError
 from .activity import ActivityCounter, LayerActivity, mean_rate
-from .native import ThreadPool, available_cores, lib_dir, library, llama_errors
+from .native import ThreadPool, available_cores, kv_cache_type, lib_dir, library, llama_errors
 from .rpc import Offload, attach
 
 # How the DECO FFN layers are evaluated (ggml_patches/src/models/deco.h): `sparse` computes the
@@ -28,13 +28,15 @@ MODE_KEY = "deco.ffn_mode"
 USE_MMAP = False
 
 
-def load_llama(path: Path, *, n_ctx: int, n_threads: int, n_batch: int, exact: bool = False, **options):
+def load_llama(
+    path: Path, *, n_ctx: int, n_threads: int, n_batch: int, exact: bool = False, kv_cache: str = "f16", **options
+):
     """A GGUF of any architecture through llama-cpp-python, loaded as every model of a comparison is (into
-    memory, `n_batch`-token ubatches, F16 KV cache and flash attention unless `exact`); DecoError with
-    llama.cpp's own reason when it cannot be loaded."""
-    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
+    memory, `n_batch`-token ubatches, a `kv_cache` KV cache and flash attention; `exact`: an F32 cache and
+    attention without flash attention); DecoError with llama.cpp's own reason when it cannot be loaded."""
+    from llama_cpp import Llama
 
-    kv_type = GGML_TYPE_F32 if exact else GGML_TYPE_F16
+    kv_type = kv_cache_type("f32" if exact else kv_cache)
     with llama_errors() as errors:
         try:
             return Llama(
@@ -90,7 +92,8 @@ class DecoRuntime:
     """A DECO GGUF loaded by the patched llama.cpp: a `llama_cpp.Llama` plus the DECO switches.
 
     `mode` (sparse, dense, ops) is fixed per instance: llama.cpp reads it when it builds a graph.
-    `exact=True` keeps the KV cache in F32 and flash attention off, for logits comparisons.
+    `kv_cache` is the KV cache's element type (KV_CACHE_TYPES); `exact=True` keeps it in F32 with flash
+    attention off, for logits comparisons.
     `offload` places layers on rpc-servers of other machines (docs/distributed.md).
     """
 
@@ -103,6 +106,7 @@ class DecoRuntime:
         n_batch: int = 512,
         mode: str = "sparse",
         exact: bool = False,
+        kv_cache: str = "f16",
         all_logits: bool = False,
         seed: int = 0,
         offload: Offload | None = None,
@@ -128,6 +132,7 @@ class DecoRuntime:
                 n_threads=threads,
                 n_batch=n_batch,
                 exact=exact,
+                kv_cache=kv_cache,
                 seed=seed,
                 logits_all=all_logits,
                 n_gpu_layers=offload.n_gpu_layers,

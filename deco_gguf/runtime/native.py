@@ -21,6 +21,22 @@ GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
 _error_sinks: list[list[str]] = []  # the lists of the `llama_errors()` blocks running now
 
 
+# Element types of the KV cache (llama.cpp's --cache-type-k/-v, for K and V alike), the default first. Flash
+# attention reads F16 and Q8_0 caches directly, and for a few query rows over a long cache (decode) through
+# the flash-decoding kernel of this project's ggml (ggml_patches/README.md, patch 0011). Q8_0 halves what a
+# decoded token reads from a long cache, at a perplexity cost docs/benchmarks.md measures.
+KV_CACHE_TYPES = ("f16", "q8_0", "f32")
+
+
+def kv_cache_type(name: str) -> int:
+    """The ggml type of a KV cache type name; DecoError for another name."""
+    import llama_cpp
+
+    if name not in KV_CACHE_TYPES:
+        raise DecoError(f"unknown KV cache type {name!r} (choose from {', '.join(KV_CACHE_TYPES)})")
+    return getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
+
+
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity), the default thread count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
