@@ -7,9 +7,10 @@
 //   - per tile, the scores of every query (row, head) come from the K rows in memory order (every KV head of a
 //     position, shared by the heads of its GQA group); one softmax step per query for the whole tile
 //     (vectorised exp); the V rows are added with their weights into an F32 accumulator;
-//   - F16 caches are read with F16 -> F32 loads straight into the dot products and, per query, into an
-//     accumulator held in registers across the tile (the tile's V rows asked for in memory order while the
-//     scores are computed); other types go through their own vec_dot and to_float, a V row converted once
+//   - F16 caches are read with F16 -> F32 loads straight into the dot products; F16 and Q8_0 V rows are added,
+//     per query, into an accumulator held in registers across the tile (the tile's V rows asked for in memory
+//     order while the scores are computed); Q8_0 K rows go through ggml's Q8_0 dot product with q quantized
+//     as upstream's path does; other types go through their own vec_dot and to_float, a V row converted once
 //     for all the queries that read it;
 //   - each thread leaves per query a partial softmax state (max M, sum S, accumulator); after one barrier the
 //     threads merge the partials of disjoint queries, rescaled to their common max, and normalise.
@@ -18,6 +19,8 @@
 
 #include "fa-decode.h"
 
+#define GGML_COMMON_DECL_CPP
+#include "ggml-common.h"
 #include "ggml-cpu.h"
 #include "ggml-impl.h"
 #include "vec.h"
@@ -34,12 +37,15 @@ constexpr int64_t MIN_KV   = 512; // positions from which it pays: shorter cache
 constexpr size_t  ALIGN    = 64;
 
 // F16 caches (the default) are read with F16 -> F32 loads straight into the dot products and the V accumulation,
-// q and the accumulators in F32 registers; other types go through their vec_dot and to_float
+// q and the accumulators in F32 registers, and Q8_0 V rows with int8 -> F32 loads; other types go through their
+// vec_dot and to_float. FA_I8_LOAD(p): GGML_F32_EPR int8 values at p as F32.
 #if defined(__AVX512F__)
 #define FA_F16_LOAD(p) GGML_F32Cx16_LOAD(p)
+#define FA_I8_LOAD(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (p))))
 inline float fa_hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define FA_F16_LOAD(p) GGML_F32Cx8_LOAD(p)
+#define FA_I8_LOAD(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (p))))
 inline float fa_hsum(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -47,6 +53,12 @@ inline float fa_hsum(__m256 v) {
 }
 #elif defined(__ARM_NEON) && defined(__ARM_FP16_FORMAT_IEEE) && !defined(__ARM_FEATURE_SVE)
 #define FA_F16_LOAD(p) vcvt_f32_f16(vld1_f16((const __fp16 *) (p)))
+inline float32x4_t fa_i8_load(const int8_t * p) {
+    int32_t four;  // exactly the 4 bytes: the last ones of a row may end the buffer
+    memcpy(&four, p, sizeof(four));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four))))));
+}
+#define FA_I8_LOAD(p) fa_i8_load(p)
 inline float fa_hsum(float32x4_t v) { return vaddvq_f32(v); }
 #endif
 
@@ -65,10 +77,25 @@ inline float fa_dot_f16(const float * q, const ggml_fp16_t * k, int64_t n) {
     return fa_hsum(GGML_F32_VEC_ADD(GGML_F32_VEC_ADD(s0, s1), GGML_F32_VEC_ADD(s2, s3)));
 }
 
-// acc[0, n) += sum_j weights[j] * rows[j][0, n): F16 rows `stride` bytes apart, the accumulator in registers
+// value i of a V row times `weight` added into `acc`, GGML_F32_EPR values at a time, by the V type
+struct fa_f16_values {
+    static GGML_F32_VEC mad(GGML_F32_VEC acc, const char * row, int64_t i, float weight) {
+        return GGML_F32_VEC_FMA(acc, FA_F16_LOAD((const ggml_fp16_t *) row + i), GGML_F32_VEC_SET1(weight));
+    }
+};
+
+struct fa_q8_0_values {
+    static GGML_F32_VEC mad(GGML_F32_VEC acc, const char * row, int64_t i, float weight) {
+        const block_q8_0 * block = (const block_q8_0 *) row + i / QK8_0;
+        const float scale = weight * GGML_CPU_FP16_TO_FP32(block->d);
+        return GGML_F32_VEC_FMA(acc, FA_I8_LOAD(block->qs + i % QK8_0), GGML_F32_VEC_SET1(scale));
+    }
+};
+
+// acc[0, n) += sum_j weights[j] * rows[j][0, n): V rows `stride` bytes apart, the accumulator in registers
 // F16_BLOCK values at a time
-inline void fa_mad_f16_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows,
-                            int64_t n) {
+template <typename Values>
+void fa_mad_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows, int64_t n) {
     for (int64_t i = 0; i < n; i += F16_BLOCK) {
         GGML_F32_VEC a0 = GGML_F32_VEC_LOAD(acc + i + 0*GGML_F32_EPR);
         GGML_F32_VEC a1 = GGML_F32_VEC_LOAD(acc + i + 1*GGML_F32_EPR);
@@ -78,12 +105,11 @@ inline void fa_mad_f16_rows(float * acc, const char * rows, size_t stride, const
             if (weights[j] == 0.0f) {
                 continue;
             }
-            const GGML_F32_VEC w = GGML_F32_VEC_SET1(weights[j]);
-            const ggml_fp16_t * v = (const ggml_fp16_t *) (rows + j*stride) + i;
-            a0 = GGML_F32_VEC_FMA(a0, FA_F16_LOAD(v + 0*GGML_F32_EPR), w);
-            a1 = GGML_F32_VEC_FMA(a1, FA_F16_LOAD(v + 1*GGML_F32_EPR), w);
-            a2 = GGML_F32_VEC_FMA(a2, FA_F16_LOAD(v + 2*GGML_F32_EPR), w);
-            a3 = GGML_F32_VEC_FMA(a3, FA_F16_LOAD(v + 3*GGML_F32_EPR), w);
+            const char * row = rows + j*stride;
+            a0 = Values::mad(a0, row, i + 0*GGML_F32_EPR, weights[j]);
+            a1 = Values::mad(a1, row, i + 1*GGML_F32_EPR, weights[j]);
+            a2 = Values::mad(a2, row, i + 2*GGML_F32_EPR, weights[j]);
+            a3 = Values::mad(a3, row, i + 3*GGML_F32_EPR, weights[j]);
         }
         GGML_F32_VEC_STORE(acc + i + 0*GGML_F32_EPR, a0);
         GGML_F32_VEC_STORE(acc + i + 1*GGML_F32_EPR, a1);
@@ -105,7 +131,8 @@ struct fa_args {
     ggml_from_float_t q_to_k_dot;  // q into that type
     size_t            q_row_size;  // bytes of one converted q row
     ggml_to_float_t   v_to_float;  // NULL for F32 V
-    bool              f16;         // F16 K and V read by fa_dot_f16 / fa_mad_f16_rows (q kept in F32)
+    bool              f16;         // F16 K and V: K read by fa_dot_f16 (q kept in F32)
+    bool              v_in_registers;  // F16 or Q8_0 V (with K of the same type) added by fa_mad_rows
 };
 
 // whether this path takes `dst`, and its arguments when it does
@@ -131,9 +158,11 @@ bool fa_make_args(const ggml_tensor * dst, fa_args & a) {
     a.DK = k->ne[0]; a.DV = v->ne[0]; a.n_kv = k->ne[1];
     a.n_rows = q->ne[1]; a.n_head = q->ne[2]; a.n_head_kv = k->ne[2];
 #ifdef FA_F16_LOAD
-    a.f16 = k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 && a.DK % F16_BLOCK == 0 && a.DV % F16_BLOCK == 0;
+    const bool same_type = k->type == v->type && a.DK % F16_BLOCK == 0 && a.DV % F16_BLOCK == 0;
+    a.f16 = same_type && k->type == GGML_TYPE_F16;
+    a.v_in_registers = a.f16 || (same_type && k->type == GGML_TYPE_Q8_0);
 #else
-    a.f16 = false;
+    a.f16 = a.v_in_registers = false;
 #endif
     a.q_row_size = a.f16 ? a.DK*sizeof(float) : ggml_row_size(k_dot_type, a.DK);
     memcpy(&a.scale,    (const float *) dst->op_params + 0, sizeof(float));
@@ -213,10 +242,10 @@ void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int
     for (int64_t j = 0; j < n; ++j) {
         const char * k_pos = (const char *) a.k->data + (t0 + j)*a.k->nb[1];
 #if defined(FA_F16_LOAD) && defined(__GNUC__)
-        if (a.f16) {  // fa_tile_values_f16 reads V by head: ask for the position's V rows in memory order now
+        if (a.v_in_registers) {  // fa_tile_values_in_registers reads V by head: ask for the rows in memory order now
             const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
             for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
-                for (int64_t b = 0; b < a.DV*(int64_t) sizeof(ggml_fp16_t); b += 64) {
+                for (int64_t b = 0; b < (int64_t) ggml_row_size(a.v->type, a.DV); b += 64) {
                     __builtin_prefetch(v_pos + hk*a.v->nb[2] + b);
                 }
             }
@@ -300,15 +329,16 @@ void fa_tile_values(const fa_args & a, const fa_thread_work & w, int64_t t0, int
 }
 
 #ifdef FA_F16_LOAD
-// F16 V rows of positions [t0, t0 + n): per query, the tile's rows of its KV head added into its accumulator in
-// registers
-void fa_tile_values_f16(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
+// F16 or Q8_0 V rows of positions [t0, t0 + n): per query, the tile's rows of its KV head added into its
+// accumulator in registers
+template <typename Values>
+void fa_tile_values_in_registers(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
     const int64_t group = a.n_head / a.n_head_kv;
     for (int64_t head = 0; head < a.n_head; ++head) {
         const char * rows = (const char *) a.v->data + t0*a.v->nb[1] + (head / group)*a.v->nb[2];
         for (int64_t row = 0; row < a.n_rows; ++row) {
             const int64_t query = row * a.n_head + head;
-            fa_mad_f16_rows(w.partials + query*(2 + a.DV) + 2, rows, a.v->nb[1], w.scores + query*TILE, n, a.DV);
+            fa_mad_rows<Values>(w.partials + query*(2 + a.DV) + 2, rows, a.v->nb[1], w.scores + query*TILE, n, a.DV);
         }
     }
 }
@@ -336,8 +366,12 @@ void fa_partials(const fa_args & a, const fa_thread_work & w, int64_t c0, int64_
         fa_tile_scores(a, w, t0, n);
         fa_tile_weights(a, w, n);
 #ifdef FA_F16_LOAD
-        if (a.f16) {
-            fa_tile_values_f16(a, w, t0, n);
+        if (a.v_in_registers) {
+            if (a.f16) {
+                fa_tile_values_in_registers<fa_f16_values>(a, w, t0, n);
+            } else {
+                fa_tile_values_in_registers<fa_q8_0_values>(a, w, t0, n);
+            }
             continue;
         }
 #endif
