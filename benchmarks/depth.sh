@@ -4,11 +4,12 @@
 #
 #   bash benchmarks/depth.sh                                     # DECO-0.5B shape, Q4_0, 1 and 2 threads
 #   SHAPE=deco-0.1b DEPTHS=0,4096 THREADS=2 REPS=3 bash benchmarks/depth.sh
+#   CACHE=q8_0 bash benchmarks/depth.sh                          # a Q8_0 KV cache (K and V)
 #   BENCH=/path/to/other/llama-bench bash benchmarks/depth.sh    # another build on the same models
 #
 # The DECO fixture (random weights, routers calibrated to ~20% activation) and dense_eq (the random-weight Llama
-# that `deco-gguf speed --vs-dense` compares with) run llama-bench -p 0 -n $TG -d $DEPTHS, F16 KV cache; the table
-# gives tg t/s at each depth (mean ± sd of REPS).
+# that `deco-gguf speed --vs-dense` compares with) run llama-bench -p $PP -n $TG -d $DEPTHS; the table gives tg and
+# pp t/s at each depth (mean ± sd of REPS); pp at a depth is a prompt of PP tokens after that many (PP=0: none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -19,13 +20,15 @@ TYPE=${TYPE:-q4_0}
 THREADS=${THREADS:-"1 2"}
 DEPTHS=${DEPTHS:-0,1024,3072}
 TG=${TG:-32}
+PP=${PP:-0}
+CACHE=${CACHE:-f16}
 REPS=${REPS:-3}
 BENCH=${BENCH:-.deps/build/bin/llama-bench}
 mkdir -p "$OUT"
 
 source benchmarks/fixture-model.sh
 model=$(fixture_model "$OUT" "$SHAPE" "$TYPE")
-dense_eq=$(python - "$model" <<'EOF'
+dense_eq=$(python - "$model" <<'PY'
 import sys
 from pathlib import Path
 
@@ -35,18 +38,35 @@ from deco_gguf.support.cache import cache_root
 
 model = Path(sys.argv[1])
 print(build_dense_eq(model, read_gguf(model), cache_root() / "dense-eq", lambda s: print(s, file=sys.stderr)).path)
-EOF
+PY
 )
 
-echo "| threads | flash attn | model | $(tr ',' '\n' <<<"$DEPTHS" | sed 's/^/tg'"$TG"' @ d/' | paste -sd'|' | sed 's/|/ | /g') |"
+# one table row per llama-bench run (its JSON on stdin), the header before the first
+row_of_json=$(cat <<'PY'
+import json
+import sys
+
+threads, fa, name, first = sys.argv[1:]
+tests = json.load(sys.stdin)
+labels = [f"{'pp' if r['n_prompt'] else 'tg'}{r['n_prompt'] or r['n_gen']} @ d{r['n_depth']}" for r in tests]
+if first == "1":
+    print("| threads | flash attn | model | " + " | ".join(labels) + " |")
+    print("|---" * (3 + len(tests)) + "|")
+cells = [f"{r['avg_ts']:.1f} ± {r['stddev_ts']:.1f}" for r in tests]
+print(f"| {threads} | {fa} | {name} | " + " | ".join(cells) + " |")
+PY
+)
+
+echo "$CACHE KV cache; llama-bench -p $PP -n $TG -d $DEPTHS -r $REPS"
+first=1
 for t in $THREADS; do
     for fa in 1 0; do
         for m in "$model" "$dense_eq"; do
             name=$([ "$m" = "$model" ] && echo DECO || echo dense_eq)
-            row=$(LD_LIBRARY_PATH="$(dirname "$BENCH")" "$BENCH" -m "$m" -p 0 -n "$TG" -d "$DEPTHS" -fa "$fa" -t "$t" \
-                  -r "$REPS" -o md 2>/dev/null | grep "tg$TG" | awk -F'|' '{gsub(/ +$|^ +/, "", $(NF-1)); print $(NF-1)}' \
-                  | paste -sd'|' | sed 's/|/ | /g')
-            echo "| $t | $fa | $name | $row |"
+            LD_LIBRARY_PATH="$(dirname "$BENCH")" "$BENCH" -m "$m" -p "$PP" -n "$TG" -d "$DEPTHS" -fa "$fa" -t "$t" \
+                -ctk "$CACHE" -ctv "$CACHE" -r "$REPS" -o json 2>/dev/null \
+                | python -c "$row_of_json" "$t" "$fa" "$name" "$first"
+            first=0
         done
     done
 done
