@@ -34,6 +34,7 @@ namespace {
 constexpr int64_t TILE     = 32;  // positions per softmax step: their K and V rows stay in L2
 constexpr int64_t MAX_ROWS = 16;  // query rows this path takes: decode, verifications, a few slots
 constexpr int64_t MIN_KV   = 512; // positions from which it pays: shorter caches are read faster by query row
+constexpr int64_t K_AHEAD  = 16;  // positions: a position's K rows are asked for this far ahead of their dot products
 constexpr size_t  ALIGN    = 64;
 
 // F16 caches (the default) are read with F16 -> F32 loads straight into the dot products and the V accumulation,
@@ -183,22 +184,31 @@ struct fa_thread_work {
     float * v_row;     // DV: one V row in F32; the accumulator of the merge
 };
 
-// lays out thread `ith`'s part of the work buffer at `base` (nullptr: only sizes it); returns the size of one part
-size_t fa_thread_layout(const fa_args & a, char * base, int ith, fa_thread_work * out) {
-    const int64_t n_queries = a.n_rows * a.n_head;
-    const size_t partials = align_up(sizeof(float) * n_queries * (2 + a.DV));
-    const size_t q        = align_up(a.q_row_size * n_queries);
-    const size_t scores   = align_up(sizeof(float) * n_queries * TILE);
-    const size_t v_row    = align_up(sizeof(float) * a.DV);
-    const size_t size     = partials + q + scores + v_row;
-    if (base) {
-        char * p = base + ith * size;
-        out->partials = (float *) p;
-        out->q        = p + partials;
-        out->scores   = (float *) (p + partials + q);
-        out->v_row    = (float *) (p + partials + q + scores);
+// the sizes of the parts of one thread's work buffer
+struct fa_thread_sizes {
+    size_t partials, q, scores, v_row;
+
+    explicit fa_thread_sizes(const fa_args & a) {
+        const int64_t n_queries = a.n_rows * a.n_head;
+        partials = align_up(sizeof(float) * n_queries * (2 + a.DV));
+        q        = align_up(a.q_row_size * n_queries);
+        scores   = align_up(sizeof(float) * n_queries * TILE);
+        v_row    = align_up(sizeof(float) * a.DV);
     }
-    return size;
+
+    size_t total() const { return partials + q + scores + v_row; }
+};
+
+// thread `ith`'s part of the work buffer at `base`
+fa_thread_work fa_thread_at(const fa_args & a, char * base, int ith) {
+    const fa_thread_sizes sizes(a);
+    char * p = base + ith * sizes.total();
+    fa_thread_work w;
+    w.partials = (float *) p;
+    w.q        = p + sizes.partials;
+    w.scores   = (float *) (p + sizes.partials + sizes.q);
+    w.v_row    = (float *) (p + sizes.partials + sizes.q + sizes.scores);
+    return w;
 }
 
 // ALiBi slope of a head (1 without max_bias), as upstream computes it
@@ -235,22 +245,34 @@ const ggml_fp16_t * fa_mask_row(const fa_args & a, int64_t row, int64_t head) {
     return (const ggml_fp16_t *) ((const char *) a.mask->data + row*a.mask->nb[1] + (head % a.mask->ne[2])*a.mask->nb[2]);
 }
 
-// the scores of every query against positions [t0, t0 + n), K read in memory order (all KV heads of a position);
-// a masked position gets -inf without reading its K row (the cache is padded well past the used positions)
+// asks for the rows (`row_bytes` each) of every KV head at position `pos` of a K or V view
+inline void fa_prefetch_position(const ggml_tensor * t, int64_t pos, size_t row_bytes) {
+#if defined(__GNUC__)
+    const char * p = (const char *) t->data + pos*t->nb[1];
+    for (int64_t hk = 0; hk < t->ne[2]; ++hk) {
+        for (size_t b = 0; b < row_bytes; b += 64) {
+            __builtin_prefetch(p + hk*t->nb[2] + b);
+        }
+    }
+#else
+    GGML_UNUSED(t); GGML_UNUSED(pos); GGML_UNUSED(row_bytes);
+#endif
+}
+
+// the scores of every query against positions [t0, t0 + n), K read in memory order (all KV heads of a position)
+// and asked for K_AHEAD positions ahead; a masked position gets -inf without reading its K row (the cache is padded
+// well past the used positions); the V rows of a position some query sees are asked for right after its scores,
+// in memory order, for fa_tile_values_in_registers, which reads them by head
 void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
     const int64_t group = a.n_head / a.n_head_kv;
+    const size_t k_row_bytes = ggml_row_size(a.k->type, a.DK);
+    const size_t v_row_bytes = ggml_row_size(a.v->type, a.DV);
     for (int64_t j = 0; j < n; ++j) {
         const char * k_pos = (const char *) a.k->data + (t0 + j)*a.k->nb[1];
-#if defined(FA_F16_LOAD) && defined(__GNUC__)
-        if (a.v_in_registers) {  // fa_tile_values_in_registers reads V by head: ask for the rows in memory order now
-            const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
-            for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
-                for (int64_t b = 0; b < (int64_t) ggml_row_size(a.v->type, a.DV); b += 64) {
-                    __builtin_prefetch(v_pos + hk*a.v->nb[2] + b);
-                }
-            }
+        if (t0 + j + K_AHEAD < a.n_kv) {
+            fa_prefetch_position(a.k, t0 + j + K_AHEAD, k_row_bytes);
         }
-#endif
+        bool seen = false;
         for (int64_t head = 0; head < a.n_head; ++head) {
             const char * k_row = k_pos + (head / group)*a.k->nb[2];
             const float slope = fa_slope(a, head);
@@ -269,7 +291,11 @@ void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int
                     s = (a.softcap != 0.0f ? a.softcap * tanhf(s * a.scale / a.softcap) : s * a.scale) + bias;
                 }
                 w.scores[query*TILE + j] = s;
+                seen |= s != -INFINITY;
             }
+        }
+        if (seen && a.v_in_registers) {
+            fa_prefetch_position(a.v, t0 + j, v_row_bytes);
         }
     }
 }
@@ -381,8 +407,7 @@ void fa_partials(const fa_args & a, const fa_thread_work & w, int64_t c0, int64_
 
 // (row, head) pairs split over the threads: every thread's partial merged, the sink added, normalised, stored
 void fa_reduce(const fa_args & a, ggml_tensor * dst, char * wdata, int ith, int nth) {
-    fa_thread_work own;
-    fa_thread_layout(a, wdata, ith, &own);
+    const fa_thread_work own = fa_thread_at(a, wdata, ith);
     float * acc = own.v_row;
     for (int64_t pair = ith; pair < a.n_rows * a.n_head; pair += nth) {
         const int64_t row = pair / a.n_head;
@@ -391,8 +416,7 @@ void fa_reduce(const fa_args & a, ggml_tensor * dst, char * wdata, int ith, int 
         float S = 0.0f;
         memset(acc, 0, a.DV * sizeof(float));
         for (int t = 0; t < nth; ++t) {
-            fa_thread_work w;
-            fa_thread_layout(a, wdata, t, &w);
+            const fa_thread_work w = fa_thread_at(a, wdata, t);
             const float * partial = w.partials + pair*(2 + a.DV);
             fa_merge(a.DV, M, S, acc, partial[0], partial[1], partial + 2);
         }
@@ -408,7 +432,7 @@ void fa_reduce(const fa_args & a, ggml_tensor * dst, char * wdata, int ith, int 
 
 size_t ggml_cpu_fa_decode_work_size(const ggml_tensor * op, int n_threads) {
     fa_args a;
-    return fa_make_args(op, a) ? n_threads * fa_thread_layout(a, nullptr, 0, nullptr) : 0;
+    return fa_make_args(op, a) ? n_threads * fa_thread_sizes(a).total() : 0;
 }
 
 bool ggml_cpu_fa_decode(const ggml_compute_params * params, ggml_tensor * dst) {
@@ -418,10 +442,9 @@ bool ggml_cpu_fa_decode(const ggml_compute_params * params, ggml_tensor * dst) {
     }
     const int ith = params->ith;
     const int nth = params->nth;
-    GGML_ASSERT(params->wsize >= (size_t) nth * fa_thread_layout(a, nullptr, 0, nullptr));
+    GGML_ASSERT(params->wsize >= (size_t) nth * fa_thread_sizes(a).total());
 
-    fa_thread_work w;
-    fa_thread_layout(a, (char *) params->wdata, ith, &w);
+    const fa_thread_work w = fa_thread_at(a, (char *) params->wdata, ith);
     const int64_t chunk = (a.n_kv + nth - 1) / nth;
     fa_partials(a, w, std::min(a.n_kv, ith*chunk), std::min(a.n_kv, (ith + 1)*chunk));
 
