@@ -7,11 +7,11 @@
 //   - per tile, the scores of every query (row, head) come from the K rows in memory order (every KV head of a
 //     position, shared by the heads of its GQA group); one softmax step per query for the whole tile
 //     (vectorised exp); the V rows are added with their weights into an F32 accumulator;
-//   - F16 caches are read with F16 -> F32 loads straight into the dot products; F16 and Q8_0 V rows are added,
-//     per query, into an accumulator held in registers across the tile (the tile's V rows asked for in memory
-//     order while the scores are computed); Q8_0 K rows go through ggml's Q8_0 dot product with q quantized
-//     as upstream's path does; other types go through their own vec_dot and to_float, a V row converted once
-//     for all the queries that read it;
+//   - F16 caches are read with F16 -> F32 loads straight into the dot products and, per query, into an
+//     accumulator held in registers across the tile (the tile's V rows asked for in memory order while the
+//     scores are computed); Q8_0 caches the same way for V (int8 -> F32 loads, the block scale folded into the
+//     weight), their K rows through ggml's Q8_0 dot product with q quantized as upstream's path does; other
+//     types go through their own vec_dot and to_float, a V row converted once for all the queries that read it;
 //   - each thread leaves per query a partial softmax state (max M, sum S, accumulator); after one barrier the
 //     threads merge the partials of disjoint queries, rescaled to their common max, and normalise.
 // The math is upstream's (online softmax, https://arxiv.org/abs/2112.05682): scores = scale * K.q (or
@@ -34,12 +34,11 @@ namespace {
 constexpr int64_t TILE     = 32;  // positions per softmax step: their K and V rows stay in L2
 constexpr int64_t MAX_ROWS = 16;  // query rows this path takes: decode, verifications, a few slots
 constexpr int64_t MIN_KV   = 512; // positions from which it pays: shorter caches are read faster by query row
-constexpr int64_t K_AHEAD  = 16;  // positions: a position's K rows are asked for this far ahead of their dot products
 constexpr size_t  ALIGN    = 64;
 
 // F16 caches (the default) are read with F16 -> F32 loads straight into the dot products and the V accumulation,
-// q and the accumulators in F32 registers, and Q8_0 V rows with int8 -> F32 loads; other types go through their
-// vec_dot and to_float. FA_I8_LOAD(p): GGML_F32_EPR int8 values at p as F32.
+// q and the accumulators in F32 registers; Q8_0 V rows with FA_I8_LOAD (GGML_F32_EPR int8 values as F32); other
+// types go through their vec_dot and to_float
 #if defined(__AVX512F__)
 #define FA_F16_LOAD(p) GGML_F32Cx16_LOAD(p)
 #define FA_I8_LOAD(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (p))))
@@ -78,25 +77,10 @@ inline float fa_dot_f16(const float * q, const ggml_fp16_t * k, int64_t n) {
     return fa_hsum(GGML_F32_VEC_ADD(GGML_F32_VEC_ADD(s0, s1), GGML_F32_VEC_ADD(s2, s3)));
 }
 
-// value i of a V row times `weight` added into `acc`, GGML_F32_EPR values at a time, by the V type
-struct fa_f16_values {
-    static GGML_F32_VEC mad(GGML_F32_VEC acc, const char * row, int64_t i, float weight) {
-        return GGML_F32_VEC_FMA(acc, FA_F16_LOAD((const ggml_fp16_t *) row + i), GGML_F32_VEC_SET1(weight));
-    }
-};
-
-struct fa_q8_0_values {
-    static GGML_F32_VEC mad(GGML_F32_VEC acc, const char * row, int64_t i, float weight) {
-        const block_q8_0 * block = (const block_q8_0 *) row + i / QK8_0;
-        const float scale = weight * GGML_CPU_FP16_TO_FP32(block->d);
-        return GGML_F32_VEC_FMA(acc, FA_I8_LOAD(block->qs + i % QK8_0), GGML_F32_VEC_SET1(scale));
-    }
-};
-
-// acc[0, n) += sum_j weights[j] * rows[j][0, n): V rows `stride` bytes apart, the accumulator in registers
+// acc[0, n) += sum_j weights[j] * rows[j][0, n): F16 rows `stride` bytes apart, the accumulator in registers
 // F16_BLOCK values at a time
-template <typename Values>
-void fa_mad_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows, int64_t n) {
+inline void fa_mad_f16_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows,
+                            int64_t n) {
     for (int64_t i = 0; i < n; i += F16_BLOCK) {
         GGML_F32_VEC a0 = GGML_F32_VEC_LOAD(acc + i + 0*GGML_F32_EPR);
         GGML_F32_VEC a1 = GGML_F32_VEC_LOAD(acc + i + 1*GGML_F32_EPR);
@@ -106,16 +90,42 @@ void fa_mad_rows(float * acc, const char * rows, size_t stride, const float * we
             if (weights[j] == 0.0f) {
                 continue;
             }
-            const char * row = rows + j*stride;
-            a0 = Values::mad(a0, row, i + 0*GGML_F32_EPR, weights[j]);
-            a1 = Values::mad(a1, row, i + 1*GGML_F32_EPR, weights[j]);
-            a2 = Values::mad(a2, row, i + 2*GGML_F32_EPR, weights[j]);
-            a3 = Values::mad(a3, row, i + 3*GGML_F32_EPR, weights[j]);
+            const GGML_F32_VEC w = GGML_F32_VEC_SET1(weights[j]);
+            const ggml_fp16_t * v = (const ggml_fp16_t *) (rows + j*stride) + i;
+            a0 = GGML_F32_VEC_FMA(a0, FA_F16_LOAD(v + 0*GGML_F32_EPR), w);
+            a1 = GGML_F32_VEC_FMA(a1, FA_F16_LOAD(v + 1*GGML_F32_EPR), w);
+            a2 = GGML_F32_VEC_FMA(a2, FA_F16_LOAD(v + 2*GGML_F32_EPR), w);
+            a3 = GGML_F32_VEC_FMA(a3, FA_F16_LOAD(v + 3*GGML_F32_EPR), w);
         }
         GGML_F32_VEC_STORE(acc + i + 0*GGML_F32_EPR, a0);
         GGML_F32_VEC_STORE(acc + i + 1*GGML_F32_EPR, a1);
         GGML_F32_VEC_STORE(acc + i + 2*GGML_F32_EPR, a2);
         GGML_F32_VEC_STORE(acc + i + 3*GGML_F32_EPR, a3);
+    }
+}
+
+// the same for Q8_0 rows: int8 -> F32 loads, each block's scale folded into the row's weight
+inline void fa_mad_q8_0_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows,
+                             int64_t n) {
+    for (int64_t i = 0; i < n; i += F16_BLOCK) {
+        GGML_F32_VEC a[4];
+        for (int k = 0; k < 4; ++k) {
+            a[k] = GGML_F32_VEC_LOAD(acc + i + k*GGML_F32_EPR);
+        }
+        for (int64_t j = 0; j < n_rows; ++j) {
+            if (weights[j] == 0.0f) {
+                continue;
+            }
+            for (int k = 0; k < 4; ++k) {
+                const int64_t at = i + k*GGML_F32_EPR;
+                const block_q8_0 * block = (const block_q8_0 *) (rows + j*stride) + at / QK8_0;
+                const GGML_F32_VEC scale = GGML_F32_VEC_SET1(weights[j] * GGML_CPU_FP16_TO_FP32(block->d));
+                a[k] = GGML_F32_VEC_FMA(a[k], FA_I8_LOAD(block->qs + at % QK8_0), scale);
+            }
+        }
+        for (int k = 0; k < 4; ++k) {
+            GGML_F32_VEC_STORE(acc + i + k*GGML_F32_EPR, a[k]);
+        }
     }
 }
 #endif
@@ -132,8 +142,8 @@ struct fa_args {
     ggml_from_float_t q_to_k_dot;  // q into that type
     size_t            q_row_size;  // bytes of one converted q row
     ggml_to_float_t   v_to_float;  // NULL for F32 V
-    bool              f16;         // F16 K and V: K read by fa_dot_f16 (q kept in F32)
-    bool              v_in_registers;  // F16 or Q8_0 V (with K of the same type) added by fa_mad_rows
+    bool              f16;         // F16 K and V read by fa_dot_f16 / fa_mad_f16_rows (q kept in F32)
+    bool              q8_0;        // Q8_0 K and V: V rows read by fa_mad_q8_0_rows
 };
 
 // whether this path takes `dst`, and its arguments when it does
@@ -161,9 +171,9 @@ bool fa_make_args(const ggml_tensor * dst, fa_args & a) {
 #ifdef FA_F16_LOAD
     const bool same_type = k->type == v->type && a.DK % F16_BLOCK == 0 && a.DV % F16_BLOCK == 0;
     a.f16 = same_type && k->type == GGML_TYPE_F16;
-    a.v_in_registers = a.f16 || (same_type && k->type == GGML_TYPE_Q8_0);
+    a.q8_0 = same_type && k->type == GGML_TYPE_Q8_0;
 #else
-    a.f16 = a.v_in_registers = false;
+    a.f16 = a.q8_0 = false;
 #endif
     a.q_row_size = a.f16 ? a.DK*sizeof(float) : ggml_row_size(k_dot_type, a.DK);
     memcpy(&a.scale,    (const float *) dst->op_params + 0, sizeof(float));
@@ -184,31 +194,22 @@ struct fa_thread_work {
     float * v_row;     // DV: one V row in F32; the accumulator of the merge
 };
 
-// the sizes of the parts of one thread's work buffer
-struct fa_thread_sizes {
-    size_t partials, q, scores, v_row;
-
-    explicit fa_thread_sizes(const fa_args & a) {
-        const int64_t n_queries = a.n_rows * a.n_head;
-        partials = align_up(sizeof(float) * n_queries * (2 + a.DV));
-        q        = align_up(a.q_row_size * n_queries);
-        scores   = align_up(sizeof(float) * n_queries * TILE);
-        v_row    = align_up(sizeof(float) * a.DV);
+// lays out thread `ith`'s part of the work buffer at `base` (nullptr: only sizes it); returns the size of one part
+size_t fa_thread_layout(const fa_args & a, char * base, int ith, fa_thread_work * out) {
+    const int64_t n_queries = a.n_rows * a.n_head;
+    const size_t partials = align_up(sizeof(float) * n_queries * (2 + a.DV));
+    const size_t q        = align_up(a.q_row_size * n_queries);
+    const size_t scores   = align_up(sizeof(float) * n_queries * TILE);
+    const size_t v_row    = align_up(sizeof(float) * a.DV);
+    const size_t size     = partials + q + scores + v_row;
+    if (base) {
+        char * p = base + ith * size;
+        out->partials = (float *) p;
+        out->q        = p + partials;
+        out->scores   = (float *) (p + partials + q);
+        out->v_row    = (float *) (p + partials + q + scores);
     }
-
-    size_t total() const { return partials + q + scores + v_row; }
-};
-
-// thread `ith`'s part of the work buffer at `base`
-fa_thread_work fa_thread_at(const fa_args & a, char * base, int ith) {
-    const fa_thread_sizes sizes(a);
-    char * p = base + ith * sizes.total();
-    fa_thread_work w;
-    w.partials = (float *) p;
-    w.q        = p + sizes.partials;
-    w.scores   = (float *) (p + sizes.partials + sizes.q);
-    w.v_row    = (float *) (p + sizes.partials + sizes.q + sizes.scores);
-    return w;
+    return size;
 }
 
 // ALiBi slope of a head (1 without max_bias), as upstream computes it
@@ -245,34 +246,23 @@ const ggml_fp16_t * fa_mask_row(const fa_args & a, int64_t row, int64_t head) {
     return (const ggml_fp16_t *) ((const char *) a.mask->data + row*a.mask->nb[1] + (head % a.mask->ne[2])*a.mask->nb[2]);
 }
 
-// asks for the rows (`row_bytes` each) of every KV head at position `pos` of a K or V view
-inline void fa_prefetch_position(const ggml_tensor * t, int64_t pos, size_t row_bytes) {
-#if defined(__GNUC__)
-    const char * p = (const char *) t->data + pos*t->nb[1];
-    for (int64_t hk = 0; hk < t->ne[2]; ++hk) {
-        for (size_t b = 0; b < row_bytes; b += 64) {
-            __builtin_prefetch(p + hk*t->nb[2] + b);
-        }
-    }
-#else
-    GGML_UNUSED(t); GGML_UNUSED(pos); GGML_UNUSED(row_bytes);
-#endif
-}
-
-// the scores of every query against positions [t0, t0 + n), K read in memory order (all KV heads of a position)
-// and asked for K_AHEAD positions ahead; a masked position gets -inf without reading its K row (the cache is padded
-// well past the used positions); the V rows of a position some query sees are asked for right after its scores,
-// in memory order, for fa_tile_values_in_registers, which reads them by head
+// the scores of every query against positions [t0, t0 + n), K read in memory order (all KV heads of a position);
+// a masked position gets -inf without reading its K row (the cache is padded well past the used positions)
 void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
     const int64_t group = a.n_head / a.n_head_kv;
-    const size_t k_row_bytes = ggml_row_size(a.k->type, a.DK);
-    const size_t v_row_bytes = ggml_row_size(a.v->type, a.DV);
+    const int64_t v_row_bytes = ggml_row_size(a.v->type, a.DV);
     for (int64_t j = 0; j < n; ++j) {
         const char * k_pos = (const char *) a.k->data + (t0 + j)*a.k->nb[1];
-        if (t0 + j + K_AHEAD < a.n_kv) {
-            fa_prefetch_position(a.k, t0 + j + K_AHEAD, k_row_bytes);
+#if defined(FA_F16_LOAD) && defined(__GNUC__)
+        if (a.f16 || a.q8_0) {  // fa_tile_values_in_registers reads V by head: ask for the rows in memory order now
+            const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
+            for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
+                for (int64_t b = 0; b < v_row_bytes; b += 64) {
+                    __builtin_prefetch(v_pos + hk*a.v->nb[2] + b);
+                }
+            }
         }
-        bool seen = false;
+#endif
         for (int64_t head = 0; head < a.n_head; ++head) {
             const char * k_row = k_pos + (head / group)*a.k->nb[2];
             const float slope = fa_slope(a, head);
@@ -291,11 +281,7 @@ void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int
                     s = (a.softcap != 0.0f ? a.softcap * tanhf(s * a.scale / a.softcap) : s * a.scale) + bias;
                 }
                 w.scores[query*TILE + j] = s;
-                seen |= s != -INFINITY;
             }
-        }
-        if (seen && a.v_in_registers) {
-            fa_prefetch_position(a.v, t0 + j, v_row_bytes);
         }
     }
 }
@@ -355,16 +341,16 @@ void fa_tile_values(const fa_args & a, const fa_thread_work & w, int64_t t0, int
 }
 
 #ifdef FA_F16_LOAD
-// F16 or Q8_0 V rows of positions [t0, t0 + n): per query, the tile's rows of its KV head added into its
-// accumulator in registers
-template <typename Values>
+// F16 or Q8_0 V rows of positions [t0, t0 + n) (`mad_rows` adds rows of that type): per query, the tile's rows of
+// its KV head added into its accumulator in registers
+template <void (*mad_rows)(float *, const char *, size_t, const float *, int64_t, int64_t)>
 void fa_tile_values_in_registers(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
     const int64_t group = a.n_head / a.n_head_kv;
     for (int64_t head = 0; head < a.n_head; ++head) {
         const char * rows = (const char *) a.v->data + t0*a.v->nb[1] + (head / group)*a.v->nb[2];
         for (int64_t row = 0; row < a.n_rows; ++row) {
             const int64_t query = row * a.n_head + head;
-            fa_mad_rows<Values>(w.partials + query*(2 + a.DV) + 2, rows, a.v->nb[1], w.scores + query*TILE, n, a.DV);
+            mad_rows(w.partials + query*(2 + a.DV) + 2, rows, a.v->nb[1], w.scores + query*TILE, n, a.DV);
         }
     }
 }
@@ -392,12 +378,12 @@ void fa_partials(const fa_args & a, const fa_thread_work & w, int64_t c0, int64_
         fa_tile_scores(a, w, t0, n);
         fa_tile_weights(a, w, n);
 #ifdef FA_F16_LOAD
-        if (a.v_in_registers) {
-            if (a.f16) {
-                fa_tile_values_in_registers<fa_f16_values>(a, w, t0, n);
-            } else {
-                fa_tile_values_in_registers<fa_q8_0_values>(a, w, t0, n);
-            }
+        if (a.f16) {
+            fa_tile_values_in_registers<fa_mad_f16_rows>(a, w, t0, n);
+            continue;
+        }
+        if (a.q8_0) {
+            fa_tile_values_in_registers<fa_mad_q8_0_rows>(a, w, t0, n);
             continue;
         }
 #endif
@@ -407,7 +393,8 @@ void fa_partials(const fa_args & a, const fa_thread_work & w, int64_t c0, int64_
 
 // (row, head) pairs split over the threads: every thread's partial merged, the sink added, normalised, stored
 void fa_reduce(const fa_args & a, ggml_tensor * dst, char * wdata, int ith, int nth) {
-    const fa_thread_work own = fa_thread_at(a, wdata, ith);
+    fa_thread_work own;
+    fa_thread_layout(a, wdata, ith, &own);
     float * acc = own.v_row;
     for (int64_t pair = ith; pair < a.n_rows * a.n_head; pair += nth) {
         const int64_t row = pair / a.n_head;
@@ -416,7 +403,8 @@ void fa_reduce(const fa_args & a, ggml_tensor * dst, char * wdata, int ith, int 
         float S = 0.0f;
         memset(acc, 0, a.DV * sizeof(float));
         for (int t = 0; t < nth; ++t) {
-            const fa_thread_work w = fa_thread_at(a, wdata, t);
+            fa_thread_work w;
+            fa_thread_layout(a, wdata, t, &w);
             const float * partial = w.partials + pair*(2 + a.DV);
             fa_merge(a.DV, M, S, acc, partial[0], partial[1], partial + 2);
         }
@@ -432,7 +420,7 @@ void fa_reduce(const fa_args & a, ggml_tensor * dst, char * wdata, int ith, int 
 
 size_t ggml_cpu_fa_decode_work_size(const ggml_tensor * op, int n_threads) {
     fa_args a;
-    return fa_make_args(op, a) ? n_threads * fa_thread_sizes(a).total() : 0;
+    return fa_make_args(op, a) ? n_threads * fa_thread_layout(a, nullptr, 0, nullptr) : 0;
 }
 
 bool ggml_cpu_fa_decode(const ggml_compute_params * params, ggml_tensor * dst) {
@@ -442,9 +430,10 @@ bool ggml_cpu_fa_decode(const ggml_compute_params * params, ggml_tensor * dst) {
     }
     const int ith = params->ith;
     const int nth = params->nth;
-    GGML_ASSERT(params->wsize >= (size_t) nth * fa_thread_sizes(a).total());
+    GGML_ASSERT(params->wsize >= (size_t) nth * fa_thread_layout(a, nullptr, 0, nullptr));
 
-    const fa_thread_work w = fa_thread_at(a, (char *) params->wdata, ith);
+    fa_thread_work w;
+    fa_thread_layout(a, (char *) params->wdata, ith, &w);
     const int64_t chunk = (a.n_kv + nth - 1) / nth;
     fa_partials(a, w, std::min(a.n_kv, ith*chunk), std::min(a.n_kv, (ith + 1)*chunk));
 
