@@ -15,13 +15,18 @@
 #    experts active), Q4_0 with a Q6_K head: every expert tensor must be put on CUDA0 with -ngl 99
 #    (test-deco-placement MODEL CUDA0);
 # 4. its logits on the GPU against the CPU (the same build, -ngl 0): a 40-token batch, then 8 tokens decoded one
-#    at a time, sparse and dense; relative error and greedy (argmax) agreement;
+#    at a time, sparse and dense; relative error and greedy (argmax) agreement; then tests/test_runtime_llama.py
+#    with all layers on the GPU (DECO_TEST_NGL=99, LLAMA_CPP_LIB_PATH: every fixture variant against the
+#    reference, the activity counts read from device logits) when scripts/setup.sh built .deps/build;
 # 5. speed: test-backend-ops perf of the DECO layers (sparse, dense) beside the mul_mat and mul_mat_id baselines,
 #    and llama-bench -ngl 99 of the model with DECO_FFN=sparse and dense.
 # Everything goes to .deps/gpu-check/: one log per step and report.md, the summary. Exit status 1 on the first
 # failed step. Knobs: DECO_CUDA_ARCH (default native), DECO_JOBS (default: all cores), DECO_GPU_CHECK_LAYERS
-# (default 8), DECO_GPU_BENCH=0 skips step 5. Expected on a 16-core H100 machine: build ~5 min (ccache: less),
-# the rest ~3 min; docs/cuda.md.
+# (default 8), DECO_GPU_BENCH=0 skips step 5; for a machine without network (docs/cuda.md): DECO_LLAMA_SRC (a
+# patched tree, e.g. from scripts/build-runtime.sh --source-only elsewhere), DECO_GPU_CHECK_MODEL (a Q4_0 GGUF
+# written elsewhere by scripts/gpu_check_model.py + llama-quantize), DECO_PYTHON (a python with numpy; default
+# .venv/bin/python, made by scripts/setup.sh when missing). Not measured yet: on a 16-core machine the build
+# should take ~5 min (less with ccache), the rest ~3 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,8 +62,9 @@ fail() { report "" "**FAILED**: $*"; echo "error: $* (report: $REPORT)" >&2; exi
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?'); arch $ARCH"; } > "$REPORT"
 
 step "1/5 CUDA build into $BUILD (arch $ARCH, -j$JOBS)"
-[ -x .venv/bin/python ] || bash scripts/setup.sh  # the Python side (fixtures, converter) of steps 3-4
-LLAMA="$(bash scripts/build-runtime.sh --source-only | tail -n 1)"
+PY="${DECO_PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || bash scripts/setup.sh  # the Python side of steps 3-4 (fixtures, converter, numpy)
+LLAMA="${DECO_LLAMA_SRC:-$(bash scripts/build-runtime.sh --source-only | tail -n 1)}"
 CCACHE="$(command -v ccache || echo .venv/bin/ccache)"
 LAUNCH=()
 [ -x "$CCACHE" ] && LAUNCH=(-DCMAKE_C_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
@@ -91,21 +97,31 @@ backend_ops deco_moe -o DECO_MOE
 backend_ops flash_attn -o FLASH_ATTN_EXT -p "$FA_DECODE_CASES"
 
 step "3/5 a random DECO-1.2B-shaped Q4_0 model ($LAYERS layers): every expert tensor on CUDA0"
-M="$OUT/deco-1.2b-$LAYERS"
-if [ ! -f "$M/q4_0.gguf" ]; then
-    .venv/bin/python scripts/gpu_check_model.py "$M" "$LAYERS" > "$OUT/model.log" 2>&1 || fail "model (log: $OUT/model.log)"
-    "$BIN/llama-quantize" "$M/f16.gguf" "$M/q4_0.gguf" Q4_0 >> "$OUT/model.log" 2>&1 || fail "llama-quantize (log: $OUT/model.log)"
+MODEL="${DECO_GPU_CHECK_MODEL:-$OUT/deco-1.2b-$LAYERS/q4_0.gguf}"
+if [ ! -f "$MODEL" ]; then
+    M="$(dirname "$MODEL")"
+    "$PY" scripts/gpu_check_model.py "$M" "$LAYERS" > "$OUT/model.log" 2>&1 || fail "model (log: $OUT/model.log)"
+    "$BIN/llama-quantize" "$M/f16.gguf" "$MODEL" Q4_0 >> "$OUT/model.log" 2>&1 || fail "llama-quantize (log: $OUT/model.log)"
 fi
-"$BIN/test-deco-placement" "$M/q4_0.gguf" CUDA0 > "$OUT/placement.log" 2>&1 || {
+"$BIN/test-deco-placement" "$MODEL" CUDA0 > "$OUT/placement.log" 2>&1 || {
     grep FAIL "$OUT/placement.log" | head -n 10 | sed 's/^/    /' >> "$REPORT"; fail "expert placement (log: $OUT/placement.log)"; }
-report "" "placement: $(tail -n 1 "$OUT/placement.log") (every expert tensor of $M/q4_0.gguf on CUDA0 with -ngl 99)"
+report "" "placement: $(tail -n 1 "$OUT/placement.log") (every expert tensor of $MODEL on CUDA0 with -ngl 99)"
 
 step "4/5 logits on the GPU against the CPU: a 40-token batch, then 8 tokens decoded one at a time"
-.venv/bin/python scripts/gpu_check_model.py --compare "$M/q4_0.gguf" "$BIN/test-deco-logits" "$OUT" \
+"$PY" scripts/gpu_check_model.py --compare "$MODEL" "$BIN/test-deco-logits" "$OUT" \
     > "$OUT/logits.log" 2>&1 && rc=0 || rc=$?
 sed 's/^/    /' "$OUT/logits.log" >> "$REPORT"
 cat "$OUT/logits.log"
 [ "$rc" -eq 0 ] || fail "GPU logits differ from the CPU's (log: $OUT/logits.log)"
+if [ -d .deps/build/bin ]; then  # the runtime tests need the CPU build's tools beside it (scripts/setup.sh)
+    # every fixture variant against the reference with all layers on the GPU, the activity counts read from device
+    # logits (tests/test_runtime_llama.py, DECO_TEST_NGL); llama-cpp-python loads the CUDA build's libraries
+    LLAMA_CPP_LIB_PATH="$PWD/$BIN" DECO_TEST_NGL=99 "$PY" -m pytest -q tests/test_runtime_llama.py > "$OUT/pytest.log" 2>&1 \
+        || { tail -n 30 "$OUT/pytest.log" >&2; fail "runtime tests with -ngl 99 (log: $OUT/pytest.log)"; }
+    report "" "runtime tests with all layers on the GPU: $(tail -n 1 "$OUT/pytest.log")"
+else
+    report "" "runtime tests with all layers on the GPU: not run (no .deps/build: scripts/setup.sh)"
+fi
 
 if [ "${DECO_GPU_BENCH:-1}" = 0 ]; then
     step "5/5 skipped (DECO_GPU_BENCH=0)"
@@ -117,7 +133,7 @@ else
         || fail "test-backend-ops perf (log: $OUT/perf.log)"
     report "" '```' "$(grep -E '^ *(DECO_MOE|MUL_MAT)' "$OUT/perf.log")" '```'
     for mode in sparse dense; do
-        DECO_FFN=$mode "$BIN/llama-bench" -m "$M/q4_0.gguf" -ngl 99 -p 512 -n 64 -r 3 > "$OUT/bench-$mode.log" 2>&1 \
+        DECO_FFN=$mode "$BIN/llama-bench" -m "$MODEL" -ngl 99 -p 512 -n 64 -r 3 > "$OUT/bench-$mode.log" 2>&1 \
             || fail "llama-bench DECO_FFN=$mode (log: $OUT/bench-$mode.log)"
         report "" "llama-bench -ngl 99 -p 512 -n 64 -r 3, DECO_FFN=$mode:" "$(grep -E '^\|' "$OUT/bench-$mode.log")"
     done

@@ -25,9 +25,9 @@ N_BATCH, N_DECODE = 40, 8
 TOL_GPU_CPU = 5e-2
 # argmax agreement where the CPU's top two logits are further apart than the GPU error
 MIN_GREEDY_AGREEMENT = 0.9
-# dense = sparse on the GPU: the same kernels, inactive experts weighted by exactly 0 (only the order of the
-# warp's partial sums in deco_down changes)
-TOL_DENSE_SPARSE = 1e-4
+# dense = sparse on the GPU: the same kernels, inactive experts weighted by exactly 0, but other tilings of the
+# sums; on the CPU this model's dense and sparse logits differ by 4e-4 (2 layers, Q4_0; x86 Zen 4)
+TOL_DENSE_SPARSE = 2e-3
 
 
 def write_model(out: Path, num_layers: int) -> None:
@@ -41,15 +41,15 @@ def write_model(out: Path, num_layers: int) -> None:
 def logits(tool: str, model: str, out: Path, ids: list[int], n_gpu_layers: int, mode: str) -> np.ndarray:
     path = out / f"logits-ngl{n_gpu_layers}-{mode}.f32"
     env = {**os.environ, "DECO_FFN": mode, "DECO_N_GPU_LAYERS": str(n_gpu_layers), "DECO_DECODE_LAST": str(N_DECODE)}
-    subprocess.run([tool, model, str(path), "4", *map(str, ids)], check=True, env=env)
+    r = subprocess.run([tool, model, str(path), "4", *map(str, ids)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"{tool} (DECO_N_GPU_LAYERS={n_gpu_layers}, DECO_FFN={mode}) failed:\n{r.stderr[-3000:]}")
     return np.fromfile(path, dtype="<f4").reshape(len(ids), -1)
 
 
 def compare(model: str, tool: str, out: Path) -> bool:
-    import gguf
-
-    n_vocab = len(gguf.GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
-    ids = np.random.default_rng(0).integers(3, n_vocab, N_BATCH + N_DECODE).tolist()
+    # token ids every fixture vocabulary has (numpy is all this step needs)
+    ids = np.random.default_rng(0).integers(3, 512, N_BATCH + N_DECODE).tolist()
     ok = True
     gpu = {}
     for mode in ("sparse", "dense"):
