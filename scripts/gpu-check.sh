@@ -7,7 +7,7 @@
 #    building or writing anything (the checkout's .deps/build and .venv are never touched);
 # 1. builds the patched tree with the CUDA backend into its own folder, .deps/build-cuda (the CPU build in
 #    .deps/build stays as it is): test-backend-ops, test-deco-placement, test-deco-logits, llama-quantize,
-#    llama-bench;
+#    llama-bench, libllama and libdeco-speculative;
 # 2. test-backend-ops -b CUDA0: every DECO_MOE case (real DECO-0.5B/1.2B shapes included) and the flash-decoding
 #    FLASH_ATTN_EXT cases, CUDA against the CPU; fails on a failed case and on a DECO case CUDA does not support
 #    (the scheduler would silently run it on the CPU);
@@ -65,16 +65,21 @@ step "1/5 CUDA build into $BUILD (arch $ARCH, -j$JOBS)"
 PY="${DECO_PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || bash scripts/setup.sh  # the Python side of steps 3-4 (fixtures, converter, numpy)
 LLAMA="${DECO_LLAMA_SRC:-$(bash scripts/build-runtime.sh --source-only | tail -n 1)}"
-CCACHE="$(command -v ccache || echo .venv/bin/ccache)"
+[ -d .venv/bin ] && PATH="$PWD/.venv/bin:$PATH"  # cmake, ninja and ccache where setup.sh installed them
+GEN=()
+command -v ninja >/dev/null && GEN=(-G Ninja)
+CCACHE="$(command -v ccache || true)"
 LAUNCH=()
-[ -x "$CCACHE" ] && LAUNCH=(-DCMAKE_C_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
+[ -n "$CCACHE" ] && LAUNCH=(-DCMAKE_C_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE" -DCMAKE_CUDA_COMPILER_LAUNCHER="$CCACHE")
 t0=$SECONDS
-cmake -S "$LLAMA" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+cmake -S "$LLAMA" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
     -DGGML_OPENMP=OFF -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_CUDA_COMPILER="$NVCC" "${LAUNCH[@]}" \
     -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_LLGUIDANCE=OFF -DGGML_CCACHE=OFF \
     > "$OUT/configure.log" 2>&1 || { tail -n 40 "$OUT/configure.log" >&2; fail "cmake configure (log: $OUT/configure.log)"; }
+# the tools of steps 2-5, and the libraries llama-cpp-python and deco_gguf load for the runtime tests of step 4
 cmake --build "$BUILD" -j "$JOBS" --target test-backend-ops test-deco-placement test-deco-logits llama-quantize llama-bench \
+    llama deco-speculative \
     > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log" >&2; fail "build (log: $OUT/build.log)"; }
 report "" "build: $((SECONDS - t0)) s"
 
