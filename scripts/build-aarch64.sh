@@ -8,7 +8,8 @@
 # 2. gets the patched source tree from scripts/build-runtime.sh --source-only;
 # 3. configures .deps/build-aarch64 once (re-configures when the arguments change): shared libs,
 #    -march=armv8.2-a+dotprod+fp16 (GGML_CPU_ARM_ARCH), ggml's thread pool, ccache;
-# 4. builds libllama/libggml* and the two DECO checks test-deco-ffn and test-deco-logits, incrementally.
+# 4. builds libllama/libggml*, the two DECO checks test-deco-ffn and test-deco-logits, and test-backend-ops (its
+#    DECO_MOE and flash-decoding cases; test-backend-ops-ggml, linked to ggml only), incrementally.
 #
 # Log: .deps/build-aarch64.log. Knobs: DECO_VENV, DECO_DEPS, DECO_JOBS (default 2), DECO_ARM_ARCH,
 # CCACHE_DIR, as in build-runtime.sh.
@@ -98,7 +99,7 @@ if [ ! -f "$BUILD/CMakeCache.txt" ] || [ "$(cat "$BUILD/.deco-configured" 2>/dev
 fi
 
 # 4. build
-TARGETS=(llama ggml ggml-base ggml-cpu test-deco-ffn test-deco-logits)
+TARGETS=(llama ggml ggml-base ggml-cpu test-deco-ffn test-deco-logits test-backend-ops-ggml)
 log "building ${TARGETS[*]} (-j$JOBS)"
 cmake --build "$BUILD" --target "${TARGETS[@]}" -j "$JOBS" >>"$LOG" 2>&1 \
     || { tail -n 80 "$LOG" >&2; echo "build failed, full log: $LOG" >&2; exit 1; }

@@ -185,7 +185,7 @@ TARGETS=("${RUNTIME_LIBS[@]}" "${RUNTIME_TOOLS[@]}")
 if [ "$WHEEL_ONLY" = 0 ]; then
     TARGETS+=(llama-cli llama-server llama-perplexity llama-bench test-backend-ops test-llama-archs test-save-load-state)
     # our own test tools, present only in the patched tree
-    if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn bench-deco-ffn test-deco-draft-length); fi
+    if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn test-deco-placement bench-deco-ffn test-deco-draft-length); fi
 fi
 
 CMAKE_ARGS_DECO=(

@@ -1,4 +1,5 @@
-"""The aarch64 cross build (scripts/build-aarch64.sh) under qemu-user, against x86 and the reference.
+"""The aarch64 cross build (scripts/build-aarch64.sh) under qemu-user, against x86 and the reference, and
+test-backend-ops' DECO_MOE and flash-decoding FLASH_ATTN_EXT cases there (NEON against the reference path).
 
 The binaries target Jetson Orin's Cortex-A78AE cores (-march=armv8.2-a+dotprod+fp16) and run on an
 emulated Cortex-A76, the closest CPU qemu has (the same ARMv8.2 level with dotprod and fp16), so an
@@ -9,6 +10,7 @@ them on purpose (docs/arm.md).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,7 +34,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("DECO_SKIP_AARCH64") == "1", reas
 
 @pytest.fixture(scope="module", autouse=True)
 def cross_build():
-    missing = [str(p) for p in (BIN / "test-deco-ffn", BIN / "test-deco-logits") if not p.is_file()]
+    tools = (BIN / "test-deco-ffn", BIN / "test-deco-logits", BIN / "test-backend-ops-ggml")
+    missing = [str(p) for p in tools if not p.is_file()]
     missing += [] if shutil.which(QEMU[0]) else [QEMU[0]]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run scripts/build-aarch64.sh (or set DECO_SKIP_AARCH64=1)")
@@ -47,6 +50,35 @@ def test_op_against_naive_reference_on_aarch64():
     assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
     # the expert weights also went through the CPU_REPACK buffer, i.e. ggml's NEON repacked kernels
     assert "(repacked weights: q4_0 q8_0" in r.stdout, r.stdout[-500:]
+
+
+def backend_ops(*args: str, timeout: int) -> int:
+    """test-backend-ops on the aarch64 CPU backend, compared with its reference path; how many cases ran (all of
+    them passed)."""
+    r = qemu([str(BIN / "test-backend-ops-ggml"), "test", "-b", "CPU", *args], timeout=timeout)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    passed = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
+    assert passed and passed[1] == passed[2], r.stdout[-2000:]
+    return int(passed[1])
+
+
+def test_backend_ops_deco_cases_on_aarch64():
+    """The DECO_MOE cases at the DECO-0.5B and DECO-1.2B expert layers, 1 to 33 tokens (rows of 40 and 56 quantized
+    blocks through NEON; ~1 min of qemu). Both sides run deco-moe.cpp, so this shows the op runs at those shapes and
+    agrees with itself across thread counts; test-deco-ffn above checks it against a reference on small shapes.
+    The 512-token cases and the 169 small ones (6 more minutes of qemu) run on x86 only."""
+    assert backend_ops("-o", "DECO_MOE", "-p", r"d=(1280|1792),.*,T=(1|2|5|16|33),", timeout=900) == 10
+
+
+# the cases of test-backend-ops-fa-decode.inc whose cache lengths upstream's cases do not use (so none of those
+# thousands): MHA and GQA, head sizes 64 and 128, F16 and Q8_0 caches at 1031 positions (not a multiple of the
+# tile) with 1, 3 and 16 rows, and the extras (no mask, sinks, ALiBi, softcap, mixed K/V, the shortest caches)
+FA_DECODE_QEMU_CASES = r"kv=(517|545|601|1031|1500|2000|2053|3001),nb=(1|2|3|4|16),"
+
+
+def test_flash_decoding_cases_on_aarch64():
+    """fa-decode.cpp's NEON path against the CPU backend's reference path (~30 s of qemu)."""
+    assert backend_ops("-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_QEMU_CASES, timeout=900) == 32
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

@@ -43,8 +43,11 @@ def available_cores() -> int:
 
 
 def lib_dir() -> Path:
-    """Where llama-cpp-python keeps the libraries: our build's libraries and tools when it is the runtime
-    wheel scripts/build-runtime.sh packs (ImportError without llama-cpp-python)."""
+    """Where llama-cpp-python takes the libraries from: LLAMA_CPP_LIB_PATH when set (its own override; e.g. a CUDA
+    build's bin folder, scripts/gpu-check.sh), else its lib folder, our build's libraries and tools when it is the
+    runtime wheel scripts/build-runtime.sh packs (ImportError without llama-cpp-python)."""
+    if override := os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return Path(override)
     import llama_cpp
 
     return Path(llama_cpp.__file__).parent / "lib"

@@ -2,12 +2,14 @@
 // qemu against x86) and against the PyTorch reference. Links libllama only.
 //
 // Usage: test-deco-logits MODEL OUT N_THREADS TOKEN...
-// Evaluates the tokens as one batch at positions 0..n-1 and writes the logits of every position to OUT
-// (n_tokens x n_vocab float32, native byte order). F32 KV cache and flash attention off, so nothing is
-// rounded to F16 outside the weights. The DECO FFN mode follows DECO_FFN=sparse|dense|ops.
+// Evaluates the tokens at positions 0..n-1 and writes the logits of every position to OUT (n_tokens x n_vocab
+// float32, native byte order): one batch, or with DECO_DECODE_LAST=k the first n-k tokens as one batch and the
+// last k one at a time (decode). F32 KV cache and flash attention off, so nothing is rounded to F16 outside the
+// weights. The DECO FFN mode follows DECO_FFN=sparse|dense|ops; DECO_N_GPU_LAYERS sets n_gpu_layers (default 0).
 
 #include "llama.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -29,7 +31,16 @@ int main(int argc, char ** argv) {
     }, nullptr);
     llama_backend_init();
 
-    llama_model * model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    const char * env_ngl    = getenv("DECO_N_GPU_LAYERS");
+    const char * env_decode = getenv("DECO_DECODE_LAST");
+    const int n_decode = env_decode ? atoi(env_decode) : 0;
+    if (n_decode < 0 || n_decode >= n) {
+        fprintf(stderr, "DECO_DECODE_LAST must be in [0, %d)\n", n);
+        return 2;
+    }
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = env_ngl ? atoi(env_ngl) : 0;
+    llama_model * model = llama_model_load_from_file(argv[1], mp);
     if (!model) {
         fprintf(stderr, "failed to load %s\n", argv[1]);
         return 1;
@@ -45,27 +56,39 @@ int main(int argc, char ** argv) {
         return 1;
     }
 
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    std::vector<float> logits((size_t) n * n_vocab);
     llama_batch batch = llama_batch_init(n, 0, 1);
-    for (int i = 0; i < n; ++i) {
-        batch.token[i]     = tokens[i];
-        batch.pos[i]       = i;
-        batch.n_seq_id[i]  = 1;
-        batch.seq_id[i][0] = 0;
-        batch.logits[i]    = true;
+    // positions [i0, i1) as one batch; their logits into `logits`
+    const auto eval = [&](const int i0, const int i1) {
+        for (int i = i0; i < i1; ++i) {
+            batch.token[i - i0]     = tokens[i];
+            batch.pos[i - i0]       = i;
+            batch.n_seq_id[i - i0]  = 1;
+            batch.seq_id[i - i0][0] = 0;
+            batch.logits[i - i0]    = true;
+        }
+        batch.n_tokens = i1 - i0;
+        const int rc = llama_decode(ctx, batch);
+        if (rc != 0) {
+            fprintf(stderr, "llama_decode returned %d\n", rc);
+            return false;
+        }
+        for (int i = i0; i < i1; ++i) {
+            std::copy_n(llama_get_logits_ith(ctx, i - i0), n_vocab, logits.begin() + (size_t) i * n_vocab);
+        }
+        return true;
+    };
+    bool ok = eval(0, n - n_decode);
+    for (int i = n - n_decode; ok && i < n; ++i) {
+        ok = eval(i, i + 1);
     }
-    batch.n_tokens = n;
-    const int rc = llama_decode(ctx, batch);
-    if (rc != 0) {
-        fprintf(stderr, "llama_decode returned %d\n", rc);
+    if (!ok) {
         return 1;
     }
 
-    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
     FILE * f = fopen(argv[2], "wb");
-    bool ok = f != nullptr;
-    for (int i = 0; ok && i < n; ++i) {
-        ok = fwrite(llama_get_logits_ith(ctx, i), sizeof(float), n_vocab, f) == (size_t) n_vocab;
-    }
+    ok = f != nullptr && fwrite(logits.data(), sizeof(float), logits.size(), f) == logits.size();
     ok = f != nullptr && fclose(f) == 0 && ok;
     if (!ok) {
         fprintf(stderr, "failed to write %s\n", argv[2]);

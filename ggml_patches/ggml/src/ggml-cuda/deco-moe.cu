@@ -11,16 +11,35 @@
 //                  of U for float down types, q8_1 blocks for quantized ones
 //   5. deco_down   warp per (output row, token): ONE dot over the De-segments of all of the token's computed
 //                  experts (fixed order: deterministic, no atomics); every output element is written
-// Work and weight bytes scale with the computed (token, expert) pairs; scratch (pool) is O(T*E*De) floats.
+// Work and weight bytes scale with the computed (token, expert) pairs. Scratch (pool): O(T*E*De) floats; a batch
+// runs in passes of at most 2^26/(E*De) tokens (deco-moe-supported.h), so it stays under 256 MB per buffer.
 
 #include "deco-moe.cuh"
+
+#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
+
+// The kernels assume 32-wide warps (32-bit ballot masks, shuffles over 32 lanes): HIP and MUSA builds compile none
+// of them and refuse the op, so the scheduler runs it on the CPU.
+bool ggml_cuda_deco_moe_supported(const ggml_tensor * op, bool (*weight_readable)(ggml_backend_buffer_type_t)) {
+    GGML_UNUSED(op);
+    GGML_UNUSED(weight_readable);
+    return false;
+}
+
+void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    GGML_UNUSED(ctx);
+    GGML_ABORT("%s: not supported in this build", ggml_op_desc(dst));
+}
+
+#else
+
+#include "deco-moe-supported.h"
 #include "convert.cuh"
 #include "quantize.cuh"
 #include "vecdotq.cuh"
 
 #include "ggml-deco.h"
 
-#include <climits>
 #include <type_traits>
 
 static constexpr int DECO_NW = 4; // warps per block, every kernel
@@ -99,17 +118,7 @@ template <> struct deco_dot<GGML_TYPE_Q4_0> : deco_dot_q<GGML_TYPE_Q4_0> {};
 template <> struct deco_dot<GGML_TYPE_Q5_0> : deco_dot_q<GGML_TYPE_Q5_0> {};
 template <> struct deco_dot<GGML_TYPE_Q8_0> : deco_dot_q<GGML_TYPE_Q8_0> {};
 
-static bool deco_type_supported(const ggml_type type) {
-    switch (type) {
-        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
-        case GGML_TYPE_Q4_0: case GGML_TYPE_Q5_0: case GGML_TYPE_Q8_0:
-            return true;
-        default:
-            return false;
-    }
-}
-
-// calls f(std::integral_constant<ggml_type, type>) for a type accepted by deco_type_supported
+// calls f(std::integral_constant<ggml_type, type>) for a type accepted by ggml_cuda_deco_moe_type_supported
 template <typename F>
 static void deco_type_switch(const ggml_type type, F && f) {
     switch (type) {
@@ -359,38 +368,8 @@ static __global__ void deco_down(
 // op
 //
 
-bool ggml_cuda_deco_moe_supported(const ggml_tensor * op) {
-#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
-    GGML_UNUSED(op);
-    return false; // the kernels assume 32-wide warps (ballots, shuffles)
-#else
-    const ggml_tensor * up     = op->src[0];
-    const ggml_tensor * down   = op->src[1];
-    const ggml_tensor * gate   = op->src[2];
-    const ggml_tensor * x      = op->src[3];
-    const ggml_tensor * logits = op->src[4];
-
-    if (!deco_type_supported(up->type) || !deco_type_supported(down->type)) {
-        return false;
-    }
-    for (const ggml_tensor * w : { up, gate, down }) {
-        if (w && !ggml_is_contiguous(w)) {
-            return false;
-        }
-    }
-    // rows are cut into whole units: whole weight blocks and q8_1 activation blocks, or element pairs
-    const auto units_ok = [](const ggml_type type, const int64_t n) {
-        return ggml_is_quantized(type) ? n % ggml_blck_size(type) == 0 && n % QK8_1 == 0 : n % 2 == 0;
-    };
-    const int64_t d  = up->ne[0];
-    const int64_t De = up->ne[1];
-    const int64_t E  = up->ne[2];
-    const int64_t T  = x->ne[1];
-    return units_ok(up->type, d) && units_ok(down->type, De) &&
-           x->type == GGML_TYPE_F32 && logits->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F32 &&
-           E <= 65535 && T <= 65535 && d <= INT_MAX/2 && De <= INT_MAX/2 && E*De <= INT_MAX/2 && // grid y/z, int indices
-           T*E*De <= (int64_t) 1 << 26; // the up (and gate) scratch holds T*E*De floats: 256 MB at most each
-#endif
+bool ggml_cuda_deco_moe_supported(const ggml_tensor * op, bool (*weight_readable)(ggml_backend_buffer_type_t)) {
+    return ggml_cuda_deco_moe_supports(op, weight_readable);
 }
 
 void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -410,13 +389,16 @@ void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const int d  = (int) up->ne[0];
     const int De = (int) up->ne[1];
     const int E  = (int) up->ne[2];
-    const int T  = (int) x->ne[1];
-    if (T == 0) {
+    const int64_t n_tokens = x->ne[1];
+    if (n_tokens == 0) {
         return;
     }
+    // a batch runs in passes of at most n_pass tokens (deco-moe-supported.h), so the scratch is bounded
+    const int n_pass = (int) ggml_cuda_deco_moe_pass_tokens(n_tokens, E, De);
 
-    const float * x_d   = (const float *) x->data;
-    const int64_t s_x   = x->nb[1] / sizeof(float);
+    const int64_t s_x      = x->nb[1] / sizeof(float);
+    const int64_t s_logits = logits->nb[1] / sizeof(float);
+    const int64_t s_dst    = dst->nb[1] / sizeof(float);
     const bool    up_q  = ggml_is_quantized(up->type);
     const bool    down_q = ggml_is_quantized(down->type);
 
@@ -424,91 +406,99 @@ void ggml_cuda_op_deco_moe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     ggml_cuda_pool & pool   = ctx.pool();
 
     // pool buffers, allocated in declaration order (freed in reverse)
-    ggml_cuda_pool_alloc<float> S    (pool, (size_t) T*E);
-    ggml_cuda_pool_alloc<float> MEAN (pool, T);
-    ggml_cuda_pool_alloc<int>   LIST (pool, (size_t) T*E);
-    ggml_cuda_pool_alloc<int>   NCOMP(pool, T);
+    ggml_cuda_pool_alloc<float> S    (pool, (size_t) n_pass*E);
+    ggml_cuda_pool_alloc<float> MEAN (pool, n_pass);
+    ggml_cuda_pool_alloc<int>   LIST (pool, (size_t) n_pass*E);
+    ggml_cuda_pool_alloc<int>   NCOMP(pool, n_pass);
     ggml_cuda_pool_alloc<int>   ECNT (pool, E);
-    ggml_cuda_pool_alloc<int>   ETOK (pool, (size_t) E*T);
-    ggml_cuda_pool_alloc<float> U    (pool, (size_t) T*E*De);
+    ggml_cuda_pool_alloc<int>   ETOK (pool, (size_t) E*n_pass);
+    ggml_cuda_pool_alloc<float> U    (pool, (size_t) n_pass*E*De);
     ggml_cuda_pool_alloc<float> G    (pool);
     ggml_cuda_pool_alloc<char>  XQ   (pool);
     ggml_cuda_pool_alloc<block_q8_1> VQ(pool);
     if (gate) {
-        G.alloc((size_t) T*E*De);
+        G.alloc((size_t) n_pass*E*De);
     }
     if (up_q) {
-        XQ.alloc((size_t) T*(d/QK8_1)*sizeof(block_q8_1));
+        XQ.alloc((size_t) n_pass*(d/QK8_1)*sizeof(block_q8_1));
     }
     if (down_q) {
-        VQ.alloc((size_t) T*E*(De/QK8_1));
+        VQ.alloc((size_t) n_pass*E*(De/QK8_1));
     }
 
     const dim3 block(WARP_SIZE, DECO_NW);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += n_pass) {
+        const int     T        = (int) std::min<int64_t>(n_pass, n_tokens - t0);
+        const float * x_d      = (const float *) x->data + t0*s_x;
+        const float * logits_d = (const float *) logits->data + t0*s_logits;
+        float       * out_d    = (float *) dst->data + t0*s_dst;
 
-    // 1-2: routing, per-token and per-expert lists of the computed pairs
-    deco_route<<<(T + DECO_NW - 1)/DECO_NW, block, 0, stream>>>(
-        (const float *) logits->data, logits->nb[1] / sizeof(float), x_d, s_x,
-        mean ? (const float *) mean->data : nullptr,
-        scale ? (const float *) scale->data : nullptr, scale ? (int) ggml_nelements(scale) : 0,
-        bias ? (const float *) bias->data : nullptr, p, d, E, T,
-        S.get(), LIST.get(), NCOMP.get(), MEAN.get());
-    CUDA_CHECK(cudaGetLastError());
-    deco_group<<<(E + DECO_NW - 1)/DECO_NW, block, 0, stream>>>(S.get(), dense, E, T, ECNT.get(), ETOK.get());
-    CUDA_CHECK(cudaGetLastError());
+        // 1-2: routing, per-token and per-expert lists of the computed pairs
+        deco_route<<<(T + DECO_NW - 1)/DECO_NW, block, 0, stream>>>(
+            logits_d, s_logits, x_d, s_x,
+            mean ? (const float *) mean->data : nullptr,
+            scale ? (const float *) scale->data : nullptr, scale ? (int) ggml_nelements(scale) : 0,
+            bias ? (const float *) bias->data : nullptr, p, d, E, T,
+            S.get(), LIST.get(), NCOMP.get(), MEAN.get());
+        CUDA_CHECK(cudaGetLastError());
+        deco_group<<<(E + DECO_NW - 1)/DECO_NW, block, 0, stream>>>(S.get(), dense, E, T, ECNT.get(), ETOK.get());
+        CUDA_CHECK(cudaGetLastError());
 
-    // 3: up (and gate) rows of the computed pairs; U <- the rows the activation reads (gate if gated), G <- up
-    if (up_q) {
-        quantize_row_q8_1_cuda(x_d, nullptr, XQ.get(), up->type, d, s_x, x->nb[2] / sizeof(float), x->nb[3] / sizeof(float),
-                               d, T, 1, 1, stream);
-    }
-    const int64_t s_a = up_q ? d/QK8_1 : s_x;
-    const void  * A   = up_q ? (const void *) XQ.get() : (const void *) x_d;
-    const auto up_rows = [&](const ggml_tensor * w, float * out) {
-        deco_type_switch(w->type, [&](auto tc) {
+        // 3: up (and gate) rows of the computed pairs; U <- the rows the activation reads (gate if gated), G <- up
+        if (up_q) {
+            quantize_row_q8_1_cuda(x_d, nullptr, XQ.get(), up->type, d, s_x, x->nb[2] / sizeof(float), x->nb[3] / sizeof(float),
+                                   d, T, 1, 1, stream);
+        }
+        const int64_t s_a = up_q ? d/QK8_1 : s_x;
+        const void  * A   = up_q ? (const void *) XQ.get() : (const void *) x_d;
+        const auto up_rows = [&](const ggml_tensor * w, float * out) {
+            deco_type_switch(w->type, [&](auto tc) {
+                constexpr ggml_type type = decltype(tc)::value;
+                using act_t = typename deco_dot<type>::act_t;
+                const dim3 grid_rows((De + DECO_NW - 1)/DECO_NW, E, 1);
+                if (T == 1) {
+                    deco_up<type, 1><<<grid_rows, block, 0, stream>>>(
+                        (const char *) w->data, w->nb[1], w->nb[2], (const act_t *) A, s_a, ECNT.get(), ETOK.get(), d, De, E, T, out);
+                } else {
+                    const dim3 grid(grid_rows.x, E, (T + DECO_TT - 1)/DECO_TT);
+                    deco_up<type, DECO_TT><<<grid, block, 0, stream>>>(
+                        (const char *) w->data, w->nb[1], w->nb[2], (const act_t *) A, s_a, ECNT.get(), ETOK.get(), d, De, E, T, out);
+                }
+                CUDA_CHECK(cudaGetLastError());
+            });
+        };
+        up_rows(gate ? gate : up, U.get());
+        if (gate) {
+            up_rows(up, G.get());
+        }
+
+        // 4: activations
+        const dim3 grid_pairs((E + DECO_NW - 1)/DECO_NW, T);
+        const float * nw = norm ? (const float *) norm->data : nullptr;
+        const bool uses_mean = ggml_deco_act_uses_mean(p.act);
+        const bool uses_norm = ggml_deco_act_uses_norm(p.act);
+        if (down_q) {
+            deco_act<true><<<grid_pairs, block, 0, stream>>>(
+                U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, VQ.get());
+        } else {
+            deco_act<false><<<grid_pairs, block, 0, stream>>>(
+                U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, nullptr);
+        }
+        CUDA_CHECK(cudaGetLastError());
+
+        // 5: weighted down projection, summed per token
+        const int64_t s_v = down_q ? De/QK8_1 : De;
+        const void  * V   = down_q ? (const void *) VQ.get() : (const void *) U.get();
+        deco_type_switch(down->type, [&](auto tc) {
             constexpr ggml_type type = decltype(tc)::value;
             using act_t = typename deco_dot<type>::act_t;
-            const dim3 grid_rows((De + DECO_NW - 1)/DECO_NW, E, 1);
-            if (T == 1) {
-                deco_up<type, 1><<<grid_rows, block, 0, stream>>>(
-                    (const char *) w->data, w->nb[1], w->nb[2], (const act_t *) A, s_a, ECNT.get(), ETOK.get(), d, De, E, T, out);
-            } else {
-                const dim3 grid(grid_rows.x, E, (T + DECO_TT - 1)/DECO_TT);
-                deco_up<type, DECO_TT><<<grid, block, 0, stream>>>(
-                    (const char *) w->data, w->nb[1], w->nb[2], (const act_t *) A, s_a, ECNT.get(), ETOK.get(), d, De, E, T, out);
-            }
+            const dim3 grid((d + DECO_NW - 1)/DECO_NW, T);
+            deco_down<type><<<grid, block, 0, stream>>>(
+                (const char *) down->data, down->nb[1], down->nb[2], (const act_t *) V, s_v, LIST.get(), NCOMP.get(),
+                d, De, E, out_d, s_dst);
             CUDA_CHECK(cudaGetLastError());
         });
-    };
-    up_rows(gate ? gate : up, U.get());
-    if (gate) {
-        up_rows(up, G.get());
     }
-
-    // 4: activations
-    const dim3 grid_pairs((E + DECO_NW - 1)/DECO_NW, T);
-    const float * nw = norm ? (const float *) norm->data : nullptr;
-    const bool uses_mean = ggml_deco_act_uses_mean(p.act);
-    const bool uses_norm = ggml_deco_act_uses_norm(p.act);
-    if (down_q) {
-        deco_act<true><<<grid_pairs, block, 0, stream>>>(
-            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, VQ.get());
-    } else {
-        deco_act<false><<<grid_pairs, block, 0, stream>>>(
-            U.get(), G.get(), S.get(), LIST.get(), NCOMP.get(), MEAN.get(), nw, p, uses_mean, uses_norm, E, De, nullptr);
-    }
-    CUDA_CHECK(cudaGetLastError());
-
-    // 5: weighted down projection, summed per token
-    const int64_t s_v = down_q ? De/QK8_1 : De;
-    const void  * V   = down_q ? (const void *) VQ.get() : (const void *) U.get();
-    deco_type_switch(down->type, [&](auto tc) {
-        constexpr ggml_type type = decltype(tc)::value;
-        using act_t = typename deco_dot<type>::act_t;
-        const dim3 grid((d + DECO_NW - 1)/DECO_NW, T);
-        deco_down<type><<<grid, block, 0, stream>>>(
-            (const char *) down->data, down->nb[1], down->nb[2], (const act_t *) V, s_v, LIST.get(), NCOMP.get(),
-            d, De, E, (float *) dst->data, dst->nb[1] / sizeof(float));
-        CUDA_CHECK(cudaGetLastError());
-    });
 }
+
+#endif // GGML_USE_HIP || GGML_USE_MUSA
