@@ -14,6 +14,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -135,7 +136,7 @@ class Server:
     def failure(self) -> str:
         """The reason llama-server gave for stopping: its first error line (its log is kept, 200 lines)."""
         self._reader.join(timeout=5)
-        lines = [LOG_PREFIX.sub("", line).strip() for line in self.log]
+        lines = [re.sub(r"^error:\s*", "", LOG_PREFIX.sub("", line).strip()) for line in self.log]
         errors = [line for line in lines if "error" in line.lower() or "failed" in line or "couldn't" in line]
         return (errors or lines[-1:] or [f"exit status {self.proc.returncode}"])[0]
 
