@@ -202,6 +202,7 @@ if [ -z "${DECO_WEB_UI:-}" ]; then
         DECO_WEB_UI=ON
     fi
 fi
+[ "$DECO_WEB_UI" = ON ] || log "no Node.js >= 18 with npm: llama-server is built without the web chat (API only)"
 export npm_config_cache="${npm_config_cache:-$HOME/.npm}" npm_config_prefer_offline=true \
     npm_config_audit=false npm_config_fund=false npm_config_update_notifier=false
 

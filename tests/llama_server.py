@@ -69,7 +69,7 @@ class Served:
 
         self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [python or sys.executable, "-m", "deco_gguf.cli", "serve", *args, "--port", str(self.port)],
+            [python or sys.executable, "-m", "deco_gguf.cli", "serve", "--port", str(self.port), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -85,8 +85,9 @@ class Served:
                 if line.startswith("serving "):
                     self.url = line.split(" at ")[-1].strip()
         if self.url is None:
-            self.stop()
-            raise RuntimeError(f"deco-gguf serve did not come up: {self.proc.stderr.read()[-2000:]}")
+            self.proc.kill()
+            log = self.proc.communicate()[1]
+            raise RuntimeError(f"deco-gguf serve did not come up: {log[-2000:]}")
 
     def llama_server_pid(self) -> int:
         """The llama-server that deco-gguf started (its only child)."""
