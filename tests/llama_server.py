@@ -61,15 +61,17 @@ def post(url: str, body: dict) -> dict:
 
 
 class Served:
-    """`deco-gguf serve ARGS` on a free loopback port (`python` runs deco-gguf): `url` once it printed it."""
+    """`deco-gguf serve ARGS` on a free loopback port (`command`: the deco-gguf to run, default this checkout's):
+    `url` once it printed it."""
 
-    def __init__(self, *args: str, python: str | None = None, port: int | None = None, timeout: float = 120):
+    def __init__(self, *args: str, command: str | None = None, port: int | None = None, timeout: float = 120):
         import select
         import sys
 
         self.port = port or free_port()
+        deco_gguf = [command] if command else [sys.executable, "-m", "deco_gguf.cli"]
         self.proc = subprocess.Popen(
-            [python or sys.executable, "-m", "deco_gguf.cli", "serve", "--port", str(self.port), *args],
+            [*deco_gguf, "serve", "--port", str(self.port), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -63,7 +63,7 @@ def test_pip_install_of_the_sdist_builds_and_installs_the_patched_runtime(tmp_pa
     assert reply == run(sys.executable, "-m", "deco_gguf.cli", *chat)
 
     # and llama-server, for `deco-gguf serve`: the same greedy reply through its API, the web chat at /
-    with Served(str(model), "--threads", "1", python=str(venv / "bin" / "python")) as served:
+    with Served(str(model), "--threads", "1", command=str(installed)) as served:
         answer = post(
             served.url + "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "And God said"}], "temperature": 0, "max_tokens": 24},
