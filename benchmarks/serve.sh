@@ -81,9 +81,9 @@ def one_request(url: str, prompt: list[int], out: dict) -> None:
         for line in r:
             if line.startswith(b"data: "):
                 event = json.loads(line[6:])
-                if event.get("content") or event.get("tokens"):
-                    first = first or time.perf_counter()
-                    n += 1
+                first = first or time.perf_counter()
+                if event.get("stop"):  # the last event counts the tokens (one event may carry several)
+                    n = event["timings"]["predicted_n"]
     out.update(ttft=first - start, tokens=n, end=time.perf_counter())
 
 

@@ -171,7 +171,7 @@ class Server:
 
 
 def start(options: ServerOptions, trained_context: int) -> Server:
-    """Start llama-server for `options` (listening address checked first)."""
-    check_port_free(options.host, options.port)
+    """Start llama-server for `options` (the runtime and the listening address checked first)."""
     args = server_args(options, trained_context)
+    check_port_free(options.host, options.port)
     return Server(args, options.url, {"DECO_FFN": options.mode})
