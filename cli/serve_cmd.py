@@ -74,7 +74,7 @@ def serve(
     it has. The exit status is the server's. docs/serving.md has examples.
     """
     from ..model.gguf_file import read_gguf
-    from ..runtime.server import GET_WEB_UI, ServerOptions, start, web_ui_built
+    from ..runtime.server import ServerOptions, run
     from ..support.cache import resolve_model
 
     offload = offload_of(rpc, n_gpu_layers)
@@ -96,27 +96,22 @@ def serve(
         offload=offload,
         extra=list(llama_server_args or []),
     )
-    server = start(options, trained_context)
-    try:
-        server.wait_ready()
-        _print_ready(options, path.name, web_ui_built(), GET_WEB_UI)
-        exit_status = server.wait()
-    except BaseException:
-        server.stop()
-        raise
+    exit_status, reason = run(options, trained_context, on_ready=lambda: _print_ready(options, path.name))
     if exit_status != 0:  # it stopped by itself: its status is ours (killed by a signal: 128 + the signal)
-        err_console.print(f"[bold red]error:[/] llama-server stopped: {server.failure()}", highlight=False)
+        err_console.print(f"[bold red]error:[/] llama-server stopped: {reason}", highlight=False)
         raise typer.Exit(exit_status if exit_status > 0 else 128 - exit_status)
 
 
-def _print_ready(options, name: str, web_ui: bool, get_web_ui: str) -> None:
+def _print_ready(options, name: str) -> None:
+    from ..runtime.server import GET_WEB_UI, web_ui_built
+
     console.print(f"serving {name} at {options.url}", highlight=False, soft_wrap=True)
-    what = "web chat and API" if web_ui else "API only"
+    web_ui = web_ui_built()
     err_console.print(
-        f"[dim]{what}: {options.url}/v1 (OpenAI-compatible), {options.url}/metrics; "
-        f"{options.parallel} slot(s), {options.mode}; Ctrl-C stops[/]",
+        f"[dim]{'web chat and API' if web_ui else 'API only'}: {options.url}/v1 (OpenAI-compatible), "
+        f"{options.url}/metrics; {options.parallel} slot(s), {options.mode}; Ctrl-C stops[/]",
         highlight=False,
         soft_wrap=True,
     )
     if not web_ui:
-        err_console.print(f"[dim]this runtime has no web chat: {get_web_ui}[/]", highlight=False, soft_wrap=True)
+        err_console.print(f"[dim]this runtime has no web chat: {GET_WEB_UI}[/]", highlight=False, soft_wrap=True)

@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,3 +176,17 @@ def start(options: ServerOptions, trained_context: int) -> Server:
     args = server_args(options, trained_context)
     check_port_free(options.host, options.port)
     return Server(args, options.url, {"DECO_FFN": options.mode})
+
+
+def run(options: ServerOptions, trained_context: int, on_ready: Callable[[], None]) -> tuple[int, str]:
+    """Run llama-server for `options` until it stops: `on_ready()` once the model is loaded; (its exit status, the
+    reason it gave when that is not 0). Interrupted (Ctrl-C, SIGTERM) or failing, it stops the server first."""
+    server = start(options, trained_context)
+    try:
+        server.wait_ready()
+        on_ready()
+        status = server.wait()
+    except BaseException:
+        server.stop()
+        raise
+    return status, server.failure() if status else ""
