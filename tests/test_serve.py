@@ -175,3 +175,20 @@ def test_metrics_count_each_model_apart(models):
         assert after_reply[name]["weight_bytes_per_token"] == pytest.approx(weights.sparse(rates))
         assert after_reply[name]["dense_weight_bytes_per_token"] == weights.dense
         assert series[("deco_weight_bytes_per_token", name, "")] == pytest.approx(weights.sparse(rates), rel=1e-5)
+
+
+def test_lookup_drafts_and_keeps_the_greedy_tokens(models):
+    """--lookup speculates with n-grams of the text (as long as chat's): drafts are made and accepted, and the
+    tokens are the reference's greedy ones."""
+    from deco_gguf.model.reference import DecoModel
+
+    target, _ = models
+    text = "And God said, Let there be light: and there was light. And God said, Let there be"
+    with Served(str(target), "--lookup", "--draft-max", "6", "--threads", "1", "--parallel", "1") as served:
+        ids = post(served.url + "/tokenize", {"content": text, "add_special": True})["tokens"]
+        out = post(
+            served.url + "/completion",
+            {"prompt": ids, "n_predict": 16, "temperature": 0, "return_tokens": True, "cache_prompt": False},
+        )
+    assert out["timings"]["draft_n_accepted"] > 0
+    assert out["tokens"] == DecoModel.from_pretrained(REPO / "models" / "deco-tiny").generate_greedy(ids, 16)

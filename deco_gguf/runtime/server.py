@@ -29,6 +29,7 @@ from pathlib import Path
 from ..support.errors import DecoError
 from .native import available_cores, lib_dir
 from .rpc import Offload
+from .speculative import LOOKUP_N
 from .tools import LOG_PREFIX, tool
 
 DEFAULT_SLOT_CONTEXT = 4096  # tokens per slot unless the model was trained on fewer
@@ -73,8 +74,8 @@ def server_args(options: ServerOptions, trained_context: int) -> list[str]:
         args += ["--spec-draft-model", str(options.draft), "--spec-type", "draft-simple"]
         if options.draft_max is not None:
             args += ["--spec-draft-n-max", str(options.draft_max)]
-    if options.lookup:
-        args += ["--spec-type", "ngram-simple"]
+    if options.lookup:  # n-grams as long as chat's lookup (llama-server's default, 12, rarely matches)
+        args += ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(LOOKUP_N)]
         if options.draft_max is not None:
             args += ["--spec-ngram-simple-size-m", str(options.draft_max)]
     if options.offload.rpc:
