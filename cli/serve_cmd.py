@@ -8,7 +8,6 @@ import typer
 
 from .app import app, check_threads, console, err_console, friendly_errors
 from .options import (
-    DraftMax,
     DraftPath,
     EvalMode,
     Lookup,
@@ -31,6 +30,15 @@ Parallel = Annotated[
 SlotContext = Annotated[
     int | None,
     typer.Option("--ctx", "-c", help="Context per slot in tokens; default: the trained context, at most 4096.", min=16),
+]
+ServeDraftMax = Annotated[
+    int | None,
+    typer.Option(
+        "--draft-max",
+        help="Most tokens drafted per verification (default 4, as chat); llama-server drafts up to it, without "
+        "chat's adaptive draft length.",
+        min=1,
+    ),
 ]
 ServeMode = Annotated[EvalMode, typer.Option(help="DECO FFN evaluation: active experts only, or every expert.")]
 LlamaServerArgs = Annotated[
@@ -56,7 +64,7 @@ def serve(
     mode: ServeMode = EvalMode.sparse,
     draft: DraftPath = None,
     lookup: Lookup = False,
-    draft_max: DraftMax = None,
+    draft_max: ServeDraftMax = None,
     rpc: RpcServers = None,
     n_gpu_layers: RpcLayers = None,
 ) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..support.errors import DecoError
 from .native import available_cores, lib_dir
 from .rpc import Offload
-from .speculative import LOOKUP_N
+from .speculative import DEFAULT_DRAFT_MAX, LOOKUP_N
 from .tools import LOG_PREFIX, tool
 
 DEFAULT_SLOT_CONTEXT = 4096  # tokens per slot unless the model was trained on fewer
@@ -51,7 +51,7 @@ class ServerOptions:
     mode: str = "sparse"
     draft: Path | None = None  # a draft model's GGUF
     lookup: bool = False  # n-gram lookup (llama.cpp's ngram-simple)
-    draft_max: int | None = None
+    draft_max: int | None = None  # None: DEFAULT_DRAFT_MAX
     offload: Offload = field(default_factory=Offload)
     extra: list[str] = field(default_factory=list)  # given to llama-server as they are
 
@@ -70,14 +70,19 @@ def server_args(options: ServerOptions, trained_context: int) -> list[str]:
     args += ["--port", str(options.port), "--parallel", str(options.parallel)]
     args += ["--ctx-size", str(slot_context * options.parallel), "--threads", threads, "--threads-batch", threads]
     args += ["--metrics", "--slots"]
+    draft_max = str(options.draft_max or DEFAULT_DRAFT_MAX)  # as chat's (llama-server's: 3 drafted, 48 looked up)
     if options.draft is not None:
-        args += ["--spec-draft-model", str(options.draft), "--spec-type", "draft-simple"]
-        if options.draft_max is not None:
-            args += ["--spec-draft-n-max", str(options.draft_max)]
+        args += [
+            "--spec-draft-model",
+            str(options.draft),
+            "--spec-type",
+            "draft-simple",
+            "--spec-draft-n-max",
+            draft_max,
+        ]
     if options.lookup:  # n-grams as long as chat's lookup (llama-server's default, 12, rarely matches)
         args += ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(LOOKUP_N)]
-        if options.draft_max is not None:
-            args += ["--spec-ngram-simple-size-m", str(options.draft_max)]
+        args += ["--spec-ngram-simple-size-m", draft_max]
     if options.offload.rpc:
         args += ["--rpc", ",".join(options.offload.rpc), "--n-gpu-layers", str(options.offload.n_gpu_layers)]
     return args + options.extra
