@@ -5,6 +5,7 @@ from . import (
     inspect_cmds,  # noqa: F401  info, fixture
     model_files,  # noqa: F401  convert, quantize, imatrix
     run_cmds,  # noqa: F401  chat, perplexity
+    serve_cmd,  # noqa: F401  serve
     speed_cmd,  # noqa: F401  speed
 )
 from .app import app

@@ -18,9 +18,11 @@
 #   4. configure + build llama.cpp ONCE with cmake/ninja (shared libs, Release, GGML_NATIVE,
 #      ccache in ~/.cache/ccache when there is one): the runtime (libllama/libggml*, libmtmd,
 #      libdeco-speculative, llama-quantize, llama-imatrix, ggml-rpc-server: the RPC backend is on,
-#      docs/distributed.md) and, unless --wheel, the tools the tests and benchmarks run from
-#      .deps/build/bin (llama-cli, llama-server, llama-perplexity, llama-bench, test-backend-ops, our
-#      own test tools, and upstream's test-llama-archs and test-save-load-state);
+#      docs/distributed.md; llama-server, which `deco-gguf serve` runs, with llama.cpp's web chat
+#      built from tools/ui by npm and embedded where Node.js >= 18 is present, docs/serving.md) and,
+#      unless --wheel, the tools the tests and benchmarks run from .deps/build/bin (llama-cli,
+#      llama-perplexity, llama-bench, test-backend-ops, our own test tools, and upstream's
+#      test-llama-archs and test-save-load-state);
 #   5. pack llama-cpp-python's Python package with the runtime in llama_cpp/lib into a wheel, built by
 #      its own build backend with -DLLAMA_BUILD=OFF (no second compile of llama.cpp), in
 #      ~/.cache/deco-gguf/wheels; its version is 0.3.36+deco.<hash of the runtime>, so every
@@ -36,6 +38,9 @@
 #   DECO_JOBS        parallel compile jobs (default: 2)
 #   DECO_LCP_TARBALL use this local sdist instead of downloading (hash still checked)
 #   CCACHE_DIR       ccache directory (default: ~/.cache/ccache)
+#   DECO_WEB_UI      ON/OFF: build the web chat (default: ON where node >= 18 and npm are on PATH); npm's
+#                    downloads are cached in ~/.npm (npm_config_cache), and the UI is rebuilt only when
+#                    its sources changed
 #   DECO_CUDA_ARCH   also build the CUDA backend for these archs (CMAKE_CUDA_ARCHITECTURES), e.g. 87 on a
 #                    Jetson Orin (JetPack's nvcc), 90 for H100, "87;90", native; unset: CPU only
 set -euo pipefail
@@ -179,14 +184,27 @@ fi
 # 4. cmake configure (once) + build the libraries and tools we need
 # ---------------------------------------------------------------------------------------------
 # the runtime: what the wheel carries
-RUNTIME_LIBS=(llama ggml ggml-base ggml-cpu ggml-rpc mtmd llama-common deco-speculative llama-quantize-impl)
-RUNTIME_TOOLS=(llama-quantize llama-imatrix ggml-rpc-server)
+RUNTIME_LIBS=(llama ggml ggml-base ggml-cpu ggml-rpc mtmd llama-common deco-speculative llama-quantize-impl llama-server-impl)
+RUNTIME_TOOLS=(llama-quantize llama-imatrix ggml-rpc-server llama-server)
 TARGETS=("${RUNTIME_LIBS[@]}" "${RUNTIME_TOOLS[@]}")
 if [ "$WHEEL_ONLY" = 0 ]; then
-    TARGETS+=(llama-cli llama-server llama-perplexity llama-bench test-backend-ops test-llama-archs test-save-load-state)
+    TARGETS+=(llama-cli llama-perplexity llama-bench test-backend-ops test-llama-archs test-save-load-state)
     # our own test tools, present only in the patched tree
     if [ "$APPLY_PATCHES" = 1 ] && [ -f "$LLAMA/tests/test-deco-ffn.cpp" ]; then TARGETS+=(test-deco-ffn test-deco-placement bench-deco-ffn test-deco-draft-length); fi
 fi
+
+# llama.cpp's web chat (tools/ui, a SvelteKit app): upstream's build runs `npm ci` and `npm run build` in
+# .deps/build/tools/ui and embeds the result in llama-server (scripts/ui-assets.cmake), skipping both while the
+# UI's sources are older than its last output. Without Node.js the server answers the API only.
+if [ -z "${DECO_WEB_UI:-}" ]; then
+    DECO_WEB_UI=OFF
+    if command -v npm >/dev/null && node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' 2>/dev/null; then
+        DECO_WEB_UI=ON
+    fi
+fi
+[ "$DECO_WEB_UI" = ON ] || log "no Node.js >= 18 with npm: llama-server is built without the web chat (API only)"
+export npm_config_cache="${npm_config_cache:-$HOME/.npm}" npm_config_prefer_offline=true \
+    npm_config_audit=false npm_config_fund=false npm_config_update_notifier=false
 
 CMAKE_ARGS_DECO=(
     -DCMAKE_BUILD_TYPE=Release
@@ -207,7 +225,8 @@ CMAKE_ARGS_DECO=(
     -DLLAMA_BUILD_SERVER=ON
     -DLLAMA_BUILD_EXAMPLES=OFF
     -DLLAMA_BUILD_APP=OFF
-    -DLLAMA_BUILD_UI=OFF
+    "-DLLAMA_BUILD_UI=$DECO_WEB_UI"
+    # no prebuilt UI downloaded from a model hub: built from the pinned source or none
     -DLLAMA_USE_PREBUILT_UI=OFF
     -DLLAMA_CURL=OFF
     -DLLAMA_OPENSSL=OFF
@@ -228,9 +247,23 @@ if [ ! -f "$BUILD/CMakeCache.txt" ] || [ "$(cat "$BUILD/.deco-configured" 2>/dev
         >"$DEPS/cmake-configure.log" 2>&1 || { cat "$DEPS/cmake-configure.log" >&2; exit 1; }
     echo "$CONFIG_STAMP" > "$BUILD/.deco-configured"
 fi
+# the web chat as built before from the same UI sources (any build folder, this machine): upstream's build skips
+# npm when its output is newer than the sources, so a fresh build folder (CI, `pip install` of the sdist) reuses it
+UI_DIST="$BUILD/tools/ui/dist"
+UI_CACHE="$HOME/.cache/deco-gguf/web-ui/$(git -C "$LLAMA" rev-parse HEAD:tools/ui)"
+if [ "$DECO_WEB_UI" = ON ] && [ ! -f "$UI_DIST/index.html" ] && [ -f "$UI_CACHE/index.html" ]; then
+    mkdir -p "$UI_DIST"
+    cp -r "$UI_CACHE/." "$UI_DIST/"
+fi
 log "building: ${TARGETS[*]} (-j$JOBS)"
 cmake --build "$BUILD" --target "${TARGETS[@]}" -j "$JOBS" >"$DEPS/cmake-build.log" 2>&1 \
     || { tail -n 80 "$DEPS/cmake-build.log" >&2; echo "build failed, full log: $DEPS/cmake-build.log" >&2; exit 1; }
+if [ "$DECO_WEB_UI" = ON ] && [ -f "$UI_DIST/index.html" ] && [ ! -f "$UI_CACHE/index.html" ]; then
+    mkdir -p "$UI_CACHE.part" && cp -r "$UI_DIST/." "$UI_CACHE.part/" && mv "$UI_CACHE.part" "$UI_CACHE"
+fi
+if [ "$DECO_WEB_UI" = ON ] && ! grep -q "define LLAMA_UI_HAS_ASSETS 1" "$BUILD/tools/ui/ui.h"; then
+    log "warning: the web chat did not build (npm's output: $DEPS/cmake-build.log); llama-server answers the API only"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 5. the runtime wheel: llama-cpp-python's Python package with our libraries and tools in llama_cpp/lib
@@ -248,6 +281,8 @@ for tool in "${RUNTIME_TOOLS[@]}"; do cp "$BUILD/bin/$tool" "$STAGE/llama_cpp/li
 import json, re, sys
 from pathlib import Path
 out, src, build, version, patched, patches = sys.argv[1:]
+ui_header = Path(build) / "tools" / "ui" / "ui.h"
+web_ui = ui_header.is_file() and "#define LLAMA_UI_HAS_ASSETS 1" in ui_header.read_text()
 changelog = (Path(src) / "CHANGELOG.md").read_text(encoding="utf-8")
 section = changelog.split(f"## [{version}]", 1)[-1].split("## [", 1)[0]
 commit = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
@@ -259,6 +294,7 @@ json.dump({
     "patches": sorted(p.name for p in Path(patches).glob("patches/*.patch")) if patched == "1" else [],
     "patch_set": stamp[:12] if patched == "1" else None,
     "cmake": {k: cache.get(k) for k in ("CMAKE_BUILD_TYPE", "GGML_NATIVE", "GGML_CUDA", "CMAKE_CUDA_ARCHITECTURES", "GGML_RPC")},
+    "web_ui": web_ui,
 }, open(out, "w"), indent=2)
 EOF
 PAYLOAD="$( (cd "$STAGE/llama_cpp/lib" && sha256sum -- *) | sha256sum | cut -c1-12)"

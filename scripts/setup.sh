@@ -23,6 +23,14 @@ echo "    (first time: about 5 minutes on 2 cores; log in .deps/cmake-build.log)
 echo "==> building the tools the tests and benchmarks run (.deps/build/bin)"
 bash scripts/build-runtime.sh
 
+# The browser tests/test_web_chat.py drives (the web chat of `deco-gguf serve`): Debian's chromium and its driver.
+if ! command -v chromedriver >/dev/null; then
+    echo "==> installing chromium and chromium-driver for the web-chat test (apt-get)"
+    SUDO=(); [ "$(id -u)" = 0 ] || SUDO=(sudo)
+    { "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq \
+        chromium chromium-driver >/dev/null; } || echo "warning: chromium was not installed (tests/test_web_chat.py needs it)" >&2
+fi
+
 # The bundled model's corpus (public-domain KJV from Debian): its held-out split is what perplexity
 # is measured on. apt-get download needs the package lists; fill them once if they are empty.
 echo "==> fetching the bundled model's corpus"

@@ -77,6 +77,7 @@ WITHOUT_RUNTIME = (
         ["speed"],
         ["quantize", "OUT", "Q4_0"],
         ["info", "--measure", "TEXT"],
+        ["serve"],
     ],
 )
 def test_runtime_commands_without_the_runtime_say_how_to_get_it(command, tmp_path):

@@ -1,17 +1,20 @@
 """`pip install` of the sdist into a new virtual environment builds and installs the patched runtime
 (build_backend/deco_build.py): the installed package reports the patches, runs llama.cpp's tools and
-chats as this checkout does."""
+chats and serves as this checkout does."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+from llama_server import Served, post  # tests/llama_server.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,5 +58,17 @@ def test_pip_install_of_the_sdist_builds_and_installs_the_patched_runtime(tmp_pa
     model = tmp_path / "tiny-q4.gguf"
     run(installed, "convert", REPO / "models" / "deco-tiny", "-o", tmp_path / "tiny.gguf")
     run(installed, "quantize", tmp_path / "tiny.gguf", model, "Q4_0")
-    chat = ["chat", model, "-p", "And God said", "--temp", "0", "--max-tokens", "24"]
-    assert run(installed, *chat) == run(sys.executable, "-m", "deco_gguf.cli", *chat)
+    chat = ["chat", model, "-p", "And God said", "--temp", "0", "--max-tokens", "24", "--threads", "1"]
+    reply = run(installed, *chat)
+    assert reply == run(sys.executable, "-m", "deco_gguf.cli", *chat)
+
+    # and llama-server, for `deco-gguf serve`: the same greedy reply through its API, the web chat at /
+    with Served(str(model), "--threads", "1", command=str(installed)) as served:
+        answer = post(
+            served.url + "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "And God said"}], "temperature": 0, "max_tokens": 24},
+        )
+        page = urllib.request.Request(served.url + "/", headers={"Accept-Encoding": "gzip"})  # served compressed
+        with urllib.request.urlopen(page, timeout=30) as r:
+            assert b"<html" in gzip.decompress(r.read())[:2000].lower()
+    assert answer["choices"][0]["message"]["content"] == reply.removesuffix("\n")
