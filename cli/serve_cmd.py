@@ -8,8 +8,10 @@ import typer
 
 from .app import app, check_threads, console, err_console, friendly_errors
 from .options import (
+    CacheType,
     DraftPath,
     EvalMode,
+    KvCache,
     Lookup,
     ModelPath,
     RpcLayers,
@@ -62,6 +64,7 @@ def serve(
     ctx: SlotContext = None,
     threads: Threads = None,
     mode: ServeMode = EvalMode.sparse,
+    cache_type: CacheType = KvCache.f16,
     draft: DraftPath = None,
     lookup: Lookup = False,
     draft_max: ServeDraftMax = None,
@@ -98,6 +101,7 @@ def serve(
         slot_context=ctx,
         threads=threads,
         mode=mode.value,
+        kv_cache=cache_type.value,
         draft=speculation.draft if speculation else None,
         lookup=lookup,
         draft_max=draft_max,

@@ -41,10 +41,11 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     return target, draft
 
 
-def chat_reply(model: Path, question: str) -> str:
+def chat_reply(model: Path, question: str, *options: str) -> str:
     """`deco-gguf chat`'s greedy reply: the same chat template, another implementation of the conversation."""
     r = subprocess.run(
-        [sys.executable, "-m", "deco_gguf.cli", "chat", model, "-p", question, "--temp", "0", "-n", str(N), "-t", "1"],
+        [sys.executable, "-m", "deco_gguf.cli", "chat", model, "-p", question, "--temp", "0", "-n", str(N), "-t", "1"]
+        + list(options),
         capture_output=True,
         text=True,
         timeout=120,
@@ -53,11 +54,13 @@ def chat_reply(model: Path, question: str) -> str:
     return r.stdout.removesuffix("\n")
 
 
-def test_openai_client_streams_the_greedy_reply(models):
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
+def test_openai_client_streams_the_greedy_reply(models, cache_type):
+    """The served reply, whole and streamed, is `chat`'s with the same KV cache type."""
     openai = pytest.importorskip("openai")
     target, _ = models
-    expected = chat_reply(target, QUESTION)
-    with Served(str(target), "--threads", "1", "--parallel", "2") as served:
+    expected = chat_reply(target, QUESTION, "--cache-type", cache_type)
+    with Served(str(target), "--threads", "1", "--parallel", "2", "--cache-type", cache_type) as served:
         client = openai.OpenAI(base_url=served.url + "/v1", api_key="none")
         request = dict(model="deco-tiny", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=N)
         whole = client.chat.completions.create(**request)

@@ -49,6 +49,7 @@ class ServerOptions:
     slot_context: int | None = None  # tokens per slot; None: the trained context, at most DEFAULT_SLOT_CONTEXT
     threads: int | None = None
     mode: str = "sparse"
+    kv_cache: str = "f16"  # the KV cache's element type (native.KV_CACHE_TYPES), K and V
     draft: Path | None = None  # a draft model's GGUF
     lookup: bool = False  # n-gram lookup (llama.cpp's ngram-simple)
     draft_max: int | None = None  # None: DEFAULT_DRAFT_MAX
@@ -69,7 +70,7 @@ def server_args(options: ServerOptions, trained_context: int) -> list[str]:
     args = [str(tool("llama-server")), "--model", str(options.model), "--host", options.host]
     args += ["--port", str(options.port), "--parallel", str(options.parallel)]
     args += ["--ctx-size", str(slot_context * options.parallel), "--threads", threads, "--threads-batch", threads]
-    args += ["--metrics", "--slots"]
+    args += ["--cache-type-k", options.kv_cache, "--cache-type-v", options.kv_cache, "--metrics", "--slots"]
     draft_max = str(options.draft_max or DEFAULT_DRAFT_MAX)  # as chat's (llama-server's: 3 drafted, 48 looked up)
     if options.draft is not None:
         args += [
