@@ -514,6 +514,14 @@ int main(int argc, char ** argv) {
         }
     }
 
+    // repacked K-quant experts (up rows of 1280: 5 super-blocks) in batches of 1 to 17 tokens
+    if (deco_repack_accepts(GGML_TYPE_Q4_K, 1280, 256, 12)) {
+        for (int64_t T : {1, 2, 3, 5, 8, 16, 17}) {
+            cases.push_back({GGML_TYPE_Q4_K, 1280, 256, 12, T, GGML_DECO_ACT_NORM_SILU, T == 3, GGML_DECO_ROUTER_RELU,
+                             GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0, true});
+        }
+    }
+
     int n_ok = 0, n_fail = 0;
     for (const auto & c : cases) {
         (run_case(c, n_threads) ? n_ok : n_fail)++;
@@ -528,12 +536,13 @@ int main(int argc, char ** argv) {
             (run_case(c, nt) ? n_ok : n_fail)++;
         }
     }
-    for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_IQ4_NL }) {
-        if (!deco_repack_accepts(t, 256, 64, 1)) continue;
+    for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_IQ4_NL, GGML_TYPE_Q4_K }) {
+        const int64_t k = t == GGML_TYPE_Q4_K ? 1280 : 256; // K-quants: the DECO-0.5B width, 5 super-blocks
+        if (!deco_repack_accepts(t, k, t == GGML_TYPE_Q4_K ? 256 : 64, 1)) continue;
         for (int64_t n = 1; n <= 17; ++n) {
-            (run_mul_mat_case(t, 256, 96, n, n_threads) ? n_ok : n_fail)++;
+            (run_mul_mat_case(t, k, 96, n, n_threads) ? n_ok : n_fail)++;
         }
-        (run_mul_mat_case(t, 256, 96, 33, n_threads) ? n_ok : n_fail)++;
+        (run_mul_mat_case(t, k, 96, 33, n_threads) ? n_ok : n_fail)++;
     }
     for (int64_t n = 1; n <= 17; ++n) {
         (run_q6_K_mul_mat_case(512, 80, n, n_threads) ? n_ok : n_fail)++;

@@ -18,6 +18,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define GGML_SMALL_BATCH_Q4_0_8X8 1
 #define GGML_SMALL_BATCH_Q6_K     1
+#define GGML_SMALL_BATCH_Q4_K_8X8 1
 
 #ifdef __cplusplus
 extern "C" {
@@ -26,6 +27,10 @@ extern "C" {
 // s[v * bs + r] = row r of vx (block_q4_0x8, interleave 8) . row v of vy (block_q8_0), for r < nc, v < n_vec;
 // n: row length (a multiple of 32), nc: a multiple of 8, n_vec <= GGML_SMALL_BATCH_MAX
 void ggml_gemm_q4_0_8x8_q8_0_small(int n, float * s, size_t bs, const void * vx, const void * vy, int n_vec, int nc);
+
+// s[v * bs + r] = row r of vx (block_q4_Kx8, interleave 8) . row v of vy (block_q8_K), for r < nc, v < n_vec;
+// n: row length (a multiple of 256), nc: a multiple of 8, n_vec <= GGML_SMALL_BATCH_MAX
+void ggml_gemm_q4_K_8x8_q8_K_small(int n, float * s, size_t bs, const void * vx, const void * vy, int n_vec, int nc);
 
 // s[v * bs + r] = row r of vx (block_q6_K, rows bx bytes apart) . row v of vy (block_q8_K, rows by bytes apart),
 // for r < nr, v < n_vec; n: row length (a multiple of 256), n_vec <= GGML_SMALL_BATCH_MAX
