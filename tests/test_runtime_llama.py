@@ -334,6 +334,12 @@ def test_backend_ops_deco_cases_on_cpu():
     assert _backend_ops_on_cpu("-o", "DECO_MOE") >= 160  # every case ran (169 today)
 
 
+def test_small_batch_k_quant_mul_mat_against_the_reference_path():
+    """Upstream's MUL_MAT cases of Q5_K and Q6_K weights (2-16 columns go through the small-batch kernels of
+    ggml-cpu/small-batch.cpp) against the CPU backend's reference path, which keeps ggml's vec_dot."""
+    assert _backend_ops_on_cpu("-o", "MUL_MAT", "-p", "type_a=q(5|6)_K") >= 42  # 42 today
+
+
 # the cases of ggml_patches/tests/test-backend-ops-fa-decode.inc (and upstream's of the same lengths and rows)
 FA_DECODE_CASES = r"kv=(512|517|545|601|1024|1031|1500|2000|2053|3001|4096|8192),nb=(1|2|3|4|16),"
 

@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(GGML_SMALL_BATCH_Q4_0_8X8) || defined(GGML_SMALL_BATCH_Q6_K) || defined(GGML_SMALL_BATCH_Q4_K_8X8)
+#if defined(GGML_SMALL_BATCH_Q4_0_8X8)
 #include <immintrin.h>
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -240,6 +240,82 @@ template <int NT> struct gemm_q4_K_8x8_q8_K_nt {
     }
 };
 
+// NT vectors against nr rows of Q5_K. A block's qs byte 32j + i holds the low 4 bits of weights 64j + i (low nibble)
+// and 64j + 32 + i (high nibble), qh byte i their 5th bits (bits 2j and 2j + 1). Unpacked as unsigned 0..31 into
+// four registers q[j] (weights 64j .. 64j + 63: sub-blocks 2j, 2j + 1), each is dotted with the matching 64 quants
+// of the vector by one dpbusd (lane l: weights 64j + 4l .. +3, |sum| <= 4 * 31 * 128, an int16), and, as for Q6_K
+// below, two such registers packed to int16 are multiplied by their sub-blocks' scales and summed in pairs by one
+// madd. The mins (w = d * scale * q - dmin * min) are the vector's sums over groups of 16 (bsums) times the mins.
+template <int NT> struct gemm_q5_K_q8_K_nt {
+    static void run(int nb, float * s, size_t bs, const char * vx, size_t bx, const char * vy, size_t by, int nr) {
+        const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+        const __m512i fifth_bit   = _mm512_set1_epi8(0x10);
+        // the sub-block (scale index) of each int16 of packs(q[0] dot, q[1] dot): in 128-bit lane L, 4 x sub-block
+        // L / 2 then 4 x 2 + L / 2 (packs(q[2] dot, q[3] dot): 4 more)
+        const __m512i groups_01 = _mm512_set_epi16(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1,
+                                                   2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
+        const __m512i groups_23 = _mm512_add_epi16(groups_01, _mm512_set1_epi16(4));
+        // the mins of each bsum (16 weights): min b / 2, taken from the upper 8 of the 16 unpacked bytes
+        const __m256i min_of_bsum = _mm256_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+
+        for (int r = 0; r < nr; ++r) {
+            const block_q5_K * w = (const block_q5_K *) (vx + r * bx);
+            for (size_t line = 0; line < bx; line += 64) {
+                _mm_prefetch(vx + (r + 4) * bx + line, _MM_HINT_T0);
+            }
+            __m512 acc[NT];
+            for (int v = 0; v < NT; ++v) {
+                acc[v] = _mm512_setzero_ps();
+            }
+            for (int b = 0; b < nb; ++b) {
+                // the 8 scales then the 8 mins, unpacked from 12 bytes as ggml's Q4_K/Q5_K dot products do
+                uint32_t u[4];
+                memcpy(u, w[b].scales, 12);
+                u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+                const uint32_t mins_lo = u[1] & 0x3f3f3f3f;
+                u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+                u[2] = mins_lo;
+                u[0] &= 0x3f3f3f3f;
+                const __m256i scales_mins = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *) u));
+                const __m512i scales_01 = _mm512_permutexvar_epi16(groups_01, _mm512_castsi256_si512(scales_mins));
+                const __m512i scales_23 = _mm512_permutexvar_epi16(groups_23, _mm512_castsi256_si512(scales_mins));
+                const __m256i mins      = _mm256_permutexvar_epi16(min_of_bsum, scales_mins);
+                const float d    = GGML_CPU_FP16_TO_FP32(w[b].GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.d);
+                const float dmin = GGML_CPU_FP16_TO_FP32(w[b].GGML_COMMON_AGGR_U.GGML_COMMON_AGGR_S.dmin);
+
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) w[b].qh));
+                __m512i q[4];
+                for (int j = 0; j < 4; ++j) {
+                    const __m256i bytes = _mm256_loadu_si256((const __m256i *) (w[b].qs + 32 * j));
+                    const __m512i nibbles = _mm512_and_si512(
+                        _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1), low_nibbles);
+                    // the 5th bit: qh bit 2j for the low half (weights 64j .. +31), 2j + 1 for the high half
+                    const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char) (1 << (2 * j))),
+                                                           _mm256_set1_epi8((char) (1 << (2 * j + 1))), 1);
+                    q[j] = _mm512_mask_add_epi8(nibbles, _mm512_test_epi8_mask(qh, bit), nibbles, fifth_bit);
+                }
+                #pragma GCC unroll 8 // the accumulators stay in registers
+                for (int v = 0; v < NT; ++v) {
+                    const block_q8_K & x = ((const block_q8_K *) (vy + v * by))[b];
+                    __m512i dot[4];
+                    for (int j = 0; j < 4; ++j) {
+                        dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[j], _mm512_loadu_si512(x.qs + 64 * j));
+                    }
+                    const __m512i sum = _mm512_add_epi32(_mm512_madd_epi16(_mm512_packs_epi32(dot[0], dot[1]), scales_01),
+                                                         _mm512_madd_epi16(_mm512_packs_epi32(dot[2], dot[3]), scales_23));
+                    const __m256i min_sum = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *) x.bsums));
+                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * x.d), acc[v]);
+                    acc[v] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_zextsi256_si512(min_sum)), _mm512_set1_ps(dmin * x.d),
+                                              acc[v]);
+                }
+            }
+            for (int v = 0; v < NT; ++v) {
+                s[v * bs + r] = _mm512_reduce_add_ps(acc[v]);
+            }
+        }
+    }
+};
+
 // NT vectors against nr rows of Q6_K. In each half (128 weights) of a block, the weights 0-63 are the low nibbles
 // of ql[0, 64) with bits 4-5 from qh[0, 32) >> 0 (bytes 0-31) and >> 2 (bytes 32-63); the weights 64-127 the high
 // nibbles with qh >> 4 and >> 6. Unpacked as unsigned 0..63 into four registers q[c] (weights 64c..64c+63), each is
@@ -337,19 +413,40 @@ void ggml_gemm_q4_K_8x8_q8_K_small(int n, float * s, size_t bs, const void * vx,
     }
 }
 
-void ggml_gemm_q6_K_q8_K_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
-                               int n_vec, int nr) {
+// n_vec vectors against nr plain rows, 16 rows at a time, at most 8 vectors per pass (their accumulators stay in
+// registers); more in a second pass over the same 16 rows, which are then in cache
+template <template <int> class F>
+void gemm_plain_rows(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int n_vec,
+                     int nr) {
     GGML_ASSERT(n % QK_K == 0 && n_vec >= 1 && n_vec <= GGML_SMALL_BATCH_MAX);
     const int nb = n / QK_K;
-    // at most 8 vectors per pass (their accumulators stay in registers); more in a second pass over the same 16
-    // rows, which are then in cache
     for (int r0 = 0; r0 < nr; r0 += 16) {
         for (int v0 = 0; v0 < n_vec; v0 += 8) {
-            dispatch<gemm_q6_K_q8_K_nt>(std::min(8, n_vec - v0), std::make_integer_sequence<int, 8>{}, nb, s + v0 * bs + r0,
-                                        bs, (const char *) vx + r0 * bx, bx, (const char *) vy + v0 * by, by,
-                                        std::min(16, nr - r0));
+            dispatch<F>(std::min(8, n_vec - v0), std::make_integer_sequence<int, 8>{}, nb, s + v0 * bs + r0, bs,
+                        (const char *) vx + r0 * bx, bx, (const char *) vy + v0 * by, by, std::min(16, nr - r0));
         }
     }
 }
 
+void ggml_gemm_q5_K_q8_K_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
+                               int n_vec, int nr) {
+    gemm_plain_rows<gemm_q5_K_q8_K_nt>(n, s, bs, vx, bx, vy, by, n_vec, nr);
+}
+
+void ggml_gemm_q6_K_q8_K_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
+                               int n_vec, int nr) {
+    gemm_plain_rows<gemm_q6_K_q8_K_nt>(n, s, bs, vx, bx, vy, by, n_vec, nr);
+}
 #endif
+
+ggml_small_batch_rows_t ggml_small_batch_rows_kernel(enum ggml_type type) {
+    switch (type) {
+#if defined(GGML_SMALL_BATCH_Q5_K)
+        case GGML_TYPE_Q5_K: return ggml_gemm_q5_K_q8_K_small;
+#endif
+#if defined(GGML_SMALL_BATCH_Q6_K)
+        case GGML_TYPE_Q6_K: return ggml_gemm_q6_K_q8_K_small;
+#endif
+        default:             return nullptr;
+    }
+}
