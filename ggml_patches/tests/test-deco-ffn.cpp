@@ -403,21 +403,22 @@ bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_
     return ok;
 }
 
-// ggml_mul_mat of n vectors with Q6_K weights against the type's vec_dot called for every row and vector
-bool run_q6_K_mul_mat_case(int64_t k, int64_t rows, int64_t n, int n_threads) {
+// ggml_mul_mat of n vectors with weights of a plain type (Q5_K, Q6_K: small-batch kernels from 2 vectors) against
+// the type's vec_dot called for every row and vector
+bool run_plain_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_threads) {
     std::mt19937 rng(7 + (unsigned) n);
-    ggml_context * ctx = mul_mat_context(k, rows, n, n_threads, ggml_row_size(GGML_TYPE_Q6_K, k) * rows);
-    ggml_tensor * w = ggml_new_tensor_2d(ctx, GGML_TYPE_Q6_K, k, rows);
+    ggml_context * ctx = mul_mat_context(k, rows, n, n_threads, ggml_row_size(type, k) * rows);
+    ggml_tensor * w = ggml_new_tensor_2d(ctx, type, k, rows);
     ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, n);
     std::uniform_real_distribution<float> U(-1.0f, 1.0f);
     std::vector<float> row(k);
     for (int64_t r = 0; r < rows; ++r) {
         for (auto & v : row) v = U(rng) / sqrtf((float) k);
-        ggml_quantize_chunk(GGML_TYPE_Q6_K, row.data(), (char *) w->data + r * w->nb[1], 0, 1, k, nullptr);
+        ggml_quantize_chunk(type, row.data(), (char *) w->data + r * w->nb[1], 0, 1, k, nullptr);
     }
     for (int64_t i = 0; i < k * n; ++i) ((float *) x->data)[i] = U(rng);
 
-    const auto * tr = ggml_get_type_traits_cpu(GGML_TYPE_Q6_K);
+    const auto * tr = ggml_get_type_traits_cpu(type);
     std::vector<float> want(rows * n);
     for (int64_t v = 0; v < n; ++v) {
         const std::vector<uint8_t> q = quantize_row(tr->vec_dot_type, (const float *) x->data + v * k, k);
@@ -425,7 +426,7 @@ bool run_q6_K_mul_mat_case(int64_t k, int64_t rows, int64_t n, int n_threads) {
             tr->vec_dot((int) k, &want[v * rows + r], 0, (const char *) w->data + r * w->nb[1], 0, q.data(), 0, 1);
         }
     }
-    const bool ok = check_product(describe_mul_mat("q6_K", k, rows, n), mul_mat_on_cpu(ctx, w, x, n_threads), want);
+    const bool ok = check_product(describe_mul_mat(ggml_type_name(type), k, rows, n), mul_mat_on_cpu(ctx, w, x, n_threads), want);
     ggml_free(ctx);
     return ok;
 }
@@ -514,6 +515,17 @@ int main(int argc, char ** argv) {
         }
     }
 
+    // K-quant experts (up rows of 1280: 5 super-blocks) in batches of 1 to 17 tokens: repacked Q4_K, plain Q5_K
+    // and Q6_K (the small-batch kernels from 2 tokens on)
+    for (ggml_type t : { GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K }) {
+        const bool repacked = t == GGML_TYPE_Q4_K;
+        if (repacked && !deco_repack_accepts(t, 1280, 256, 12)) continue;
+        for (int64_t T : {1, 2, 3, 5, 8, 16, 17}) {
+            cases.push_back({t, 1280, 256, 12, T, GGML_DECO_ACT_NORM_SILU, T == 3, GGML_DECO_ROUTER_RELU,
+                             GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, 0, repacked});
+        }
+    }
+
     int n_ok = 0, n_fail = 0;
     for (const auto & c : cases) {
         (run_case(c, n_threads) ? n_ok : n_fail)++;
@@ -528,17 +540,20 @@ int main(int argc, char ** argv) {
             (run_case(c, nt) ? n_ok : n_fail)++;
         }
     }
-    for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_IQ4_NL }) {
-        if (!deco_repack_accepts(t, 256, 64, 1)) continue;
+    for (ggml_type t : { GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_IQ4_NL, GGML_TYPE_Q4_K }) {
+        const int64_t k = t == GGML_TYPE_Q4_K ? 1280 : 256; // K-quants: the DECO-0.5B width, 5 super-blocks
+        if (!deco_repack_accepts(t, k, t == GGML_TYPE_Q4_K ? 256 : 64, 1)) continue;
         for (int64_t n = 1; n <= 17; ++n) {
-            (run_mul_mat_case(t, 256, 96, n, n_threads) ? n_ok : n_fail)++;
+            (run_mul_mat_case(t, k, 96, n, n_threads) ? n_ok : n_fail)++;
         }
-        (run_mul_mat_case(t, 256, 96, 33, n_threads) ? n_ok : n_fail)++;
+        (run_mul_mat_case(t, k, 96, 33, n_threads) ? n_ok : n_fail)++;
     }
-    for (int64_t n = 1; n <= 17; ++n) {
-        (run_q6_K_mul_mat_case(512, 80, n, n_threads) ? n_ok : n_fail)++;
+    for (ggml_type t : { GGML_TYPE_Q6_K, GGML_TYPE_Q5_K }) {
+        for (int64_t n = 1; n <= 17; ++n) {
+            (run_plain_mul_mat_case(t, t == GGML_TYPE_Q5_K ? 1280 : 512, 80, n, n_threads) ? n_ok : n_fail)++;
+        }
+        (run_plain_mul_mat_case(t, 512, 80, 33, n_threads) ? n_ok : n_fail)++;
     }
-    (run_q6_K_mul_mat_case(512, 80, 33, n_threads) ? n_ok : n_fail)++;
     printf("test-deco-ffn: %d passed, %d failed (repacked weights:%s)\n", n_ok, n_fail,
            repacked_types.empty() ? " none on this CPU" : repacked_types.c_str());
     return n_fail == 0 ? 0 : 1;

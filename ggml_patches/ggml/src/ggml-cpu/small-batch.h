@@ -15,9 +15,27 @@
 
 #define GGML_SMALL_BATCH_MAX 16
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// A small-batch kernel of plain rows (not repacked): s[v * bs + r] = row r of vx (rows bx bytes apart) . row v of vy
+// (rows of the type's vec_dot type, by bytes apart), for r < nr, v < n_vec <= GGML_SMALL_BATCH_MAX.
+typedef void (*ggml_small_batch_rows_t)(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy,
+                                        size_t by, int n_vec, int nr);
+
+// the kernel of this weight type on this CPU (Q5_K, Q6_K with AVX-512 VNNI), NULL where there is none
+ggml_small_batch_rows_t ggml_small_batch_rows_kernel(enum ggml_type type);
+
+#ifdef __cplusplus
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define GGML_SMALL_BATCH_Q4_0_8X8 1
 #define GGML_SMALL_BATCH_Q6_K     1
+#define GGML_SMALL_BATCH_Q4_K_8X8 1
+#define GGML_SMALL_BATCH_Q5_K     1
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +45,18 @@ extern "C" {
 // n: row length (a multiple of 32), nc: a multiple of 8, n_vec <= GGML_SMALL_BATCH_MAX
 void ggml_gemm_q4_0_8x8_q8_0_small(int n, float * s, size_t bs, const void * vx, const void * vy, int n_vec, int nc);
 
+// s[v * bs + r] = row r of vx (block_q4_Kx8, interleave 8) . row v of vy (block_q8_K), for r < nc, v < n_vec;
+// n: row length (a multiple of 256), nc: a multiple of 8, n_vec <= GGML_SMALL_BATCH_MAX
+void ggml_gemm_q4_K_8x8_q8_K_small(int n, float * s, size_t bs, const void * vx, const void * vy, int n_vec, int nc);
+
 // s[v * bs + r] = row r of vx (block_q6_K, rows bx bytes apart) . row v of vy (block_q8_K, rows by bytes apart),
 // for r < nr, v < n_vec; n: row length (a multiple of 256), n_vec <= GGML_SMALL_BATCH_MAX
 void ggml_gemm_q6_K_q8_K_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
+                               int n_vec, int nr);
+
+// s[v * bs + r] = row r of vx (block_q5_K, rows bx bytes apart) . row v of vy (block_q8_K, rows by bytes apart),
+// for r < nr, v < n_vec; n: row length (a multiple of 256), n_vec <= GGML_SMALL_BATCH_MAX
+void ggml_gemm_q5_K_q8_K_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
                                int n_vec, int nr);
 
 #ifdef __cplusplus
