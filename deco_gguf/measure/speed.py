@@ -138,18 +138,25 @@ def measure(
     model = Path(model)
     n_ctx = depths[-1] + pp + tg + 16
     n_batch = min(pp, MAX_BATCH)
+    most_threads = max(threads)  # a DECO runtime's thread pool has this many; each run asks for its own count
     benches: list[_Bench] = []
     try:
         for mode in modes:
             rt = DecoRuntime(
-                model, n_ctx=n_ctx, n_threads=threads[0], n_batch=n_batch, mode=mode, kv_cache=kv_cache, offload=offload
+                model,
+                n_ctx=n_ctx,
+                n_threads=most_threads,
+                n_batch=n_batch,
+                mode=mode,
+                kv_cache=kv_cache,
+                offload=offload,
             )
             benches.append(_Bench("deco", mode, rt.llm, rt))
         info = benches[0].rt.info
         tokens = _tokens(benches[0].llm, text or DEFAULT_TEXT, depths[-1] + max(pp, tg))
         eq = eq_bytes = None
         if vs_dense:
-            eq, bench = _dense_eq_bench(model, info, n_ctx, threads[0], n_batch, kv_cache, offload, on_status)
+            eq, bench = _dense_eq_bench(model, info, n_ctx, most_threads, n_batch, kv_cache, offload, on_status)
             benches.append(bench)
             eq_bytes = file_weight_bytes(eq.path).dense
         runs = _Runs(benches, threads, depths, warmup, repetitions, on_step)
