@@ -59,10 +59,10 @@ class _Bench:
     """One loaded model (a DECO runtime in one mode, or the dense_eq Llama) and its timed runs, each from the
     context that `fill` put into its KV cache."""
 
-    def __init__(self, label: str, mode: str, llm, runtime=None):
+    def __init__(self, label: str, mode: str, llm, runtime=None, pool=None):
         import llama_cpp
 
-        self.label, self.mode, self.llm, self.rt = label, mode, llm, runtime
+        self.label, self.mode, self.llm, self.rt, self.pool = label, mode, llm, runtime, pool
         self.ctx, self.api = llm.ctx, llama_cpp
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.depth = 0
@@ -110,6 +110,8 @@ class _Bench:
 
     def close(self) -> None:
         (self.rt or self.llm).close()
+        if self.pool is not None:
+            self.pool.close()  # after the context that used it
 
 
 def measure(
@@ -209,8 +211,10 @@ def _checked_settings(
 
 
 def _dense_eq_bench(model: Path, info, n_ctx: int, threads: int, n_batch: int, kv_cache: str, offload, on_status):
-    """dense_eq for `model` (built once into the cache) and a bench of it."""
+    """dense_eq for `model` (built once into the cache) and a bench of it, with a thread pool of its own as every
+    DECO runtime has (without one, ggml starts and joins its threads for every graph)."""
     from ..runtime.context import load_llama
+    from ..runtime.native import ThreadPool
     from ..support.cache import cache_root
 
     eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
@@ -223,7 +227,9 @@ def _dense_eq_bench(model: Path, info, n_ctx: int, threads: int, n_batch: int, k
         seed=0,
         n_gpu_layers=offload.n_gpu_layers,
     )
-    return eq, _Bench("dense_eq", "dense", llm)
+    pool = ThreadPool(threads)
+    pool.attach(llm.ctx)
+    return eq, _Bench("dense_eq", "dense", llm, pool=pool)
 
 
 class _Runs:
