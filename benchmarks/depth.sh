@@ -28,18 +28,7 @@ mkdir -p "$OUT"
 
 source benchmarks/fixture-model.sh
 model=$(fixture_model "$OUT" "$SHAPE" "$TYPE")
-dense_eq=$(python - "$model" <<'PY'
-import sys
-from pathlib import Path
-
-from deco_gguf.measure.dense_eq import build_dense_eq
-from deco_gguf.model.gguf_file import read_gguf
-from deco_gguf.support.cache import cache_root
-
-model = Path(sys.argv[1])
-print(build_dense_eq(model, read_gguf(model), cache_root() / "dense-eq", lambda s: print(s, file=sys.stderr)).path)
-PY
-)
+dense_eq=$(python -m deco_gguf.measure.dense_eq "$model")
 
 # one table row per llama-bench run (its JSON on stdin), the header before the first
 row_of_json=$(cat <<'PY'

@@ -34,15 +34,14 @@ python - "$MODEL" "$CLIENTS" "$ROUNDS" "$PROMPT" "$GEN" "$THREADS" <<'EOF'
 import json, re, socket, statistics, sys, threading, time, urllib.request
 from pathlib import Path
 
-from deco_gguf.measure.dense_eq import build_dense_eq
+from deco_gguf.measure.dense_eq import cached_dense_eq
 from deco_gguf.model.gguf_file import read_gguf
 from deco_gguf.runtime.server import Server, ServerOptions, server_args
-from deco_gguf.support.cache import cache_root
 from deco_gguf.training.corpus import load_corpus
 
 model, clients, (rounds, prompt_len, gen, threads) = sys.argv[1], [int(n) for n in sys.argv[2].split(",")], map(int, sys.argv[3:])
 info = read_gguf(Path(model))
-dense = build_dense_eq(Path(model), info, cache_root() / "dense-eq", lambda s: print(s, file=sys.stderr)).path
+dense = cached_dense_eq(Path(model), info, lambda s: print(s, file=sys.stderr)).path
 slots = max(clients)
 
 

@@ -128,6 +128,14 @@ def dense_eq_plan(info) -> tuple[int, int, int, dict[str, str], dict[str, str]]:
     return ff, fixed + 3 * d * ff * layers, deco_n, types, substituted
 
 
+def cached_dense_eq(deco_path: Path, info, on_status: Callable[[str], None] | None = None) -> DenseEq:
+    """build_dense_eq into the user's cache (~/.cache/deco-gguf/dense-eq), where `speed --vs-dense` and the
+    benchmarks keep it."""
+    from ..support.cache import cache_root
+
+    return build_dense_eq(deco_path, info, cache_root() / "dense-eq", on_status)
+
+
 def build_dense_eq(deco_path: Path, info, cache_dir: Path, on_status: Callable[[str], None] | None = None) -> DenseEq:
     """The dense_eq GGUF for the DECO GGUF `deco_path` (cached by its shapes and types)."""
     c = info.config
@@ -230,3 +238,12 @@ def _add_metadata(writer, reader, deco_path: Path, c, ff: int) -> None:
         if key.startswith("tokenizer."):
             sub = fld.types[1] if len(fld.types) > 1 else None
             writer.add_key_value(key, fld.contents(), fld.types[0], sub)
+
+
+if __name__ == "__main__":  # python -m deco_gguf.measure.dense_eq MODEL: the path of its cached dense_eq
+    import sys
+
+    from ..model.gguf_file import read_gguf
+
+    deco = Path(sys.argv[1])
+    print(cached_dense_eq(deco, read_gguf(deco), lambda s: print(s, file=sys.stderr)).path)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..runtime.rpc import Offload
 from ..support.errors import DecoError
-from .dense_eq import build_dense_eq
+from .dense_eq import cached_dense_eq
 from .speed_report import Series, SpeedReport, file_weight_bytes, kv_bytes_per_position, weight_bytes
 
 # Ordinary English prose (written for this benchmark), repeated as needed.
@@ -215,9 +215,8 @@ def _dense_eq_bench(model: Path, info, n_ctx: int, threads: int, n_batch: int, k
     DECO runtime has (without one, ggml starts and joins its threads for every graph)."""
     from ..runtime.context import load_llama
     from ..runtime.native import ThreadPool
-    from ..support.cache import cache_root
 
-    eq = build_dense_eq(model, info, cache_root() / "dense-eq", on_status)
+    eq = cached_dense_eq(model, info, on_status)
     llm = load_llama(
         eq.path,
         n_ctx=n_ctx,
