@@ -33,17 +33,20 @@ import statistics, sys, time
 from pathlib import Path
 
 import llama_cpp
-from deco_gguf.support.cache import cache_root
 from deco_gguf.runtime.context import DecoRuntime, load_llama
-from deco_gguf.measure.dense_eq import build_dense_eq
+from deco_gguf.runtime.native import ThreadPool
+from deco_gguf.measure.dense_eq import cached_dense_eq
 
 model, threads, batches, rounds, logits = sys.argv[1:]
 threads = [int(t) for t in threads.split()]
 batches = [int(k) for k in batches.split(",")]
 n_ctx = max(batches) + 16
-deco = DecoRuntime(model, n_ctx=n_ctx, n_threads=threads[0], n_batch=max(batches), mode="sparse")
-eq_path = build_dense_eq(Path(model), deco.info, cache_root() / "dense-eq", lambda s: print(s, file=sys.stderr)).path
-eq = load_llama(eq_path, n_ctx=n_ctx, n_threads=threads[0], n_batch=max(batches), seed=0)
+# thread pools as large as the largest thread count (each run asks for its own), the dense model's as DECO's
+deco = DecoRuntime(model, n_ctx=n_ctx, n_threads=max(threads), n_batch=max(batches), mode="sparse")
+eq_path = cached_dense_eq(Path(model), deco.info, lambda s: print(s, file=sys.stderr)).path
+eq = load_llama(eq_path, n_ctx=n_ctx, n_threads=max(threads), n_batch=max(batches), seed=0)
+eq_pool = ThreadPool(max(threads))
+eq_pool.attach(eq.ctx)
 models = {"DECO": deco.llm, "dense_eq": eq}
 tokens = deco.llm.tokenize(b" In the beginning God created the heaven and the earth." * 4)[:max(batches)]
 
@@ -86,5 +89,6 @@ for th in threads:
         print(f"{th:>7} {k:>3} {d:>8.1f} {e:>8.1f} {d / med[('DECO', th, 1)]:>12.2f} "
               f"{e / med[('dense_eq', th, 1)]:>13.2f} {d / e:>13.2f}")
 eq.close()
+eq_pool.close()  # after the context that used it
 deco.close()
 EOF
