@@ -25,28 +25,15 @@ from .options import (
 from .speed_tables import print_speculative, print_speed
 
 
-def _thread_list(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
+def _counts(value: str, option: str, minimum: int, example: str) -> list[int]:
+    """The distinct whole numbers of a comma-separated option, in increasing order; each at least `minimum`."""
     try:
         counts = [int(v) for v in value.replace(" ", "").split(",") if v]
     except ValueError:
-        raise DecoError(f"--threads {value!r}: expected counts separated by commas, e.g. 1,2") from None
-    if not counts or min(counts) < 1:
-        raise DecoError(f"--threads {value!r}: every count must be at least 1")
+        raise DecoError(f"{option} {value!r}: expected whole numbers separated by commas, e.g. {example}") from None
+    if not counts or min(counts) < minimum:
+        raise DecoError(f"{option} {value!r}: every number must be at least {minimum}")
     return sorted(set(counts))
-
-
-def _depth_list(value: str | None) -> list[int]:
-    if value is None:
-        return [0]
-    try:
-        depths = [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise DecoError(f"--depth {value!r}: expected token counts separated by commas, e.g. 0,1024,4096") from None
-    if not depths or min(depths) < 0:
-        raise DecoError(f"--depth {value!r}: every depth must be at least 0")
-    return sorted(set(depths))
 
 
 def _rates(value: str | None) -> tuple[float, ...]:
@@ -181,8 +168,8 @@ def speed(
     """
     from ..support.cache import resolve_model
 
-    counts = _thread_list(threads)
-    depths = _depth_list(depth)
+    counts = _counts(threads, "--threads", 1, "1,2") if threads is not None else None
+    depths = _counts(depth, "--depth", 0, "0,1024,4096") if depth is not None else [0]
     check_threads(*(counts or []))
     offload = offload_of(rpc, n_gpu_layers)
     if plot_file is not None and not plot_file.parent.is_dir():
