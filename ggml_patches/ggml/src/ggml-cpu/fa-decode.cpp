@@ -4,14 +4,19 @@
 // attention is a stream over the K and V caches: its speed is the speed at which they are read. Here:
 //   - the KV range is split evenly over the threads (all threads busy at any head count); each thread reads
 //     its positions once for all heads and query rows, in tiles of TILE positions;
-//   - per tile, the scores of every query (row, head) come from the K rows in memory order (every KV head of a
-//     position, shared by the heads of its GQA group); one softmax step per query for the whole tile
-//     (vectorised exp); the V rows are added with their weights into an F32 accumulator;
-//   - F16 caches are read with F16 -> F32 loads straight into the dot products and, per query, into an
-//     accumulator held in registers across the tile (the tile's V rows asked for in memory order while the
-//     scores are computed); Q8_0 caches the same way for V (int8 -> F32 loads, the block scale folded into the
-//     weight), their K rows through ggml's Q8_0 dot product with q quantized as upstream's path does; other
-//     types go through their own vec_dot and to_float, a V row converted once for all the queries that read it;
+//   - per tile, the scores of every query (row, head) from the K rows (every KV head of a position shared by the
+//     heads of its GQA group); one softmax step per query for the whole tile (vectorised exp); the V rows added
+//     with their weights into an F32 accumulator;
+//   - F16 caches: q and the accumulators in F32 registers, the cache read with F16 -> F32 loads; a query's scores
+//     come a register width of positions at a time, one accumulator per position and their lanes summed
+//     together (no horizontal sum per position); its V rows are added into an accumulator held in registers
+//     across the tile, in two independent chains. Q8_0 caches read V the same way (int8 -> F32 loads, the block
+//     scale folded into the weight), their K rows through ggml's Q8_0 dot product with q quantized as
+//     upstream's path does; other types go through their own vec_dot and to_float, a V row converted once for
+//     all the queries that read it;
+//   - while a tile is computed, the next tile's K and V rows are asked for (software prefetch into L2), spread
+//     over the loops that read the current ones: alone, the hardware prefetchers leave a single thread reading
+//     the cache at about half the memory's speed;
 //   - each thread leaves per query a partial softmax state (max M, sum S, accumulator); after one barrier the
 //     threads merge the partials of disjoint queries, rescaled to their common max, and normalise.
 // The math is upstream's (online softmax, https://arxiv.org/abs/2112.05682): scores = scale * K.q (or
@@ -36,6 +41,20 @@ constexpr int64_t MAX_ROWS = 16;  // query rows this path takes: decode, verific
 constexpr int64_t MIN_KV   = 512; // positions from which it pays: shorter caches are read faster by query row
 constexpr size_t  ALIGN    = 64;
 
+// a cache line of the next tile, asked for into L2 (not L1, which the current tile's rows fill)
+#if defined(__GNUC__)
+#define FA_PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#else
+#define FA_PREFETCH(p) ((void) (p))
+#endif
+
+inline void fa_prefetch_bytes(const char * p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) {
+        FA_PREFETCH(p + b);
+    }
+    FA_PREFETCH(p + n - 1);
+}
+
 // F16 caches (the default) are read with F16 -> F32 loads straight into the dot products and the V accumulation,
 // q and the accumulators in F32 registers; Q8_0 V rows with FA_I8_LOAD (GGML_F32_EPR int8 values as F32); other
 // types go through their vec_dot and to_float
@@ -43,6 +62,23 @@ constexpr size_t  ALIGN    = 64;
 #define FA_F16_LOAD(p) GGML_F32Cx16_LOAD(p)
 #define FA_I8_LOAD(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (p))))
 inline float fa_hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+// lane j of the result: the sum of the lanes of v[j], for all 16 at once (pairs of neighbours, then of pairs, ...)
+inline __m512 fa_hsums(const __m512 * v) {
+    __m512 pairs[8], quads[4], halves[2];
+    for (int j = 0; j < 8; ++j) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of v[2j] = a, v[2j+1] = b
+        pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2*j], v[2*j + 1]), _mm512_unpackhi_ps(v[2*j], v[2*j + 1]));
+    }
+    for (int j = 0; j < 4; ++j) {  // per 128-bit lane: that lane's sums of v[4j .. 4j+3]
+        const __m512d a = _mm512_castps_pd(pairs[2*j]), b = _mm512_castps_pd(pairs[2*j + 1]);
+        quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int j = 0; j < 2; ++j) {  // 128-bit lanes: quads[2j]'s lanes 0+1, 2+3, then quads[2j+1]'s
+        halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2*j], quads[2*j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2*j], quads[2*j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define FA_F16_LOAD(p) GGML_F32Cx8_LOAD(p)
 #define FA_I8_LOAD(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (p))))
@@ -50,6 +86,12 @@ inline float fa_hsum(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+// lane j of the result: the sum of the lanes of v[j], for all 8 at once
+inline __m256 fa_hsums(const __m256 * v) {
+    const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // per 128-bit half
+    const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 #elif defined(__ARM_NEON) && defined(__ARM_FP16_FORMAT_IEEE) && !defined(__ARM_FEATURE_SVE)
 #define FA_F16_LOAD(p) vcvt_f32_f16(vld1_f16((const __fp16 *) (p)))
@@ -60,6 +102,10 @@ inline float32x4_t fa_i8_load(const int8_t * p) {
 }
 #define FA_I8_LOAD(p) fa_i8_load(p)
 inline float fa_hsum(float32x4_t v) { return vaddvq_f32(v); }
+// lane j of the result: the sum of the lanes of v[j]
+inline float32x4_t fa_hsums(const float32x4_t * v) {
+    return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3]));
+}
 #endif
 
 #ifdef FA_F16_LOAD
@@ -77,36 +123,69 @@ inline float fa_dot_f16(const float * q, const ggml_fp16_t * k, int64_t n) {
     return fa_hsum(GGML_F32_VEC_ADD(GGML_F32_VEC_ADD(s0, s1), GGML_F32_VEC_ADD(s2, s3)));
 }
 
+// lane j of the result: q . k_j for the GGML_F32_EPR F16 rows k_j `stride` bytes apart, n a multiple of
+// GGML_F32_EPR: one accumulator per row, their lanes summed together at the end; the rows `ahead` bytes further
+// asked for (none: 0)
+inline GGML_F32_VEC fa_dots_f16(const float * q, const char * k, size_t stride, int64_t n, size_t ahead) {
+    GGML_F32_VEC acc[GGML_F32_EPR];
+    for (int j = 0; j < GGML_F32_EPR; ++j) {
+        acc[j] = GGML_F32_VEC_ZERO;
+    }
+    for (int64_t i = 0; i < n; i += GGML_F32_EPR) {
+        const GGML_F32_VEC qi = GGML_F32_VEC_LOAD(q + i);
+        if (ahead && (i*sizeof(ggml_fp16_t)) % 64 == 0) {
+            for (int j = 0; j < GGML_F32_EPR; ++j) {
+                FA_PREFETCH(k + j*stride + ahead + i*sizeof(ggml_fp16_t));
+            }
+        }
+        for (int j = 0; j < GGML_F32_EPR; ++j) {
+            acc[j] = GGML_F32_VEC_FMA(acc[j], FA_F16_LOAD((const ggml_fp16_t *) (k + j*stride) + i), qi);
+        }
+    }
+    return fa_hsums(acc);
+}
+
 // acc[0, n) += sum_j weights[j] * rows[j][0, n): F16 rows `stride` bytes apart, the accumulator in registers
-// F16_BLOCK values at a time
+// F16_BLOCK values at a time, twice (even and odd rows: two independent chains of multiply-adds); a row of weight 0
+// (a masked position) is not read; the rows `ahead` bytes further asked for (none: 0)
 inline void fa_mad_f16_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows,
-                            int64_t n) {
+                            int64_t n, size_t ahead) {
     for (int64_t i = 0; i < n; i += F16_BLOCK) {
-        GGML_F32_VEC a0 = GGML_F32_VEC_LOAD(acc + i + 0*GGML_F32_EPR);
-        GGML_F32_VEC a1 = GGML_F32_VEC_LOAD(acc + i + 1*GGML_F32_EPR);
-        GGML_F32_VEC a2 = GGML_F32_VEC_LOAD(acc + i + 2*GGML_F32_EPR);
-        GGML_F32_VEC a3 = GGML_F32_VEC_LOAD(acc + i + 3*GGML_F32_EPR);
-        for (int64_t j = 0; j < n_rows; ++j) {
+        GGML_F32_VEC a[2][4];
+        for (int k = 0; k < 4; ++k) {
+            a[0][k] = GGML_F32_VEC_LOAD(acc + i + k*GGML_F32_EPR);
+            a[1][k] = GGML_F32_VEC_ZERO;
+        }
+        const auto add_row = [&](GGML_F32_VEC * chain, int64_t j) {
             if (weights[j] == 0.0f) {
-                continue;
+                return;
             }
             const GGML_F32_VEC w = GGML_F32_VEC_SET1(weights[j]);
             const ggml_fp16_t * v = (const ggml_fp16_t *) (rows + j*stride) + i;
-            a0 = GGML_F32_VEC_FMA(a0, FA_F16_LOAD(v + 0*GGML_F32_EPR), w);
-            a1 = GGML_F32_VEC_FMA(a1, FA_F16_LOAD(v + 1*GGML_F32_EPR), w);
-            a2 = GGML_F32_VEC_FMA(a2, FA_F16_LOAD(v + 2*GGML_F32_EPR), w);
-            a3 = GGML_F32_VEC_FMA(a3, FA_F16_LOAD(v + 3*GGML_F32_EPR), w);
+            if (ahead) {
+                fa_prefetch_bytes((const char *) v + ahead, F16_BLOCK*sizeof(ggml_fp16_t));
+            }
+            for (int k = 0; k < 4; ++k) {
+                chain[k] = GGML_F32_VEC_FMA(chain[k], FA_F16_LOAD(v + k*GGML_F32_EPR), w);
+            }
+        };
+        int64_t j = 0;
+        for (; j + 1 < n_rows; j += 2) {
+            add_row(a[0], j);
+            add_row(a[1], j + 1);
         }
-        GGML_F32_VEC_STORE(acc + i + 0*GGML_F32_EPR, a0);
-        GGML_F32_VEC_STORE(acc + i + 1*GGML_F32_EPR, a1);
-        GGML_F32_VEC_STORE(acc + i + 2*GGML_F32_EPR, a2);
-        GGML_F32_VEC_STORE(acc + i + 3*GGML_F32_EPR, a3);
+        if (j < n_rows) {
+            add_row(a[0], j);
+        }
+        for (int k = 0; k < 4; ++k) {
+            GGML_F32_VEC_STORE(acc + i + k*GGML_F32_EPR, GGML_F32_VEC_ADD(a[0][k], a[1][k]));
+        }
     }
 }
 
 // the same for Q8_0 rows: int8 -> F32 loads, each block's scale folded into the row's weight
 inline void fa_mad_q8_0_rows(float * acc, const char * rows, size_t stride, const float * weights, int64_t n_rows,
-                             int64_t n) {
+                             int64_t n, size_t ahead) {
     for (int64_t i = 0; i < n; i += F16_BLOCK) {
         GGML_F32_VEC a[4];
         for (int k = 0; k < 4; ++k) {
@@ -115,6 +194,10 @@ inline void fa_mad_q8_0_rows(float * acc, const char * rows, size_t stride, cons
         for (int64_t j = 0; j < n_rows; ++j) {
             if (weights[j] == 0.0f) {
                 continue;
+            }
+            if (ahead) {
+                const block_q8_0 * blocks = (const block_q8_0 *) (rows + j*stride) + i / QK8_0;
+                fa_prefetch_bytes((const char *) blocks + ahead, F16_BLOCK / QK8_0 * sizeof(block_q8_0));
             }
             for (int k = 0; k < 4; ++k) {
                 const int64_t at = i + k*GGML_F32_EPR;
@@ -246,23 +329,24 @@ const ggml_fp16_t * fa_mask_row(const fa_args & a, int64_t row, int64_t head) {
     return (const ggml_fp16_t *) ((const char *) a.mask->data + row*a.mask->nb[1] + (head % a.mask->ne[2])*a.mask->nb[2]);
 }
 
+// a score from K.q and its bias (slope * mask); -inf for a masked position, whatever its K row holds
+inline float fa_score(const fa_args & a, float dot, float bias) {
+    if (bias == -INFINITY) {
+        return -INFINITY;
+    }
+    return (a.softcap != 0.0f ? a.softcap * tanhf(dot * a.scale / a.softcap) : dot * a.scale) + bias;
+}
+
 // the scores of every query against positions [t0, t0 + n), K read in memory order (all KV heads of a position);
-// a masked position gets -inf without reading its K row (the cache is padded well past the used positions)
-void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
+// a masked position gets -inf without reading its K row (the cache is padded well past the used positions); the
+// K rows `ahead` positions further asked for (none: 0)
+void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n, int64_t ahead) {
     const int64_t group = a.n_head / a.n_head_kv;
-    const int64_t v_row_bytes = ggml_row_size(a.v->type, a.DV);
     for (int64_t j = 0; j < n; ++j) {
         const char * k_pos = (const char *) a.k->data + (t0 + j)*a.k->nb[1];
-#if defined(FA_F16_LOAD) && defined(__GNUC__)
-        if (a.f16 || a.q8_0) {  // fa_tile_values_in_registers reads V by head: ask for the rows in memory order now
-            const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
-            for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
-                for (int64_t b = 0; b < v_row_bytes; b += 64) {
-                    __builtin_prefetch(v_pos + hk*a.v->nb[2] + b);
-                }
-            }
+        for (int64_t hk = 0; ahead && hk < a.n_head_kv; ++hk) {
+            fa_prefetch_bytes(k_pos + ahead*a.k->nb[1] + hk*a.k->nb[2], ggml_row_size(a.k->type, a.DK));
         }
-#endif
         for (int64_t head = 0; head < a.n_head; ++head) {
             const char * k_row = k_pos + (head / group)*a.k->nb[2];
             const float slope = fa_slope(a, head);
@@ -270,21 +354,55 @@ void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int
                 const int64_t query = row * a.n_head + head;
                 const ggml_fp16_t * mask = fa_mask_row(a, row, head);
                 const float bias = mask ? slope * GGML_CPU_FP16_TO_FP32(mask[t0 + j]) : 0.0f;
-                float s = -INFINITY;
+                float dot = 0.0f;
                 if (bias != -INFINITY) {
-#ifdef FA_F16_LOAD
-                    if (a.f16) {
-                        s = fa_dot_f16((const float *) (w.q + query*a.q_row_size), (const ggml_fp16_t *) k_row, a.DK);
-                    } else
-#endif
-                    a.k_dot(a.DK, &s, 0, k_row, 0, w.q + query*a.q_row_size, 0, 1);
-                    s = (a.softcap != 0.0f ? a.softcap * tanhf(s * a.scale / a.softcap) : s * a.scale) + bias;
+                    a.k_dot(a.DK, &dot, 0, k_row, 0, w.q + query*a.q_row_size, 0, 1);
                 }
-                w.scores[query*TILE + j] = s;
+                w.scores[query*TILE + j] = fa_score(a, dot, bias);
             }
         }
     }
 }
+
+#ifdef FA_F16_LOAD
+// F16 K: per query, the scores of GGML_F32_EPR positions at a time (fa_dots_f16), all-masked groups not read;
+// the K rows `ahead` positions further asked for (none: 0), by the first query of each KV head
+void fa_tile_scores_f16(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n, int64_t ahead) {
+    const int64_t group = a.n_head / a.n_head_kv;
+    const size_t stride = a.k->nb[1];
+    float bias[TILE];
+    for (int64_t head = 0; head < a.n_head; ++head) {
+        const char * k_rows = (const char *) a.k->data + t0*stride + (head / group)*a.k->nb[2];
+        const float slope = fa_slope(a, head);
+        for (int64_t row = 0; row < a.n_rows; ++row) {
+            const int64_t query = row * a.n_head + head;
+            const size_t ahead_bytes = row == 0 && head % group == 0 ? ahead*stride : 0;
+            const float * q = (const float *) (w.q + query*a.q_row_size);
+            float * scores = w.scores + query*TILE;
+            const ggml_fp16_t * mask = fa_mask_row(a, row, head);
+            if (mask) {
+                ggml_cpu_fp16_to_fp32(mask + t0, bias, n);
+            } else {
+                std::fill(bias, bias + n, 0.0f);
+            }
+            int64_t j = 0;
+            for (; j + GGML_F32_EPR <= n; j += GGML_F32_EPR) {
+                if (!std::all_of(bias + j, bias + j + GGML_F32_EPR, [](float b) { return b == -INFINITY; })) {
+                    GGML_F32_VEC_STORE(scores + j, fa_dots_f16(q, k_rows + j*stride, stride, a.DK, ahead_bytes));
+                }
+            }
+            for (; j < n; ++j) {
+                if (bias[j] != -INFINITY) {
+                    scores[j] = fa_dot_f16(q, (const ggml_fp16_t *) (k_rows + j*stride), a.DK);
+                }
+            }
+            for (j = 0; j < n; ++j) {
+                scores[j] = fa_score(a, scores[j], slope * bias[j]);
+            }
+        }
+    }
+}
+#endif
 
 // one softmax step per query: its partial state rescaled to the tile's max, the scores turned into weights
 void fa_tile_weights(const fa_args & a, const fa_thread_work & w, int64_t n) {
@@ -312,13 +430,16 @@ void fa_tile_weights(const fa_args & a, const fa_thread_work & w, int64_t n) {
 }
 
 // V rows of positions [t0, t0 + n) in memory order, each converted to F32 once and added into every query's
-// accumulator with its weight
-void fa_tile_values(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
+// accumulator with its weight; the V rows `ahead` positions further asked for (none: 0)
+void fa_tile_values(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n, int64_t ahead) {
     const int64_t group = a.n_head / a.n_head_kv;
     for (int64_t j = 0; j < n; ++j) {
         const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
         for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
             const char * v_row = v_pos + hk*a.v->nb[2];
+            if (ahead) {
+                fa_prefetch_bytes(v_row + ahead*a.v->nb[1], ggml_row_size(a.v->type, a.DV));
+            }
             const float * v = (const float *) v_row;
             if (a.v->type == GGML_TYPE_F16) {
                 ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) v_row, w.v_row, a.DV);
@@ -342,15 +463,18 @@ void fa_tile_values(const fa_args & a, const fa_thread_work & w, int64_t t0, int
 
 #ifdef FA_F16_LOAD
 // F16 or Q8_0 V rows of positions [t0, t0 + n) (`mad_rows` adds rows of that type): per query, the tile's rows of
-// its KV head added into its accumulator in registers
-template <void (*mad_rows)(float *, const char *, size_t, const float *, int64_t, int64_t)>
-void fa_tile_values_in_registers(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n) {
+// its KV head added into its accumulator in registers; the V rows `ahead` positions further asked for (none: 0), by
+// the first query of each KV head
+template <void (*mad_rows)(float *, const char *, size_t, const float *, int64_t, int64_t, size_t)>
+void fa_tile_values_in_registers(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n, int64_t ahead) {
     const int64_t group = a.n_head / a.n_head_kv;
+    const size_t stride = a.v->nb[1];
     for (int64_t head = 0; head < a.n_head; ++head) {
-        const char * rows = (const char *) a.v->data + t0*a.v->nb[1] + (head / group)*a.v->nb[2];
+        const char * rows = (const char *) a.v->data + t0*stride + (head / group)*a.v->nb[2];
         for (int64_t row = 0; row < a.n_rows; ++row) {
             const int64_t query = row * a.n_head + head;
-            mad_rows(w.partials + query*(2 + a.DV) + 2, rows, a.v->nb[1], w.scores + query*TILE, n, a.DV);
+            const size_t ahead_bytes = row == 0 && head % group == 0 ? ahead*stride : 0;
+            mad_rows(w.partials + query*(2 + a.DV) + 2, rows, stride, w.scores + query*TILE, n, a.DV, ahead_bytes);
         }
     }
 }
@@ -375,19 +499,24 @@ void fa_partials(const fa_args & a, const fa_thread_work & w, int64_t c0, int64_
     }
     for (int64_t t0 = c0; t0 < c1; t0 += TILE) {
         const int64_t n = std::min(TILE, c1 - t0);
-        fa_tile_scores(a, w, t0, n);
-        fa_tile_weights(a, w, n);
+        const int64_t ahead = c1 - t0 - n >= TILE ? TILE : 0;  // the next tile's rows are asked for when it is whole
 #ifdef FA_F16_LOAD
         if (a.f16) {
-            fa_tile_values_in_registers<fa_mad_f16_rows>(a, w, t0, n);
-            continue;
-        }
-        if (a.q8_0) {
-            fa_tile_values_in_registers<fa_mad_q8_0_rows>(a, w, t0, n);
+            fa_tile_scores_f16(a, w, t0, n, ahead);
+            fa_tile_weights(a, w, n);
+            fa_tile_values_in_registers<fa_mad_f16_rows>(a, w, t0, n, ahead);
             continue;
         }
 #endif
-        fa_tile_values(a, w, t0, n);
+        fa_tile_scores(a, w, t0, n, ahead);
+        fa_tile_weights(a, w, n);
+#ifdef FA_F16_LOAD
+        if (a.q8_0) {
+            fa_tile_values_in_registers<fa_mad_q8_0_rows>(a, w, t0, n, ahead);
+            continue;
+        }
+#endif
+        fa_tile_values(a, w, t0, n, ahead);
     }
 }
 
