@@ -349,9 +349,9 @@ FA_DECODE_CASES = r"kv=(517|545|601|1031|1500|2000|2053|3001|4096|8192),nb=(1|2|
 
 def test_flash_decoding_cases_against_the_reference_path():
     """FLASH_ATTN_EXT of 1-16 query rows over KV caches of chat depth (ggml-cpu/fa-decode.cpp: F16, Q8_0 and F32
-    caches, MHA and GQA, head sizes 64 and 128, lengths off its tile, sinks, ALiBi, a softcap) against the CPU
-    backend's reference path, as test-backend-ops compares them."""
-    assert _backend_ops_on_cpu("-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_CASES) == 94
+    caches, MHA and GQA, head sizes 64 and 128, lengths off its tile, sinks, ALiBi, a softcap, sparse masks)
+    against the CPU backend's reference path, as test-backend-ops compares them."""
+    assert _backend_ops_on_cpu("-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_CASES) == 96
 
 
 @pytest.mark.parametrize("kv_type, tol", [(0, 1e-4), (1, 2e-2)])  # F32, F16 caches
