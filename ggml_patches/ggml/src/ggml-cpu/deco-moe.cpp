@@ -712,10 +712,11 @@ struct deco_op {
         }
     }
 
-    // Each thread owns the output columns [i0, i1) of every token. Per expert: repacked W_down, the thread's
-    // columns of C_e by the repacked gemm; otherwise C_e[n x d] = V_e . W_down_e^T by gemm (all threads), a
-    // barrier, then each thread adds its columns (C alternates between two buffers, so one barrier per expert);
-    // without a gemm, vec_dot on the owned columns.
+    // Each thread owns the output columns [i0, i1) of every token. Per expert: repacked W_down, or in a small batch
+    // plain rows of a type with a small-batch kernel, the thread's columns of C_e by that product (no barrier; the
+    // whole batch, since its buffer is the gemm's); otherwise C_e[n x d] = V_e . W_down_e^T by gemm (all threads), a barrier, then each
+    // thread adds its columns (C alternates between two buffers, so one barrier per expert); without a gemm,
+    // vec_dot on the owned columns.
     void batch_down(const batch_scratch & work) const {
         const auto [i0, i1] = thread_rows(d, down_row_unit, ith, nth);
         for (int64_t t = 0; t < T; ++t) {
@@ -726,7 +727,7 @@ struct deco_op {
             const int64_t n = work.n_pairs(e);
             if (n == 0) continue;
             const char * acts = work.act_conv + work.first_pair[e] * s.act_row;
-            if (w_down.repacked) {
+            if (w_down.repacked || (w_down.small_batch && T <= GGML_SMALL_BATCH_MAX)) {
                 float * own = work.down_out[0] + T * i0; // this thread's columns: n x (i1 - i0)
                 w_down.mul_rows(e, i0, i1, acts, n, s.act_row, own, i1 - i0);
                 add_to_outputs(work, e, own, i1 - i0, i0, i1);
