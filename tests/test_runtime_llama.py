@@ -335,10 +335,11 @@ def test_backend_ops_deco_cases_on_cpu():
     assert _backend_ops_on_cpu("-o", "DECO_MOE") >= 181  # every case ran: 169 small, 12 at real shapes
 
 
-def test_small_batch_k_quant_mul_mat_against_the_reference_path():
-    """Upstream's MUL_MAT cases of Q5_K and Q6_K weights (2-16 columns go through the small-batch kernels of
-    ggml-cpu/small-batch.cpp) against the CPU backend's reference path, which keeps ggml's vec_dot."""
-    assert _backend_ops_on_cpu("-o", "MUL_MAT", "-p", "type_a=q(5|6)_K") >= 42  # 42 today
+def test_small_batch_plain_row_mul_mat_against_the_reference_path():
+    """Upstream's MUL_MAT cases of Q5_K, Q6_K, Q8_0, Q5_0 and Q5_1 weights (2-16 columns go through the plain-row
+    kernels of ggml-cpu/small-batch.cpp and small-batch-q8.cpp) against the CPU backend's reference path, which keeps
+    ggml's vec_dot."""
+    assert _backend_ops_on_cpu("-o", "MUL_MAT", "-p", "type_a=(q(5|6)_K|q8_0|q5_0|q5_1),") >= 120  # 120 today
 
 
 # the cases of ggml_patches/tests/test-backend-ops-fa-decode.inc at cache lengths upstream's short cases do not use

@@ -10,8 +10,10 @@
 //  - expert weights in the plain CPU buffer and in the CPU_REPACK buffer (interleaved rows, read by ggml's
 //    repacked gemv/gemm and the small-batch kernels) where the type has a repacked layout on this CPU
 //  - ggml_mul_mat of 1..17 and 33 vectors with weights in the CPU_REPACK buffer equals the same product with
-//    the weights in the plain buffer (ggml's vec_dot), and with Q6_K weights (the output head of a Q4_0 model)
-//    the Q6_K vec_dot called row by row: the dense matmuls of a verification batch
+//    the weights in the plain buffer (ggml's vec_dot), and with Q5_K / Q6_K weights (the output head of a Q4_0
+//    model) and Q8_0 / Q5_0 / Q5_1 weights (the presets' short rows) the type's vec_dot called row by row: the
+//    dense matmuls of a verification batch
+//  - the routed down projections of the K-quant presets: Q5_0 / Q5_1 / Q8_0 rows of 64 under K-quant up rows
 //
 // The reference emulates the op's activation quantization (x and v are rounded through the weights'
 // vec_dot_type), so the tolerances are tight. Usage: test-deco-ffn [-v] [n_threads]
@@ -46,12 +48,16 @@ struct case_params {
     ggml_deco_bias_mode bias;
     int logit_mode; // 0 mixed (some experts never active), 1 all inactive, 2 all active
     bool repacked;  // expert weights in the CPU_REPACK buffer
+    ggml_type down_type = GGML_TYPE_COUNT; // COUNT: `type` (as the presets give rows too short for it another)
+
+    ggml_type down() const { return down_type == GGML_TYPE_COUNT ? type : down_type; }
 };
 
 std::string describe(const case_params & c) {
     char buf[256];
-    snprintf(buf, sizeof(buf), "type=%s%s d=%lld De=%lld E=%lld T=%lld act=%d gated=%d ract=%d rnorm=%d%s bias=%d logits=%s",
-             ggml_type_name(c.type), c.repacked ? "(repacked)" : "", (long long) c.d, (long long) c.De, (long long) c.E,
+    snprintf(buf, sizeof(buf), "type=%s%s%s%s d=%lld De=%lld E=%lld T=%lld act=%d gated=%d ract=%d rnorm=%d%s bias=%d logits=%s",
+             ggml_type_name(c.type), c.repacked ? "(repacked)" : "", c.down() != c.type ? " down=" : "",
+             c.down() != c.type ? ggml_type_name(c.down()) : "", (long long) c.d, (long long) c.De, (long long) c.E,
              (long long) c.T, (int) c.act, (int) c.gated, (int) c.ract, (int) c.rnorm, c.scalar_scale ? "(scalar)" : "",
              (int) c.bias, c.logit_mode == 0 ? "mixed" : c.logit_mode == 1 ? "all-inactive" : "all-active");
     return buf;
@@ -68,6 +74,13 @@ std::vector<float> dequantize_row(ggml_type type, const void * q, int64_t n) {
     std::vector<float> x(n);
     if (type == GGML_TYPE_F32) {
         memcpy(x.data(), q, n * sizeof(float));
+    } else if (type == GGML_TYPE_Q8_1) {
+        // block_q8_1: ggml_half d, s; int8_t qs[32] (no to_float in the type traits either)
+        const char * b = (const char *) q;
+        for (int64_t i = 0; i < n; i += 32, b += ggml_type_size(GGML_TYPE_Q8_1)) {
+            ggml_fp16_t dh; memcpy(&dh, b, sizeof(dh));
+            for (int j = 0; j < 32; ++j) x[i + j] = ggml_fp16_to_fp32(dh) * (float) ((const int8_t *) (b + 4))[j];
+        }
     } else if (type == GGML_TYPE_Q8_K) {
         // block_q8_K: float d; int8_t qs[256]; int16_t bsums[16] (no to_float in the type traits)
         const char * b = (const char *) q;
@@ -167,7 +180,7 @@ bool run_case(const case_params & c, int n_threads) {
     expert_weight w_up, w_gate, w_down;
     w_up.t   = ggml_new_tensor_3d(ctx_w, c.type, c.d, c.De, c.E);
     w_gate.t = c.gated ? ggml_new_tensor_3d(ctx_w, c.type, c.d, c.De, c.E) : nullptr;
-    w_down.t = ggml_new_tensor_3d(ctx_w, c.type, c.De, c.d, c.E);
+    w_down.t = ggml_new_tensor_3d(ctx_w, c.down(), c.De, c.d, c.E);
     ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(
         ctx_w, c.repacked ? deco_repack_buffer_type() : ggml_backend_cpu_buffer_type());
     ggml_tensor * up   = w_up.t;
@@ -208,7 +221,7 @@ bool run_case(const case_params & c, int n_threads) {
 
     // ---- reference (double), emulating the op's rounding of x and v
     const ggml_type vdt_up   = ggml_get_type_traits_cpu(c.type)->vec_dot_type;
-    const ggml_type vdt_down = ggml_get_type_traits_cpu(c.type)->vec_dot_type;
+    const ggml_type vdt_down = ggml_get_type_traits_cpu(c.down())->vec_dot_type;
     std::vector<double> yref(c.d * c.T, 0.0);
     {
         std::vector<std::vector<float>> Wa(c.E * c.De), Wu(c.gated ? c.E * c.De : 0), Wd(c.E * c.d);
@@ -219,7 +232,7 @@ bool run_case(const case_params & c, int n_threads) {
                 if (gate) Wu[e * c.De + r] = dequantize_row(c.type, w_up.row(e, r), c.d);
             }
             for (int64_t i = 0; i < c.d; ++i) {
-                Wd[e * c.d + i] = dequantize_row(c.type, w_down.row(e, i), c.De);
+                Wd[e * c.d + i] = dequantize_row(c.down(), w_down.row(e, i), c.De);
             }
         }
         for (int64_t t = 0; t < c.T; ++t) {
@@ -403,8 +416,8 @@ bool run_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_
     return ok;
 }
 
-// ggml_mul_mat of n vectors with weights of a plain type (Q5_K, Q6_K: small-batch kernels from 2 vectors) against
-// the type's vec_dot called for every row and vector
+// ggml_mul_mat of n vectors with weights of a plain type (Q5_K, Q6_K, Q8_0, Q5_0, Q5_1: small-batch kernels from 2
+// vectors) against the type's vec_dot called for every row and vector
 bool run_plain_mul_mat_case(ggml_type type, int64_t k, int64_t rows, int64_t n, int n_threads) {
     std::mt19937 rng(7 + (unsigned) n);
     ggml_context * ctx = mul_mat_context(k, rows, n, n_threads, ggml_row_size(type, k) * rows);
@@ -515,6 +528,20 @@ int main(int argc, char ** argv) {
         }
     }
 
+    // the K-quant presets' expert layers at the DECO-0.5B width: up rows of 1280 in a K-quant, down rows of 64 in
+    // the type the preset falls back to (Q4_K_M: Q5_0 or Q8_0, Q5_K_M: Q5_1 or Q8_0, Q6_K: Q8_0), 1 to 17 tokens
+    for (const auto & [up, down] : { std::pair{ GGML_TYPE_Q5_K, GGML_TYPE_Q5_0 }, std::pair{ GGML_TYPE_Q5_K, GGML_TYPE_Q5_1 },
+                                     std::pair{ GGML_TYPE_Q6_K, GGML_TYPE_Q8_0 } }) {
+        for (int64_t T : {1, 2, 3, 5, 8, 16, 17}) {
+            for (int lm : {0, 2}) {
+                case_params c = {up, 1280, 64, 12, T, GGML_DECO_ACT_NORM_SILU, T == 3, GGML_DECO_ROUTER_RELU,
+                                 GGML_DECO_RNORM_SIMPLE, false, GGML_DECO_BIAS_NONE, lm, false};
+                c.down_type = down;
+                cases.push_back(c);
+            }
+        }
+    }
+
     // K-quant experts (up rows of 1280: 5 super-blocks) in batches of 1 to 17 tokens: repacked Q4_K, plain Q5_K
     // and Q6_K (the small-batch kernels from 2 tokens on)
     for (ggml_type t : { GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K }) {
@@ -553,6 +580,16 @@ int main(int argc, char ** argv) {
             (run_plain_mul_mat_case(t, t == GGML_TYPE_Q5_K ? 1280 : 512, 80, n, n_threads) ? n_ok : n_fail)++;
         }
         (run_plain_mul_mat_case(t, 512, 80, 33, n_threads) ? n_ok : n_fail)++;
+    }
+    // rows of 32-weight blocks: the presets' 64- and 128-wide down projections, an odd block count, the
+    // DECO-0.5B width; 83 rows (not a multiple of the kernel's 8)
+    for (ggml_type t : { GGML_TYPE_Q8_0, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1 }) {
+        for (int64_t k : { 64, 96, 128, 1280 }) {
+            for (int64_t n = 1; n <= 17; ++n) {
+                (run_plain_mul_mat_case(t, k, 83, n, n_threads) ? n_ok : n_fail)++;
+            }
+        }
+        (run_plain_mul_mat_case(t, 128, 83, 33, n_threads) ? n_ok : n_fail)++;
     }
     printf("test-deco-ffn: %d passed, %d failed (repacked weights:%s)\n", n_ok, n_fail,
            repacked_types.empty() ? " none on this CPU" : repacked_types.c_str());

@@ -263,18 +263,22 @@ void gather_segments(char * out, const char * const * experts, int64_t n_experts
 }
 
 // One expert weight tensor [k, rows, E] and how its rows are multiplied: ggml's repacked gemv/gemm or the
-// small-batch kernels for weights in the CPU_REPACK buffer (row ranges cover whole row groups); plain rows of
-// several vectors by the type's small-batch kernel where it has one (Q5_K, Q6_K), else vec_dot.
+// small-batch kernels for weights in the CPU_REPACK buffer (row ranges cover whole row groups); plain rows by the
+// type's small-batch kernel where it has one (small-batch.h), else vec_dot.
 struct expert_matrix {
     const ggml_tensor       * t           = nullptr;
     const product_traits    * repacked    = nullptr;
     ggml_vec_dot_t            vec_dot     = nullptr;
     ggml_small_batch_rows_t   small_batch = nullptr;
+    // the fewest vectors the kernel takes: K-quants 2 (for one, their vec_dot is faster), 32-weight blocks 1 (the
+    // 64/128-wide down rows are 2-4 blocks, which one vec_dot call per row and vector costs more than)
+    int64_t                   small_batch_from = 2;
 
     expert_matrix() = default;
     explicit expert_matrix(const ggml_tensor * t)
         : t(t), repacked(ggml_repack_product_traits(t)), vec_dot(ggml_get_type_traits_cpu(t->type)->vec_dot),
-          small_batch(repacked ? nullptr : ggml_small_batch_rows_kernel(t->type)) {}
+          small_batch(repacked ? nullptr : ggml_small_batch_rows_kernel(t->type)),
+          small_batch_from(ggml_blck_size(t->type) == 32 ? 1 : 2) {}
 
     const char * rows(int64_t e, int64_t r) const { return (const char *) t->data + e * t->nb[2] + r * t->nb[1]; }
     int64_t row_unit() const { return repacked ? repacked->row_group() : 1; } // 1 for an absent (ungated) up
@@ -299,7 +303,7 @@ struct expert_matrix {
             repacked->mul(k, rows(e, r0), r1 - r0, q, n, out, out_stride);
             return;
         }
-        if (small_batch && n >= 2 && n <= GGML_SMALL_BATCH_MAX) {
+        if (small_batch && n >= small_batch_from && n <= GGML_SMALL_BATCH_MAX) {
             small_batch((int) k, out, out_stride, rows(e, r0), t->nb[1], q, q_stride, (int) n, (int) (r1 - r0));
             return;
         }
@@ -712,10 +716,11 @@ struct deco_op {
         }
     }
 
-    // Each thread owns the output columns [i0, i1) of every token. Per expert: repacked W_down, the thread's
-    // columns of C_e by the repacked gemm; otherwise C_e[n x d] = V_e . W_down_e^T by gemm (all threads), a
-    // barrier, then each thread adds its columns (C alternates between two buffers, so one barrier per expert);
-    // without a gemm, vec_dot on the owned columns.
+    // Each thread owns the output columns [i0, i1) of every token. Per expert: repacked W_down, or in a small batch
+    // plain rows of a type with a small-batch kernel, the thread's columns of C_e by that product (no barrier; the
+    // whole batch, since its buffer is the gemm's); otherwise C_e[n x d] = V_e . W_down_e^T by gemm (all threads), a barrier, then each
+    // thread adds its columns (C alternates between two buffers, so one barrier per expert); without a gemm,
+    // vec_dot on the owned columns.
     void batch_down(const batch_scratch & work) const {
         const auto [i0, i1] = thread_rows(d, down_row_unit, ith, nth);
         for (int64_t t = 0; t < T; ++t) {
@@ -726,7 +731,7 @@ struct deco_op {
             const int64_t n = work.n_pairs(e);
             if (n == 0) continue;
             const char * acts = work.act_conv + work.first_pair[e] * s.act_row;
-            if (w_down.repacked) {
+            if (w_down.repacked || (w_down.small_batch && T <= GGML_SMALL_BATCH_MAX)) {
                 float * own = work.down_out[0] + T * i0; // this thread's columns: n x (i1 - i0)
                 w_down.mul_rows(e, i0, i1, acts, n, s.act_row, own, i1 - i0);
                 add_to_outputs(work, e, own, i1 - i0, i0, i1);

@@ -99,12 +99,6 @@ template <int NT> struct gemm_q4_0_8x8_q8_0_nt {
     }
 };
 
-// F<n>::run(args...), for 1 <= n <= sizeof...(NT)
-template <template <int> class F, int... NT, typename... Args>
-void dispatch(int n, std::integer_sequence<int, NT...>, Args... args) {
-    ((n == NT + 1 ? F<NT + 1>::run(args...) : void()), ...);
-}
-
 // The scales, mins and super-block scales of one block_q4_Kx8 (8 rows, 256 weights each), in the lane layouts of
 // gemm_q4_K_8x8_q8_K_nt below. A row's 6-bit scale and min of sub-block g come from the 12 bytes
 // scales[12g, 12g + 12), packed for the 8 rows as a block_q4_K packs its 8 sub-blocks.
@@ -392,7 +386,7 @@ void ggml_gemm_q4_0_8x8_q8_0_small(int n, float * s, size_t bs, const void * vx,
     const int nb = n / QK8_0;
     static thread_local q8_0_block_terms terms;
     terms.compute((const block_q8_0 *) vy, n_vec, nb);
-    dispatch<gemm_q4_0_8x8_q8_0_nt>(n_vec, std::make_integer_sequence<int, GGML_SMALL_BATCH_MAX>{}, nb, s, bs,
+    ggml_small_batch_dispatch<gemm_q4_0_8x8_q8_0_nt>(n_vec, std::make_integer_sequence<int, GGML_SMALL_BATCH_MAX>{}, nb, s, bs,
                                     (const block_q4_0x8 *) vx, (const block_q8_0 *) vy, terms.scale.data(),
                                     terms.offset.data(), nc);
 }
@@ -406,7 +400,7 @@ void ggml_gemm_q4_K_8x8_q8_K_small(int n, float * s, size_t bs, const void * vx,
     // 8 rows, then in cache
     for (int g = 0; g < nc / 8; ++g) {
         for (int v0 = 0; v0 < n_vec; v0 += 8) {
-            dispatch<gemm_q4_K_8x8_q8_K_nt>(std::min(8, n_vec - v0), std::make_integer_sequence<int, 8>{}, nb,
+            ggml_small_batch_dispatch<gemm_q4_K_8x8_q8_K_nt>(std::min(8, n_vec - v0), std::make_integer_sequence<int, 8>{}, nb,
                                             s + v0 * bs + 8 * g, bs, (const block_q4_Kx8 *) vx + (size_t) g * nb,
                                             (const block_q8_K *) vy + (size_t) v0 * nb, terms.sums.data() + 2 * v0 * nb);
         }
@@ -422,7 +416,7 @@ void gemm_plain_rows(int n, float * s, size_t bs, const void * vx, size_t bx, co
     const int nb = n / QK_K;
     for (int r0 = 0; r0 < nr; r0 += 16) {
         for (int v0 = 0; v0 < n_vec; v0 += 8) {
-            dispatch<F>(std::min(8, n_vec - v0), std::make_integer_sequence<int, 8>{}, nb, s + v0 * bs + r0, bs,
+            ggml_small_batch_dispatch<F>(std::min(8, n_vec - v0), std::make_integer_sequence<int, 8>{}, nb, s + v0 * bs + r0, bs,
                         (const char *) vx + r0 * bx, bx, (const char *) vy + v0 * by, by, std::min(16, nr - r0));
         }
     }
@@ -446,6 +440,11 @@ ggml_small_batch_rows_t ggml_small_batch_rows_kernel(enum ggml_type type) {
 #endif
 #if defined(GGML_SMALL_BATCH_Q6_K)
         case GGML_TYPE_Q6_K: return ggml_gemm_q6_K_q8_K_small;
+#endif
+#if defined(GGML_SMALL_BATCH_Q8_0)
+        case GGML_TYPE_Q8_0: return ggml_gemm_q8_0_q8_0_small;
+        case GGML_TYPE_Q5_0: return ggml_gemm_q5_0_q8_0_small;
+        case GGML_TYPE_Q5_1: return ggml_gemm_q5_1_q8_1_small;
 #endif
         default:             return nullptr;
     }

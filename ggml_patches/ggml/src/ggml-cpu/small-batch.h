@@ -24,10 +24,18 @@ extern "C" {
 typedef void (*ggml_small_batch_rows_t)(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy,
                                         size_t by, int n_vec, int nr);
 
-// the kernel of this weight type on this CPU (Q5_K, Q6_K with AVX-512 VNNI), NULL where there is none
+// the kernel of this weight type on this CPU (Q5_K, Q6_K, Q8_0, Q5_0, Q5_1 with AVX-512 VNNI), NULL where there is none
 ggml_small_batch_rows_t ggml_small_batch_rows_kernel(enum ggml_type type);
 
 #ifdef __cplusplus
+}
+
+#include <utility>
+
+// F<n>::run(args...), for 1 <= n <= sizeof...(NT): a kernel with its vector count as a compile-time constant
+template <template <int> class F, int... NT, typename... Args>
+void ggml_small_batch_dispatch(int n, std::integer_sequence<int, NT...>, Args... args) {
+    ((n == NT + 1 ? F<NT + 1>::run(args...) : void()), ...);
 }
 #endif
 
@@ -36,6 +44,9 @@ ggml_small_batch_rows_t ggml_small_batch_rows_kernel(enum ggml_type type);
 #define GGML_SMALL_BATCH_Q6_K     1
 #define GGML_SMALL_BATCH_Q4_K_8X8 1
 #define GGML_SMALL_BATCH_Q5_K     1
+#if defined(__AVX512VL__)
+#define GGML_SMALL_BATCH_Q8_0     1 // and Q5_0, Q5_1 (small-batch-q8.cpp)
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -57,6 +68,15 @@ void ggml_gemm_q6_K_q8_K_small(int n, float * s, size_t bs, const void * vx, siz
 // s[v * bs + r] = row r of vx (block_q5_K, rows bx bytes apart) . row v of vy (block_q8_K, rows by bytes apart),
 // for r < nr, v < n_vec; n: row length (a multiple of 256), n_vec <= GGML_SMALL_BATCH_MAX
 void ggml_gemm_q5_K_q8_K_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
+                               int n_vec, int nr);
+
+// the same for rows of 32-weight blocks (n a multiple of 32, any number of blocks): Q8_0 and Q5_0 rows against
+// block_q8_0 vectors, Q5_1 rows against block_q8_1 vectors (small-batch-q8.cpp)
+void ggml_gemm_q8_0_q8_0_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
+                               int n_vec, int nr);
+void ggml_gemm_q5_0_q8_0_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
+                               int n_vec, int nr);
+void ggml_gemm_q5_1_q8_1_small(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by,
                                int n_vec, int nr);
 
 #ifdef __cplusplus
