@@ -718,9 +718,9 @@ struct deco_op {
 
     // Each thread owns the output columns [i0, i1) of every token. Per expert: repacked W_down, or in a small batch
     // plain rows of a type with a small-batch kernel, the thread's columns of C_e by that product (no barrier; the
-    // whole batch, since its buffer is the gemm's); otherwise C_e[n x d] = V_e . W_down_e^T by gemm (all threads), a barrier, then each
-    // thread adds its columns (C alternates between two buffers, so one barrier per expert); without a gemm,
-    // vec_dot on the owned columns.
+    // whole batch, since its buffer is the gemm's); otherwise C_e[n x d] = V_e . W_down_e^T by gemm (all threads),
+    // a barrier, then each thread adds its columns (C alternates between two buffers, so one barrier per expert);
+    // without a gemm, vec_dot on the owned columns.
     void batch_down(const batch_scratch & work) const {
         const auto [i0, i1] = thread_rows(d, down_row_unit, ith, nth);
         for (int64_t t = 0; t < T; ++t) {
