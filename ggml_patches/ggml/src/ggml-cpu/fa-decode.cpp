@@ -342,10 +342,11 @@ inline float fa_score(const fa_args & a, float dot, float bias) {
 // K rows `ahead` positions further asked for (none: 0)
 void fa_tile_scores(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n, int64_t ahead) {
     const int64_t group = a.n_head / a.n_head_kv;
+    const size_t k_row_bytes = ggml_row_size(a.k->type, a.DK);
     for (int64_t j = 0; j < n; ++j) {
         const char * k_pos = (const char *) a.k->data + (t0 + j)*a.k->nb[1];
         for (int64_t hk = 0; ahead && hk < a.n_head_kv; ++hk) {
-            fa_prefetch_bytes(k_pos + ahead*a.k->nb[1] + hk*a.k->nb[2], ggml_row_size(a.k->type, a.DK));
+            fa_prefetch_bytes(k_pos + ahead*a.k->nb[1] + hk*a.k->nb[2], k_row_bytes);
         }
         for (int64_t head = 0; head < a.n_head; ++head) {
             const char * k_row = k_pos + (head / group)*a.k->nb[2];
@@ -433,12 +434,13 @@ void fa_tile_weights(const fa_args & a, const fa_thread_work & w, int64_t n) {
 // accumulator with its weight; the V rows `ahead` positions further asked for (none: 0)
 void fa_tile_values(const fa_args & a, const fa_thread_work & w, int64_t t0, int64_t n, int64_t ahead) {
     const int64_t group = a.n_head / a.n_head_kv;
+    const size_t v_row_bytes = ggml_row_size(a.v->type, a.DV);
     for (int64_t j = 0; j < n; ++j) {
         const char * v_pos = (const char *) a.v->data + (t0 + j)*a.v->nb[1];
         for (int64_t hk = 0; hk < a.n_head_kv; ++hk) {
             const char * v_row = v_pos + hk*a.v->nb[2];
             if (ahead) {
-                fa_prefetch_bytes(v_row + ahead*a.v->nb[1], ggml_row_size(a.v->type, a.DV));
+                fa_prefetch_bytes(v_row + ahead*a.v->nb[1], v_row_bytes);
             }
             const float * v = (const float *) v_row;
             if (a.v->type == GGML_TYPE_F16) {
