@@ -336,23 +336,23 @@ def test_backend_ops_deco_cases_on_cpu():
 
 
 def test_small_batch_plain_row_mul_mat_against_the_reference_path():
-    """Upstream's MUL_MAT cases of Q5_K, Q6_K, Q8_0, Q5_0 and Q5_1 weights (2-16 columns go through the plain-row
-    kernels of ggml-cpu/small-batch.cpp and small-batch-q8.cpp) against the CPU backend's reference path, which keeps
-    ggml's vec_dot."""
+    """Upstream's MUL_MAT cases of Q5_K, Q6_K, Q8_0, Q5_0 and Q5_1 weights (2-16 columns, Q5_K and Q6_K from 1, go
+    through the plain-row kernels of ggml-cpu/small-batch.cpp and small-batch-q8.cpp) against the CPU backend's
+    reference path, which keeps ggml's vec_dot."""
     assert _backend_ops_on_cpu("-o", "MUL_MAT", "-p", "type_a=(q(5|6)_K|q8_0|q5_0|q5_1),") >= 120  # 120 today
 
 
 # the cases of ggml_patches/tests/test-backend-ops-fa-decode.inc at cache lengths upstream's short cases do not use
-# (1031 stands for 1024, 517-601 for 512: the 2,100 upstream cases at 512 and 1024 would take minutes), and
-# upstream's own 14 at 4096 and 8192
-FA_DECODE_CASES = r"kv=(517|545|601|1031|1500|2000|2053|3001|4096|8192),nb=(1|2|3|4|16),"
+# (1031 stands for 1024, 517-601 for 512, 3-250 for 113: the ~3,100 upstream cases at 113, 512 and 1024 would take
+# minutes), and upstream's own 14 at 4096 and 8192
+FA_DECODE_CASES = r"kv=(3|37|250|517|545|601|1031|1500|2000|2053|3001|4096|8192),nb=(1|2|3|4|16),"
 
 
 def test_flash_decoding_cases_against_the_reference_path():
     """FLASH_ATTN_EXT of 1-16 query rows over KV caches of chat depth (ggml-cpu/fa-decode.cpp: F16, Q8_0 and F32
-    caches, MHA and GQA, head sizes 64 and 128, lengths off its tile, sinks, ALiBi, a softcap, sparse masks)
-    against the CPU backend's reference path, as test-backend-ops compares them."""
-    assert _backend_ops_on_cpu("-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_CASES) == 96
+    caches, MHA and GQA, head sizes 64 and 128, short caches, lengths off its tile, sinks, ALiBi, a softcap, sparse
+    masks) against the CPU backend's reference path, as test-backend-ops compares them."""
+    assert _backend_ops_on_cpu("-o", "FLASH_ATTN_EXT", "-p", FA_DECODE_CASES) == 105
 
 
 @pytest.mark.parametrize("kv_type, tol", [(0, 1e-4), (1, 2e-2)])  # F32, F16 caches

@@ -270,7 +270,7 @@ struct expert_matrix {
     const product_traits    * repacked    = nullptr;
     ggml_vec_dot_t            vec_dot     = nullptr;
     ggml_small_batch_rows_t   small_batch = nullptr;
-    // the fewest vectors the kernel takes: K-quants 2 (for one, their vec_dot is faster), 32-weight blocks 1 (the
+    // the fewest vectors the kernel takes: as in mul_mat (small-batch.h), but 1 for 32-weight blocks (the
     // 64/128-wide down rows are 2-4 blocks, which one vec_dot call per row and vector costs more than)
     int64_t                   small_batch_from = 2;
 
@@ -278,7 +278,7 @@ struct expert_matrix {
     explicit expert_matrix(const ggml_tensor * t)
         : t(t), repacked(ggml_repack_product_traits(t)), vec_dot(ggml_get_type_traits_cpu(t->type)->vec_dot),
           small_batch(repacked ? nullptr : ggml_small_batch_rows_kernel(t->type)),
-          small_batch_from(ggml_blck_size(t->type) == 32 ? 1 : 2) {}
+          small_batch_from(ggml_blck_size(t->type) == 32 ? 1 : ggml_small_batch_min_vectors(t->type)) {}
 
     const char * rows(int64_t e, int64_t r) const { return (const char *) t->data + e * t->nb[2] + r * t->nb[1]; }
     int64_t row_unit() const { return repacked ? repacked->row_group() : 1; } // 1 for an absent (ungated) up
@@ -303,8 +303,13 @@ struct expert_matrix {
             repacked->mul(k, rows(e, r0), r1 - r0, q, n, out, out_stride);
             return;
         }
-        if (small_batch && n >= small_batch_from && n <= GGML_SMALL_BATCH_MAX) {
-            small_batch((int) k, out, out_stride, rows(e, r0), t->nb[1], q, q_stride, (int) n, (int) (r1 - r0));
+        if (small_batch && n >= small_batch_from) {
+            // at most GGML_SMALL_BATCH_MAX vectors a pass: a token's result does not depend on how many tokens the
+            // expert has, so dense and sparse evaluation agree exactly
+            for (int64_t v0 = 0; v0 < n; v0 += GGML_SMALL_BATCH_MAX) {
+                small_batch((int) k, out + v0 * out_stride, out_stride, rows(e, r0), t->nb[1], q + v0 * q_stride,
+                            q_stride, (int) std::min<int64_t>(GGML_SMALL_BATCH_MAX, n - v0), (int) (r1 - r0));
+            }
             return;
         }
         for (int64_t r = r0; r < r1; ++r) {

@@ -1,7 +1,7 @@
 #pragma once
 
 // Flash decoding on the CPU: GGML_OP_FLASH_ATTN_EXT for a few query rows (decode, a speculative verification,
-// a few chat slots) over a long KV cache, at the speed the cache can be read (fa-decode.cpp).
+// a few chat slots) over the KV cache, at the speed the cache can be read (fa-decode.cpp).
 
 #include "ggml-cpu-impl.h"
 

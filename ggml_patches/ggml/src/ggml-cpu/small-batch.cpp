@@ -234,12 +234,29 @@ template <int NT> struct gemm_q4_K_8x8_q8_K_nt {
     }
 };
 
+// Plain rows stream from memory (an output head is tens of MB): while row r is computed, row r + 8 is asked for
+// into L2. (Into L1 4 rows on, one vector against a 77 MB Q6_K head ran at 18-19 GB/s, about ggml's vec_dot; into
+// L2 8 rows on, 24-25, on a machine that reads 25-28 GB/s.)
+inline void prefetch_row_ahead(const char * vx, size_t bx, int r) {
+    for (size_t line = 0; line < bx; line += 64) {
+        _mm_prefetch(vx + (r + 8) * bx + line, _MM_HINT_T1);
+    }
+}
+
+// s[v * bs + r] = the sum of the lanes of acc[v], for the NT vectors
+template <int NT> inline void store_row(float * s, size_t bs, int r, const __m512 * acc) {
+    for (int v = 0; v < NT; ++v) {
+        s[v * bs + r] = _mm512_reduce_add_ps(acc[v]);
+    }
+}
+
 // NT vectors against nr rows of Q5_K. A block's qs byte 32j + i holds the low 4 bits of weights 64j + i (low nibble)
 // and 64j + 32 + i (high nibble), qh byte i their 5th bits (bits 2j and 2j + 1). Unpacked as unsigned 0..31 into
 // four registers q[j] (weights 64j .. 64j + 63: sub-blocks 2j, 2j + 1), each is dotted with the matching 64 quants
-// of the vector by one dpbusd (lane l: weights 64j + 4l .. +3, |sum| <= 4 * 31 * 128, an int16), and, as for Q6_K
-// below, two such registers packed to int16 are multiplied by their sub-blocks' scales and summed in pairs by one
-// madd. The mins (w = d * scale * q - dmin * min) are the vector's sums over groups of 16 (bsums) times the mins.
+// of the vector by one dpbusd (lane l: weights 64j + 4l .. +3, |sum| <= 4 * 31 * 128, an int16); two such registers
+// packed to int16 (packs works per 128-bit lane: lane L holds lanes 4L..4L+3 of the first, then of the second) are
+// multiplied by their sub-blocks' scales and summed in pairs by one madd, so a block's sum stays in int32 until one
+// conversion. The mins (w = d * scale * q - dmin * min) are the vector's sums over groups of 16 (bsums) times the mins.
 template <int NT> struct gemm_q5_K_q8_K_nt {
     static void run(int nb, float * s, size_t bs, const char * vx, size_t bx, const char * vy, size_t by, int nr) {
         const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
@@ -254,9 +271,7 @@ template <int NT> struct gemm_q5_K_q8_K_nt {
 
         for (int r = 0; r < nr; ++r) {
             const block_q5_K * w = (const block_q5_K *) (vx + r * bx);
-            for (size_t line = 0; line < bx; line += 64) {
-                _mm_prefetch(vx + (r + 4) * bx + line, _MM_HINT_T0);
-            }
+            prefetch_row_ahead(vx, bx, r);
             __m512 acc[NT];
             for (int v = 0; v < NT; ++v) {
                 acc[v] = _mm512_setzero_ps();
@@ -303,9 +318,7 @@ template <int NT> struct gemm_q5_K_q8_K_nt {
                                               acc[v]);
                 }
             }
-            for (int v = 0; v < NT; ++v) {
-                s[v * bs + r] = _mm512_reduce_add_ps(acc[v]);
-            }
+            store_row<NT>(s, bs, r, acc);
         }
     }
 };
@@ -313,68 +326,64 @@ template <int NT> struct gemm_q5_K_q8_K_nt {
 // NT vectors against nr rows of Q6_K. In each half (128 weights) of a block, the weights 0-63 are the low nibbles
 // of ql[0, 64) with bits 4-5 from qh[0, 32) >> 0 (bytes 0-31) and >> 2 (bytes 32-63); the weights 64-127 the high
 // nibbles with qh >> 4 and >> 6. Unpacked as unsigned 0..63 into four registers q[c] (weights 64c..64c+63), each is
-// dotted with the matching 64 quants of the vector by one dpbusd: lane l holds the sum over weights 64c + 4l..+3
-// (|sum| <= 4 * 63 * 128, an int16), whose group of 16 (one int8 scale) is 4c + l / 4. Two such registers packed to
-// int16 (packs works per 128-bit lane: lane j holds lanes 4j..4j+3 of the first, then of the second) are multiplied
-// by their groups' scales and summed in pairs by one madd, so a block's sum stays in int32 until one conversion.
-// The -32 offset is removed exactly with the vector's sums over the groups (block_q8_K's bsums) times -32 * the
-// scales: a third madd.
+// multiplied with the matching 64 quants of the vector by one maddubs (int16 l: weights 64c + 2l, +1; |sum| <=
+// 2 * 63 * 127), whose group of 16 (one int8 scale) is 4c + l / 8; one dpwssd multiplies those by their groups'
+// scales and adds them in pairs into int32 lanes, two chains per vector, so a block's sum stays in int32 until one
+// conversion. The -32 offset is removed exactly with the vector's sums over the groups (block_q8_K's bsums) times
+// -32 * the scales: one madd, where a chain starts. Two instructions per 64 weights and vector: on one vector the
+// kernel reads a head from memory about as fast as the memory allows, where ggml's vec_dot is compute-bound.
 template <int NT> struct gemm_q6_K_q8_K_nt {
     static void run(int nb, float * s, size_t bs, const char * vx, size_t bx, const char * vy, size_t by, int nr) {
         const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-        const __m512i bits_4_5    = _mm512_set1_epi8(0x30);
-        // qh bits to bits 4-5 of each byte: << 4 (bytes 0-31) and << 2 (32-63) for weights 0-63, >> 0 and >> 2 for 64-127
-        const __m512i to_4_5_lo = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_set1_epi16(4), _mm512_set1_epi16(2));
-        const __m512i to_4_5_hi = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_setzero_si512(), _mm512_set1_epi16(2));
-        // the group (scale index) of each int16 of packs(q[0] dot, q[1] dot) and of packs(q[2] dot, q[3] dot):
-        // in 128-bit lane j, 4 x group j then 4 x group 4 + j (and 8 + j, 12 + j)
-        const __m512i groups_01 = _mm512_set_epi16(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2,
-                                                   5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0);
-        const __m512i groups_23 = _mm512_add_epi16(groups_01, _mm512_set1_epi16(8));
+        const __m512i qh_bits     = _mm512_set1_epi8(0x33);  // after the shift below: bits 0-1 and 4-5 of qh
+        // qh >> 0 in bytes 0-31 (weights 0-31 and 64-95 of the half), qh >> 2 in bytes 32-63
+        const __m512i shift_upper = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+        // the group of each int16 of maddubs(q[c], quants): 8 x group 4c, then 4c + 1, 4c + 2, 4c + 3
+        const __m512i lane_by_8 = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19,
+                                                    18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+        __m512i groups[4];
+        for (int c = 0; c < 4; ++c) {
+            groups[c] = _mm512_add_epi16(lane_by_8, _mm512_set1_epi16((short) (4 * c)));
+        }
 
         for (int r = 0; r < nr; ++r) {
             const block_q6_K * w = (const block_q6_K *) (vx + r * bx);
-            // the rows stream from memory (an output head is tens of MB): ask early for the one 4 rows on
-            for (size_t line = 0; line < bx; line += 64) {
-                _mm_prefetch(vx + (r + 4) * bx + line, _MM_HINT_T0);
-            }
+            prefetch_row_ahead(vx, bx, r);
             __m512 acc[NT];
             for (int v = 0; v < NT; ++v) {
                 acc[v] = _mm512_setzero_ps();
             }
             for (int b = 0; b < nb; ++b) {
-                const __m256i scales     = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *) w[b].scales));
-                const __m512i scales_01  = _mm512_permutexvar_epi16(groups_01, _mm512_castsi256_si512(scales));
-                const __m512i scales_23  = _mm512_permutexvar_epi16(groups_23, _mm512_castsi256_si512(scales));
+                const __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *) w[b].scales));
+                __m512i group_scales[4];
+                for (int c = 0; c < 4; ++c) {
+                    group_scales[c] = _mm512_permutexvar_epi16(groups[c], _mm512_castsi256_si512(scales));
+                }
                 const __m256i offset_mul = _mm256_mullo_epi16(scales, _mm256_set1_epi16(-32));
                 const float   d = GGML_CPU_FP16_TO_FP32(w[b].d);
                 __m512i q[4];
                 for (int h = 0; h < 2; ++h) {
                     const __m512i ql = _mm512_loadu_si512(w[b].ql + 64 * h);
                     const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (w[b].qh + 32 * h)));
-                    // (a & b) | c as one ternary-logic op: 0xEA
-                    q[2 * h]     = _mm512_ternarylogic_epi32(ql, low_nibbles, _mm512_and_si512(_mm512_sllv_epi16(qh, to_4_5_lo), bits_4_5), 0xEA);
-                    q[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), low_nibbles,
-                                                             _mm512_and_si512(_mm512_srlv_epi16(qh, to_4_5_hi), bits_4_5), 0xEA);
+                    const __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(qh, shift_upper), qh_bits);
+                    // the nibbles where low_nibbles is set, else bits 4-5 from hb: one ternary-logic op (0xCA: a ? b : c)
+                    q[2 * h]     = _mm512_ternarylogic_epi32(low_nibbles, ql, _mm512_slli_epi16(hb, 4), 0xCA);
+                    q[2 * h + 1] = _mm512_ternarylogic_epi32(low_nibbles, _mm512_srli_epi16(ql, 4), hb, 0xCA);
                 }
                 #pragma GCC unroll 8 // the accumulators stay in registers
                 for (int v = 0; v < NT; ++v) {
                     const block_q8_K & x = ((const block_q8_K *) (vy + v * by))[b];
-                    __m512i dot[4];
-                    for (int c = 0; c < 4; ++c) {
-                        dot[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[c], _mm512_loadu_si512(x.qs + 64 * c));
-                    }
                     const __m256i offset = _mm256_madd_epi16(offset_mul, _mm256_loadu_si256((const __m256i *) x.bsums));
-                    const __m512i sum = _mm512_add_epi32(
-                        _mm512_add_epi32(_mm512_madd_epi16(_mm512_packs_epi32(dot[0], dot[1]), scales_01),
-                                         _mm512_madd_epi16(_mm512_packs_epi32(dot[2], dot[3]), scales_23)),
-                        _mm512_zextsi256_si512(offset));
-                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * x.d), acc[v]);
+                    __m512i sum[2] = { _mm512_zextsi256_si512(offset), _mm512_setzero_si512() };
+                    for (int c = 0; c < 4; ++c) {
+                        const __m512i pairs = _mm512_maddubs_epi16(q[c], _mm512_loadu_si512(x.qs + 64 * c));
+                        sum[c % 2] = _mm512_dpwssd_epi32(sum[c % 2], pairs, group_scales[c]);
+                    }
+                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(sum[0], sum[1])),
+                                             _mm512_set1_ps(d * x.d), acc[v]);
                 }
             }
-            for (int v = 0; v < NT; ++v) {
-                s[v * bs + r] = _mm512_reduce_add_ps(acc[v]);
-            }
+            store_row<NT>(s, bs, r, acc);
         }
     }
 };
@@ -448,4 +457,8 @@ ggml_small_batch_rows_t ggml_small_batch_rows_kernel(enum ggml_type type) {
 #endif
         default:             return nullptr;
     }
+}
+
+int ggml_small_batch_min_vectors(enum ggml_type type) {
+    return type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q5_K ? 1 : 2;
 }

@@ -27,6 +27,10 @@ typedef void (*ggml_small_batch_rows_t)(int n, float * s, size_t bs, const void 
 // the kernel of this weight type on this CPU (Q5_K, Q6_K, Q8_0, Q5_0, Q5_1 with AVX-512 VNNI), NULL where there is none
 ggml_small_batch_rows_t ggml_small_batch_rows_kernel(enum ggml_type type);
 
+// the fewest vectors for which that kernel beats the type's vec_dot and llamafile's gemm: 1 for Q5_K and Q6_K (one
+// vector against a Q6_K output head: ggml's vec_dot is compute-bound), else 2
+int ggml_small_batch_min_vectors(enum ggml_type type);
+
 #ifdef __cplusplus
 }
 
