@@ -1,4 +1,4 @@
-// Flash decoding on the CPU: GGML_OP_FLASH_ATTN_EXT for a few query rows over a long KV cache.
+// Flash decoding on the CPU: GGML_OP_FLASH_ATTN_EXT for a few query rows over the KV cache.
 //
 // In a chat the model decodes one token (or verifies a few) against thousands of cached positions, so
 // attention is a stream over the K and V caches: its speed is the speed at which they are read. The path takes
